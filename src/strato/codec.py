@@ -106,7 +106,8 @@ def read_header(data: Any) -> tuple[Layout, dict[str, str], int]:
             rows.append((int(start), int(end), str(name), str(dtype), [int(d) for d in shape]))
         except (KeyError, TypeError, ValueError):
             raise CodecError(f"payload header entry {name!r} is malformed") from None
-    rows.sort()
+    # Order by offset; ties (empty tensors) keep header order, which is layout order.
+    rows.sort(key=lambda r: (r[0], r[1]))
     try:
         layout = Layout.of((name, dtype, shape) for _, _, name, dtype, shape in rows)
     except LayoutError as exc:
