@@ -114,7 +114,9 @@ def read_header(data: Any) -> tuple[Layout, dict[str, str], int]:
         raise CodecError(f"payload header is invalid: {exc}") from None
     for (start, end, *_), spec in zip(rows, layout.tensors, strict=True):
         if (start, end) != (spec.offset, spec.end):
-            raise CodecError(f"payload tensor {spec.name!r} has offsets that leave holes or overlap")
+            raise CodecError(
+                f"payload tensor {spec.name!r} has offsets that leave holes or overlap"
+            )
     if 8 + n + layout.nbytes != len(view):
         raise CodecError(
             f"payload is truncated or padded: {len(view) - 8 - n} data bytes, "

@@ -89,6 +89,8 @@ class Layout:
         for name, dtype, shape in entries:
             if not isinstance(name, str) or not name:
                 raise LayoutError(f"tensor name must be a non-empty string, got {name!r}")
+            if name == "__metadata__":
+                raise LayoutError("'__metadata__' is reserved by safetensors, not a tensor name")
             if name in seen:
                 raise LayoutError(f"tensor {name!r} appears twice in the layout")
             if dtype not in DTYPES:
@@ -148,7 +150,8 @@ class Layout:
         for name, t in mine.items():
             o = theirs[name]
             if (t.dtype, t.shape) != (o.dtype, o.shape):
-                return f"tensor {name!r}: expected {t.dtype}{list(t.shape)}, got {o.dtype}{list(o.shape)}"
+                want, got = f"{t.dtype}{list(t.shape)}", f"{o.dtype}{list(o.shape)}"
+                return f"tensor {name!r}: expected {want}, got {got}"
         return "tensors are in a different order"
 
 
@@ -161,8 +164,11 @@ class Params:
         if buffer is None:
             data = np.zeros(layout.nbytes, dtype=np.uint8)
         else:
-            data = np.frombuffer(buffer, dtype=np.uint8) if not isinstance(buffer, np.ndarray) \
+            data = (
+                np.frombuffer(buffer, dtype=np.uint8)
+                if not isinstance(buffer, np.ndarray)
                 else buffer.reshape(-1).view(np.uint8)
+            )
             if data.nbytes != layout.nbytes:
                 raise LayoutError(
                     f"buffer holds {data.nbytes} bytes but the layout needs {layout.nbytes}"
@@ -253,4 +259,6 @@ class Params:
         return self.layout == other.layout and bool(np.array_equal(self.buffer, other.buffer))
 
     def __repr__(self) -> str:
-        return f"Params({len(self)} tensors, {self.layout.numel} values, {self.layout.nbytes} bytes)"
+        return (
+            f"Params({len(self)} tensors, {self.layout.numel} values, {self.layout.nbytes} bytes)"
+        )

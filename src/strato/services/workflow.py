@@ -38,9 +38,7 @@ class Workflow(Protocol):
         """Create or update a state machine from an ASL definition (validated)."""
         ...
 
-    def start(
-        self, name: str, input: Mapping[str, Any], execution_id: str | None = None
-    ) -> str:
+    def start(self, name: str, input: Mapping[str, Any], execution_id: str | None = None) -> str:
         """Start an execution (idempotent for a given ``execution_id``); returns its id."""
         ...
 
