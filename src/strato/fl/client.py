@@ -1,0 +1,106 @@
+"""The client SDK: wait for a round notice, fetch the model, train, upload the update.
+
+A client owns one queue subscribed to the ``global-model-ready`` topic. Each notice
+names a round and the model's blob key; the client trains on its own data and
+uploads its update and then its metadata record, whose arrival in the table's
+stream is what wakes the aggregator. The notice is acknowledged only after the
+upload, so a client that dies mid-round gets the notice again (at-least-once); a
+second upload for the same round is refused by the aggregator as a duplicate.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from strato.codec import decode, encode
+from strato.fl import state
+from strato.fl.app import App, Dataset, TrainContext
+from strato.services import Services
+
+__all__ = ["RoundNotice", "SimClient", "client_seed"]
+
+
+@dataclass(frozen=True)
+class RoundNotice:
+    round: int
+    model_key: str
+    receipt: str
+
+
+def client_seed(seed: int, round_: int, client: str) -> int:
+    digest = hashlib.sha256(f"{seed}/{round_}/{client}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+class SimClient:
+    """A client that talks to the services directly (simulation and the gateway's side)."""
+
+    def __init__(self, svc: Services, client: str, app: App, data: Dataset, job: dict[str, Any]):
+        self.svc, self.client, self.app, self.data, self.job = svc, client, app, data, job
+        self.queue = state.client_queue(client)
+        self._model: Any = None
+
+    def next_notice(self, wait_s: float, visibility_timeout_s: float = 30.0) -> RoundNotice | None:
+        for msg in self.svc.bus.receive(self.queue, 1, wait_s, visibility_timeout_s):
+            body = json.loads(msg.body)
+            return RoundNotice(int(body["round"]), str(body["model_key"]), msg.receipt)
+        return None
+
+    def already_uploaded(self, r: int) -> bool:
+        return bool(self.svc.table.query(state.UPDATES, f"{state.round_key(r)}/{self.client}/"))
+
+    def train_round(self, notice: RoundNotice) -> dict[str, Any]:
+        """Train on the notice's model, upload the update, then acknowledge the notice."""
+        if self.already_uploaded(notice.round):
+            self.svc.bus.ack(self.queue, notice.receipt)
+            return {"round": notice.round, "skipped": "already uploaded"}
+        from strato.fl.torch import load_params, model_params
+
+        payload = self.svc.blobs.get(notice.model_key)
+        params = decode(payload)
+        if self._model is None:
+            assert self.app.model_fn is not None
+            self._model = self.app.model_fn(self.data.info)
+        load_params(self._model, params)
+        cfg = self.job["config"]
+        mu = float(cfg.get("strategy_options", {}).get("mu", 0.0))
+        ctx = TrainContext(
+            round=notice.round,
+            client=self.client,
+            seed=client_seed(int(cfg["seed"]), notice.round, self.client),
+            config=dict(cfg.get("train", {})),
+            global_model=copy.deepcopy(self._model) if mu > 0 else None,
+            proximal_mu=mu,
+        )
+        started = time.perf_counter()
+        assert self.app.train_fn is not None
+        metrics = self.app.train_fn(self._model, self.data, ctx) or {}
+        train_s = time.perf_counter() - started
+        update = model_params(self._model)
+        encoded = encode(update)
+        nonce = uuid.uuid4().hex[:8]
+        blob = self.svc.blobs.put(
+            f"updates/{state.round_key(notice.round)}/{self.client}-{nonce}", encoded.payload
+        )
+        record = {
+            "round": notice.round,
+            "client": self.client,
+            "blob": blob,
+            "num_examples": len(self.data),
+            "bytes_up": encoded.nbytes,
+            "bytes_down": len(payload),
+            "train_s": round(train_s, 4),
+            "uploaded_at": time.time(),
+            "metrics": {k: float(v) for k, v in metrics.items()},
+        }
+        self.svc.table.put(
+            state.UPDATES, state.update_key(notice.round, self.client, nonce), record
+        )
+        self.svc.bus.ack(self.queue, notice.receipt)
+        return record

@@ -1,0 +1,110 @@
+"""The job config: ``strato.toml`` in the app directory, overridden from the command line."""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from strato.errors import ConfigError
+
+__all__ = ["JobConfig", "load_job_config"]
+
+PARTITIONS = ("iid", "dirichlet", "shards")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    rounds: int = 10
+    clients: int = 10
+    clients_per_round: int = 5
+    strategy: str = "fedavg"
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    quorum: float = 1.0  # fraction of the round's clients whose updates close the round
+    round_deadline_s: float = 120.0
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5
+    seed: int = 0
+    train: dict[str, Any] = field(default_factory=dict)  # handed to the app's train()
+    client_concurrency: int = 2  # simulated clients training at once on this machine
+
+    def validate(self) -> JobConfig:
+        def positive(name: str, value: float) -> None:
+            if not value > 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+
+        positive("rounds", self.rounds)
+        positive("clients", self.clients)
+        positive("clients_per_round", self.clients_per_round)
+        positive("round_deadline_s", self.round_deadline_s)
+        positive("client_concurrency", self.client_concurrency)
+        if self.clients_per_round > self.clients:
+            raise ConfigError(
+                f"clients_per_round ({self.clients_per_round}) exceeds clients ({self.clients})"
+            )
+        if not 0 < self.quorum <= 1:
+            raise ConfigError(f"quorum must be a fraction in (0, 1], got {self.quorum}")
+        if self.partition not in PARTITIONS:
+            raise ConfigError(
+                f"unknown partition {self.partition!r} (choose from {', '.join(PARTITIONS)})"
+            )
+        positive("dirichlet_alpha", self.dirichlet_alpha)
+        return self
+
+    @property
+    def quorum_count(self) -> int:
+        return max(1, math.ceil(self.quorum * self.clients_per_round - 1e-9))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown job setting(s): {', '.join(unknown)}")
+        try:
+            return cls(**data).validate()
+        except TypeError as exc:
+            raise ConfigError(f"bad job setting: {exc}") from None
+
+    def override(self, **changes: Any) -> JobConfig:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None}).validate()
+
+
+_SECTIONS = {
+    "job": ("rounds", "clients", "clients_per_round", "seed", "client_concurrency"),
+    "round": ("quorum", "round_deadline_s"),
+    "data": ("partition", "dirichlet_alpha"),
+}
+
+
+def load_job_config(path: Path) -> JobConfig:
+    """Read ``strato.toml``: [job], [round], [data], [strategy] (name + options), [train]."""
+    if not path.exists():
+        return JobConfig().validate()
+    try:
+        doc = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: malformed TOML: {exc}") from None
+    flat: dict[str, Any] = {}
+    for section, keys in _SECTIONS.items():
+        table = doc.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{section}] must be a table")
+        for key, value in table.items():
+            if key not in keys:
+                raise ConfigError(f"{path}: unknown setting {key!r} in [{section}]")
+            flat[key] = value
+    strategy = dict(doc.get("strategy", {}))
+    if "name" in strategy:
+        flat["strategy"] = strategy.pop("name")
+    flat["strategy_options"] = strategy
+    flat["train"] = dict(doc.get("train", {}))
+    unknown = sorted(set(doc) - {*_SECTIONS, "strategy", "train"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}")
+    return JobConfig.from_dict(flat)

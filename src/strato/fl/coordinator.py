@@ -1,0 +1,146 @@
+"""The round loop as a state machine (data), and the setup of a run's resources.
+
+The definition is plain Amazon States Language, so the same dict runs on the
+embedded Workflow and on Step Functions::
+
+    Round ──(token called back: quorum in)──▶ Evaluate ──▶ More? ──▶ Next ──▶ Round
+      └──(TimeoutSeconds: the round deadline)──▶ Deadline ──▶ Evaluate      └──▶ Done
+
+No process waits idle for updates: ``start_round`` notifies the clients and returns;
+the aggregator function, woken by the updates' stream, calls the token back.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from strato.fl import state
+from strato.fl.config import JobConfig
+from strato.services import FunctionSpec, Services, TopicSchema
+
+__all__ = [
+    "EXECUTION_ID",
+    "MACHINE",
+    "function_specs",
+    "provision",
+    "register_client",
+    "round_loop_definition",
+]
+
+MACHINE = "strato-fl-rounds"
+EXECUTION_ID = "run"
+_RETRY = [{"ErrorEquals": ["States.TaskFailed"], "MaxAttempts": 2, "IntervalSeconds": 1}]
+
+
+def _invoke(function: str, payload: dict[str, Any], wait: bool = False) -> dict[str, Any]:
+    suffix = ".waitForTaskToken" if wait else ""
+    return {
+        "Type": "Task",
+        "Resource": f"arn:aws:states:::lambda:invoke{suffix}",
+        "Parameters": {"FunctionName": function, "Payload": payload},
+    }
+
+
+def round_loop_definition(round_deadline_s: float) -> dict[str, Any]:
+    return {
+        "Comment": "Strato federated learning: one iteration per round",
+        "StartAt": "Round",
+        "States": {
+            "Round": {
+                **_invoke("start_round", {"round.$": "$.round", "token.$": "$$.Task.Token"}, True),
+                "TimeoutSeconds": max(1, math.ceil(round_deadline_s)),
+                "ResultPath": "$.closed",
+                "Catch": [
+                    {
+                        "ErrorEquals": ["States.Timeout"],
+                        "ResultPath": "$.timeout",
+                        "Next": "Deadline",
+                    }
+                ],
+                "Next": "Evaluate",
+            },
+            "Deadline": {
+                **_invoke("close_round", {"round.$": "$.round"}),
+                "ResultPath": "$.closed",
+                "Retry": _RETRY,
+                "Next": "Evaluate",
+            },
+            "Evaluate": {
+                **_invoke("evaluate", {"round.$": "$.round"}),
+                "ResultPath": "$.eval",
+                "Retry": _RETRY,
+                "Next": "More",
+            },
+            "More": {
+                "Type": "Choice",
+                "Choices": [
+                    {"Variable": "$.eval.Payload.done", "BooleanEquals": True, "Next": "Done"}
+                ],
+                "Default": "Next",
+            },
+            "Next": {
+                "Type": "Pass",
+                "Parameters": {"round.$": "$.eval.Payload.next_round"},
+                "Next": "Round",
+            },
+            "Done": {"Type": "Succeed"},
+        },
+    }
+
+
+def function_specs(cfg: JobConfig) -> list[FunctionSpec]:
+    handlers = "strato.fl.functions:"
+    single = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return [
+        FunctionSpec(
+            "start_round",
+            handlers + "start_round",
+            timeout_s=60,
+            max_concurrency=1,
+            keep_alive_s=120,
+        ),
+        FunctionSpec(
+            "client",
+            handlers + "client",
+            timeout_s=900,
+            max_concurrency=cfg.client_concurrency,
+            keep_alive_s=120,
+            env=single,
+        ),
+        FunctionSpec(
+            "aggregate", handlers + "aggregate", timeout_s=300, max_concurrency=1, keep_alive_s=120
+        ),
+        FunctionSpec(
+            "close_round",
+            handlers + "close_round",
+            timeout_s=300,
+            max_concurrency=1,
+            keep_alive_s=30,
+        ),
+        FunctionSpec(
+            "evaluate", handlers + "evaluate", timeout_s=600, max_concurrency=1, keep_alive_s=120
+        ),
+    ]
+
+
+def provision(svc: Services, clients: list[str]) -> None:
+    """Tables, the notice topic and one filtered queue per client (idempotent)."""
+    for name in state.TABLES:
+        svc.table.create_table(name)
+    svc.bus.create_topic(
+        state.TOPIC,
+        TopicSchema(
+            required_attributes=("client", "round"),
+            json_body_keys=("round", "model_key"),
+            max_bytes=4096,
+        ),
+    )
+    for c in clients:
+        svc.bus.subscribe(state.TOPIC, state.client_queue(c), {"client": [c]})
+
+
+def register_client(svc: Services, client: str, info: dict[str, Any] | None = None) -> None:
+    """A remote client joins: its own queue, subscribed to its notices (idempotent)."""
+    svc.bus.subscribe(state.TOPIC, state.client_queue(client), {"client": [client]})
+    svc.table.put(state.CLIENTS, client, {"client": client, **(info or {})})

@@ -1,0 +1,168 @@
+"""The FL run's serverless functions, as Runtime handlers ``handler(event, ctx)``.
+
+Each opens the run's services from its environment, keeps what is costly to rebuild
+(the app, the data, a model) warm in module state, and is safe to run twice.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+
+from strato.codec import decode
+from strato.errors import ConditionFailed, NotFound
+from strato.fl import aggregator, state
+from strato.fl.app import App, Dataset, load_app
+from strato.fl.client import SimClient
+from strato.fl.data import load_job_data
+from strato.services import Context, Services, connect_from_env
+
+__all__ = ["aggregate", "client", "close_round", "evaluate", "start_round"]
+
+_warm: dict[str, Any] = {}
+
+
+def _svc() -> Services:
+    if "svc" not in _warm:
+        _warm["svc"] = connect_from_env()
+    return _warm["svc"]  # type: ignore[no-any-return]
+
+
+def _job() -> dict[str, Any]:
+    if "job" not in _warm:
+        item = _svc().table.get(state.JOB, "config")
+        if item is None:
+            raise NotFound("the run has no job record")
+        _warm["job"] = item.value
+    return _warm["job"]  # type: ignore[no-any-return]
+
+
+def _app() -> App:
+    if "app" not in _warm:
+        _warm["app"] = load_app(_job()["app_dir"])
+    return _warm["app"]  # type: ignore[no-any-return]
+
+
+def select_clients(seed: int, r: int, clients: list[str], k: int) -> list[str]:
+    rng = np.random.default_rng([seed, r])
+    return sorted(str(c) for c in rng.choice(clients, size=k, replace=False))
+
+
+def start_round(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """Open round r: select clients, record the token, notify the selected clients."""
+    svc, job = _svc(), _job()
+    r, token = int(event["round"]), str(event["token"])
+    cfg = job["config"]
+    simulate = bool(job.get("simulate", True))
+    pool = job["clients"] if simulate else [i.key for i in svc.table.query(state.CLIENTS)]
+    k = min(int(cfg["clients_per_round"]), len(pool))
+    selected = select_clients(int(cfg["seed"]), r, pool, k) if k else []
+    record = {
+        "round": r,
+        "status": "open",
+        "selected": selected,
+        "token": token,
+        "quorum": min(int(job["quorum_count"]), max(1, k)),
+        "model_in": state.model_key(r - 1),
+        "opened_at": time.time(),
+        "accepted": {},
+    }
+    try:
+        svc.table.put(state.ROUNDS, state.round_key(r), record, if_absent=True)
+    except ConditionFailed:  # a retried start: keep the round, take the new token
+        state.cas_update(
+            svc.table, state.ROUNDS, state.round_key(r), lambda v: {**v, "token": token}
+        )
+    notice = json.dumps({"round": r, "model_key": state.model_key(r - 1)})
+    for c in selected:
+        svc.bus.publish(state.TOPIC, notice, {"client": c, "round": str(r)})
+    if simulate:
+        for c in selected:
+            ctx.invoke_async("client", {"client": c})
+    ctx.invoke_async("aggregate", {"records": [], "warm_round": r})  # warm before updates land
+    return {"round": r, "selected": selected}
+
+
+def _client_data(client_id: str) -> Dataset:
+    cache = _warm.setdefault("data", {})
+    if client_id not in cache:
+        job = _job()
+        cache[client_id] = load_job_data(_svc(), job, client_id)
+    return cache[client_id]  # type: ignore[no-any-return]
+
+
+def client(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """A simulated client: take the next round notice from its queue and train on it."""
+    svc, job, cid = _svc(), _job(), str(event["client"])
+    sim = SimClient(svc, cid, _app(), _client_data(cid), job)
+    deadline = time.monotonic() + float(event.get("wait_s", 30.0))
+    while (remaining := deadline - time.monotonic()) > 0:
+        notice = sim.next_notice(wait_s=min(remaining, 5.0), visibility_timeout_s=10.0)
+        if notice is None:
+            continue
+        rnd = svc.table.get(state.ROUNDS, state.round_key(notice.round))
+        if rnd is None or rnd.value["status"] != "open":
+            svc.bus.ack(sim.queue, notice.receipt)  # a stale notice from a closed round
+            continue
+        return sim.train_round(notice)
+    return {"client": cid, "trained": False}
+
+
+def aggregate(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """Triggered by the updates table's stream: eager, idempotent aggregation."""
+    if "warm_round" in event:
+        return aggregator.warm_up(_svc(), int(event["warm_round"]))
+    return aggregator.admit_batch(_svc(), list(event.get("records", [])))
+
+
+def close_round(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """The round deadline passed: close it with the updates admitted so far."""
+    return aggregator.close_round(_svc(), int(event["round"]))
+
+
+def evaluate(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """Evaluate round r's global model on the test set and record the round's metrics."""
+    from strato.fl.torch import load_params
+
+    svc, job, r = _svc(), _job(), int(event["round"])
+    done = {"round": r, "next_round": r + 1, "done": r >= int(job["config"]["rounds"])}
+    existing = svc.table.get(state.METRICS, state.round_key(r))
+    if existing is not None:
+        return {**done, "metrics": existing.value}
+    rnd_item = svc.table.get(state.ROUNDS, state.round_key(r))
+    if rnd_item is None or "model" not in rnd_item.value:
+        raise NotFound(f"round {r} has no global model to evaluate")
+    rnd = rnd_item.value
+    test = _client_data("__test__")
+    if "model" not in _warm:
+        app = _app()
+        assert app.model_fn is not None
+        _warm["model"] = app.model_fn(test.info)
+    load_params(_warm["model"], decode(svc.blobs.get(rnd["model"])))
+    assert _app().evaluate_fn is not None
+    scores = _app().evaluate_fn(_warm["model"], test)
+    accepted = rnd["accepted"].values()
+    uploads = [u.value for u in svc.table.query(state.UPDATES, state.round_key(r) + "/")]
+    last = max((a["uploaded_at"] for a in accepted), default=rnd["closed_at"])
+    metrics = {
+        "round": r,
+        "accuracy": float(scores.get("accuracy", float("nan"))),
+        "loss": float(scores.get("loss", float("nan"))),
+        "accepted": len(rnd["accepted"]),
+        "rejected": len(svc.table.query(state.REJECTIONS, state.round_key(r) + "/")),
+        "selected": len(rnd["selected"]),
+        "bytes_up": sum(int(u.get("bytes_up", 0)) for u in uploads),
+        "bytes_down": sum(int(u.get("bytes_down", 0)) for u in uploads),
+        "aggregation_latency_s": max(0.0, float(rnd["model_ready_at"]) - float(last)),
+        "round_s": float(rnd["model_ready_at"]) - float(rnd["opened_at"]),
+        "closed_by": "quorum" if len(rnd["accepted"]) >= int(rnd["quorum"]) else "deadline",
+    }
+    try:
+        svc.table.put(state.METRICS, state.round_key(r), metrics, if_absent=True)
+    except ConditionFailed:
+        existing = svc.table.get(state.METRICS, state.round_key(r))
+        metrics = existing.value if existing else metrics
+    return {**done, "metrics": metrics}

@@ -1,0 +1,274 @@
+"""``strato run``: set up a run, drive its round loop, report, and resume after a kill.
+
+The run directory OUT holds everything: ``services/`` (the embedded backend's
+table, bus and blobs), ``run.json`` (what to resume), ``metrics.jsonl`` (a line per
+finished round), ``summary.json`` and ``curves.png``. This process drives the
+workflow and hosts the stream trigger and the runtime's workers; it holds no
+round state of its own, so a SIGKILL loses nothing that a resume cannot redo.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from strato import report
+from strato.codec import encode
+from strato.errors import ConfigError, StratoError
+from strato.fl import coordinator, state
+from strato.fl.app import load_app
+from strato.fl.config import JobConfig
+from strato.fl.data import prepare_job_data
+from strato.services import Execution, Services, embedded
+from strato.services.triggers import StreamTrigger
+
+__all__ = ["RunOptions", "run_job"]
+
+
+@dataclass
+class RunOptions:
+    app_dir: Path
+    out: Path
+    config: JobConfig
+    data_dir: str | None = None
+    resume: bool = False
+    quiet: bool = False
+    # False: clients are remote (the gateway); rounds select among registered clients.
+    simulate: bool = True
+    # Called with the run's services once they are set up; returns a function that stops
+    # what it started (the HTTP gateway of `strato serve` runs this way).
+    attach: Callable[[Services], Callable[[], None]] | None = None
+
+
+def _say(opts: RunOptions, text: str) -> None:
+    if not opts.quiet:
+        print(text, flush=True)
+
+
+def _setup(svc: Services, opts: RunOptions) -> dict[str, Any]:
+    """Create the run's resources, data partition and initial model; returns the job."""
+    from strato.fl.torch import model_params
+
+    cfg = opts.config
+    app = load_app(opts.app_dir)
+    clients = [f"{i:04d}" for i in range(cfg.clients)]
+    coordinator.provision(svc, clients)
+    data = prepare_job_data(svc, cfg, opts.data_dir)
+    assert app.model_fn is not None
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    initial = model_params(app.model_fn(data.info))
+    svc.blobs.put(state.model_key(0), encode(initial, {"round": "0"}).payload)
+    job = {
+        "config": cfg.to_dict(),
+        "app_dir": str(opts.app_dir.resolve()),
+        "clients": clients,
+        "quorum_count": cfg.quorum_count,
+        "layout": initial.layout.to_json(),
+        "simulate": opts.simulate,
+        **data.job_fields,
+    }
+    svc.table.put(state.JOB, "config", job)
+    return job
+
+
+def _register(svc: Services, job: dict[str, Any]) -> None:
+    cfg = JobConfig.from_dict(job["config"])
+    for spec in coordinator.function_specs(cfg):
+        svc.runtime.register(spec)
+    svc.workflow.create_state_machine(
+        coordinator.MACHINE, coordinator.round_loop_definition(cfg.round_deadline_s)
+    )
+
+
+def _resume_job(svc: Services, opts: RunOptions) -> dict[str, Any]:
+    item = svc.table.get(state.JOB, "config")
+    if item is None:
+        raise ConfigError(f"{opts.out} holds no run to resume")
+    return item.value
+
+
+def _relaunch_missing_clients(svc: Services, job: dict[str, Any]) -> None:
+    """After a resume, restart the simulated clients of the open round that had not
+    uploaded (their workers died with the killed run; their notices are still queued)."""
+    rounds = svc.table.query(state.ROUNDS)
+    if not rounds or rounds[-1].value["status"] != "open":
+        return
+    rnd = rounds[-1].value
+    done = {
+        u.value["client"] for u in svc.table.query(state.UPDATES, state.round_key(rnd["round"]))
+    }
+    for c in rnd["selected"]:
+        if c not in done:
+            svc.runtime.invoke_async("client", {"client": c, "wait_s": 60.0})
+
+
+class _Accounting:
+    """Cost counters that survive a resume: earlier segments' totals live in OUT."""
+
+    def __init__(self, out: Path, svc: Services) -> None:
+        self.path = out / "accounting.json"
+        self.svc = svc
+        self.before = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.last_cold = 0
+
+    def totals(self) -> dict[str, float]:
+        s = self.svc.runtime.stats()
+        prev = self.before
+        return {
+            "function_seconds": prev.get("function_seconds", 0.0) + s.billed_s,
+            "gb_seconds": prev.get("gb_seconds", 0.0) + s.gb_s,
+            "cold_starts": prev.get("cold_starts", 0) + s.cold_starts,
+            "invocations": prev.get("invocations", 0) + s.invocations,
+        }
+
+    def cold_since_last(self) -> int:
+        cold = self.svc.runtime.stats().cold_starts
+        delta, self.last_cold = cold - self.last_cold, cold
+        return delta
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.totals()))
+
+
+def run_job(opts: RunOptions) -> dict[str, Any]:
+    opts.out.mkdir(parents=True, exist_ok=True)
+    run_file = opts.out / "run.json"
+    if opts.resume and not run_file.exists():
+        raise ConfigError(f"{opts.out} holds no run to resume (no run.json)")
+    if not opts.resume and run_file.exists():
+        raise ConfigError(
+            f"{opts.out} already holds a run: resume it with --resume {opts.out} "
+            "or choose another --out"
+        )
+    started = time.time()
+    svc = embedded(opts.out / "services")
+    trigger: StreamTrigger | None = None
+    detach: Callable[[], None] | None = None
+    try:
+        if opts.resume:
+            job = _resume_job(svc, opts)
+            opts.config = JobConfig.from_dict(job["config"])
+            _say(opts, f"resuming {opts.out}")
+        else:
+            job = _setup(svc, opts)
+            run_file.write_text(
+                json.dumps(
+                    {
+                        "execution": coordinator.EXECUTION_ID,
+                        "app_dir": job["app_dir"],
+                        "started": started,
+                    }
+                )
+            )
+        _say(opts, f"data: {job['dataset_note']}")
+        _register(svc, job)
+        svc.workflow.start(coordinator.MACHINE, {"round": 1}, coordinator.EXECUTION_ID)
+        trigger = StreamTrigger(svc.table, state.UPDATES, svc.runtime, "aggregate").start()
+        if opts.attach is not None:
+            detach = opts.attach(svc)
+        if opts.resume and job.get("simulate", True):
+            _relaunch_missing_clients(svc, job)
+        return _drive(svc, opts, job, started)
+    finally:
+        if detach is not None:
+            detach()
+        if trigger is not None:
+            trigger.stop()
+        svc.close()
+
+
+def _drive(svc: Services, opts: RunOptions, job: dict[str, Any], started: float) -> dict[str, Any]:
+    cfg = opts.config
+    metrics_path = opts.out / "metrics.jsonl"
+    rows = {r["round"]: r for r in report.read_jsonl(metrics_path)}
+    accounting = _Accounting(opts.out, svc)
+    progress = report.Progress(cfg.rounds)
+    progress.update(len(rows))
+    outcome: dict[str, Execution | BaseException] = {}
+
+    def drive() -> None:
+        try:
+            outcome["execution"] = svc.workflow.wait(coordinator.EXECUTION_ID)
+        except BaseException as exc:  # reported by the main thread
+            outcome["error"] = exc
+
+    driver = threading.Thread(target=drive, name="workflow driver", daemon=True)
+    driver.start()
+    while True:
+        finished = not driver.is_alive()
+        for item in svc.table.query(state.METRICS):
+            m = item.value
+            if m["round"] in rows:
+                continue
+            row = {
+                **m,
+                "cold_starts": accounting.cold_since_last(),
+                "function_seconds": round(accounting.totals()["function_seconds"], 3),
+            }
+            rows[m["round"]] = row
+            report.append_jsonl(metrics_path, row)
+            accounting.save()
+            progress.clear()
+            _say(opts, report.round_line(row, cfg.rounds))
+            progress.update(len(rows))
+        if finished:
+            break
+        driver.join(0.2)
+    progress.clear()
+    if "error" in outcome:
+        err = outcome["error"]
+        raise err if isinstance(err, StratoError) else StratoError(f"round loop failed: {err}")
+    execution = outcome["execution"]
+    assert isinstance(execution, Execution)
+    if execution.status != "SUCCEEDED":
+        raise StratoError(f"round loop {execution.status}: {execution.error}: {execution.cause}")
+    return _finish(svc, opts, [rows[k] for k in sorted(rows)], accounting, started)
+
+
+def _finish(
+    svc: Services,
+    opts: RunOptions,
+    rows: list[dict[str, Any]],
+    accounting: _Accounting,
+    started: float,
+) -> dict[str, Any]:
+    totals = accounting.totals()
+    accounting.save()
+    first = json.loads((opts.out / "run.json").read_text())["started"]
+    last = rows[-1] if rows else {}
+    summary = {
+        "rounds": len(rows),
+        "final_accuracy": last.get("accuracy"),
+        "final_loss": last.get("loss"),
+        "wall_s": round(time.time() - first, 3),
+        "wall_s_this_segment": round(time.time() - started, 3),
+        "bytes_up": sum(r["bytes_up"] for r in rows),
+        "bytes_down": sum(r["bytes_down"] for r in rows),
+        "function_seconds": round(totals["function_seconds"], 3),
+        "gb_seconds": round(totals["gb_seconds"], 3),
+        "invocations": totals["invocations"],
+        "cold_starts": totals["cold_starts"],
+        "updates_accepted": sum(r["accepted"] for r in rows),
+        "updates_rejected": len(svc.table.query(state.REJECTIONS)),
+        "rejection_reasons": sorted({i.value["reason"] for i in svc.table.query(state.REJECTIONS)}),
+        "config": opts.config.to_dict(),
+        "per_round": rows,
+    }
+    (opts.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    curves = report.write_curves(opts.out / "curves.png", rows)
+    _say(
+        opts,
+        f"done: {summary['rounds']} rounds, final accuracy {summary['final_accuracy']:.4f}, "
+        f"{summary['wall_s']:.1f} s; wrote {opts.out}/summary.json, metrics.jsonl"
+        + (", curves.png" if curves else " (matplotlib missing: no curves.png)"),
+    )
+    sys.stdout.flush()
+    return summary

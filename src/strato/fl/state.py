@@ -1,0 +1,84 @@
+"""Where a run keeps its state: table names, keys and compare-and-set updates.
+
+Everything a run knows lives in the Table and the BlobStore, never only in a
+process: that is what lets any function be cold-started, retried or run twice, and
+a killed coordinator be resumed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from strato.errors import ConditionFailed, NotFound
+from strato.services.table import Item, Table
+
+__all__ = [
+    "CLIENTS",
+    "JOB",
+    "METRICS",
+    "REJECTIONS",
+    "ROUNDS",
+    "TOPIC",
+    "UPDATES",
+    "cas_update",
+    "client_queue",
+    "model_key",
+    "round_key",
+    "update_key",
+]
+
+JOB = "job"  # "config": the job, app and data description
+ROUNDS = "rounds"  # one record per round: selection, token, status, accepted
+UPDATES = "updates"  # one record per uploaded update: its stream triggers aggregation
+REJECTIONS = "rejections"  # one record per refused update, with the reason
+METRICS = "metrics"  # one record per evaluated round: the checkpoint
+CLIENTS = "clients"  # remote clients registered through the gateway
+TOPIC = "global-model-ready"
+TABLES = (JOB, ROUNDS, UPDATES, REJECTIONS, METRICS, CLIENTS)
+
+
+def round_key(r: int) -> str:
+    return f"{r:05d}"
+
+
+def update_key(r: int, client: str, nonce: str) -> str:
+    return f"{r:05d}/{client}/{nonce}"
+
+
+def model_key(r: int) -> str:
+    """The global model after round ``r`` (round 0: the initial model)."""
+    return f"models/round-{r:05d}.safetensors"
+
+
+def client_queue(client: str) -> str:
+    return f"client-{client}"
+
+
+def cas_update(
+    table: Table,
+    name: str,
+    key: str,
+    change: Callable[[dict[str, Any]], dict[str, Any] | None],
+    *,
+    attempts: int = 100,
+) -> dict[str, Any] | None:
+    """Apply ``change`` to an item with compare-and-set, retrying on conflicts.
+
+    ``change`` gets a copy of the current value and returns the new value, or None
+    to leave the item as it is. Returns what was written (or None).
+    """
+    for attempt in range(attempts):
+        item: Item | None = table.get(name, key)
+        if item is None:
+            raise NotFound(f"no {name} record {key!r}")
+        new = change(dict(item.value))
+        if new is None:
+            return None
+        try:
+            table.put(name, key, new, if_version=item.version)
+            return new
+        except ConditionFailed:
+            time.sleep(0.001 * (attempt + 1))
+    raise ConditionFailed(f"{name} record {key!r} kept changing under {attempts} attempts")

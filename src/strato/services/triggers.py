@@ -1,0 +1,83 @@
+"""Stream triggers: a table's change stream invoking a function (an event source mapping).
+
+The embedded twin of Lambda's DynamoDB Streams event source mapping: one poller per
+(table, function) reads new changes after its checkpoint, invokes the function with
+a batch of records, and stores the checkpoint only after the function returned. A
+crash between the two re-delivers the batch, so the function must be idempotent
+(as on AWS, where delivery is at-least-once too).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from strato.errors import StratoError
+from strato.services.runtime import Runtime
+from strato.services.table import Table
+
+__all__ = ["CHECKPOINTS", "StreamTrigger"]
+
+CHECKPOINTS = "stream_checkpoints"
+
+
+class StreamTrigger:
+    def __init__(
+        self,
+        table: Table,
+        source: str,
+        runtime: Runtime,
+        function: str,
+        *,
+        batch_size: int = 100,
+        poll_s: float = 0.02,
+        on_error: Callable[[Exception], None] | None = None,
+    ) -> None:
+        self.table, self.source, self.runtime, self.function = table, source, runtime, function
+        self.batch_size, self.poll_s, self.on_error = batch_size, poll_s, on_error
+        self.name = f"{source}->{function}"
+        table.create_table(CHECKPOINTS)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.batches = 0
+
+    def checkpoint(self) -> str | None:
+        item = self.table.get(CHECKPOINTS, self.name)
+        return None if item is None else str(item.value["cursor"])
+
+    def poll_once(self) -> int:
+        """Deliver one batch if there is one; returns the number of records delivered."""
+        changes = self.table.read_stream(
+            self.source, after=self.checkpoint(), limit=self.batch_size
+        )
+        if not changes:
+            return 0
+        records: list[dict[str, Any]] = [asdict(c) for c in changes]
+        self.runtime.invoke(self.function, {"records": records})
+        self.table.put(CHECKPOINTS, self.name, {"cursor": changes[-1].cursor})
+        self.batches += 1
+        return len(changes)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                delivered = self.poll_once()
+            except StratoError as exc:  # the batch stays unconsumed and is retried
+                if self.on_error is not None:
+                    self.on_error(exc)
+                delivered = 0
+                self._stop.wait(0.5)
+            if not delivered:
+                self._stop.wait(self.poll_s)
+
+    def start(self) -> StreamTrigger:
+        self._thread = threading.Thread(target=self._loop, name=f"trigger {self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()

@@ -1,0 +1,148 @@
+"""The aggregator function's admission rules, idempotency and round closing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from strato.codec import decode, encode
+from strato.fl import aggregator, state
+from strato.fl.coordinator import provision
+from strato.params import Layout, Params
+from strato.services import Services, embedded
+
+LAYOUT = Layout.of([("w", "F32", (2, 3)), ("b", "F32", (3,))])
+
+
+@pytest.fixture
+def svc(tmp_path: Path) -> Iterator[Services]:
+    aggregator._warm.clear()
+    with embedded(tmp_path / "svc") as s:
+        provision(s, ["a", "b", "c", "d"])
+        s.table.put(
+            state.JOB,
+            "config",
+            {
+                "config": {"strategy": "fedavg", "strategy_options": {}, "seed": 0, "rounds": 3},
+                "quorum_count": 3,
+                "layout": LAYOUT.to_json(),
+                "clients": ["a", "b", "c", "d"],
+            },
+        )
+        s.blobs.put(state.model_key(0), encode(Params(LAYOUT)).payload)
+        s.table.put(
+            state.ROUNDS,
+            state.round_key(1),
+            {
+                "round": 1,
+                "status": "open",
+                "selected": ["a", "b", "c"],
+                "token": "no-such-token",
+                "quorum": 3,
+                "opened_at": 0.0,
+                "accepted": {},
+            },
+        )
+        yield s
+    aggregator._warm.clear()
+
+
+def _upload(
+    svc: Services,
+    client: str,
+    values: Any,
+    n: int = 10,
+    r: int = 1,
+    nonce: str = "x",
+    layout: Layout = LAYOUT,
+) -> dict[str, Any]:
+    p = Params(layout, np.asarray(values, dtype=np.float32).view(np.uint8))
+    blob = svc.blobs.put(f"updates/{r}/{client}-{nonce}", encode(p).payload)
+    key = state.update_key(r, client, nonce)
+    svc.table.put(
+        state.UPDATES,
+        key,
+        {
+            "round": r,
+            "client": client,
+            "blob": blob,
+            "num_examples": n,
+            "bytes_up": 1,
+            "bytes_down": 1,
+        },
+    )
+    return {"key": key}
+
+
+def _stream(svc: Services) -> list[dict[str, Any]]:
+    return [asdict(c) for c in svc.table.read_stream(state.UPDATES, limit=1000)]
+
+
+def _reasons(svc: Services) -> list[str]:
+    return sorted(i.value["reason"] for i in svc.table.query(state.REJECTIONS))
+
+
+def test_bad_updates_are_rejected_with_reasons_and_never_change_the_model(svc: Services) -> None:
+    ones = np.ones(9)
+    _upload(svc, "a", ones, n=10)
+    _upload(svc, "a", ones * 5, nonce="again")  # duplicate
+    _upload(svc, "d", ones * 5)  # not selected
+    _upload(svc, "b", np.r_[ones[:8], np.nan])  # NaN
+    _upload(svc, "b", np.ones(5), layout=Layout.of([("w", "F32", (5,))]), nonce="y")  # shape
+    _upload(svc, "c", ones * 3, n=0)  # no weight
+    counts = aggregator.admit_batch(svc, _stream(svc))
+    assert counts["accepted"] == 1 and counts["rejected"] == 5
+    reasons = _reasons(svc)
+    assert any("duplicate" in r for r in reasons)
+    assert any("not selected" in r for r in reasons)
+    assert any("NaN" in r for r in reasons)
+    assert any("wrong layout" in r for r in reasons)
+    assert any("num_examples" in r for r in reasons)
+    # The good ones close the round: the model is the weighted mean of a, b, c only.
+    before = len(svc.table.query(state.UPDATES))
+    _upload(svc, "b", ones * 2, n=30, nonce="ok")
+    _upload(svc, "c", ones * 4, n=60, nonce="ok")
+    aggregator.admit_batch(svc, _stream(svc)[before:])
+    rnd = svc.table.get(state.ROUNDS, state.round_key(1))
+    assert rnd is not None and rnd.value["status"] == "closed"
+    model = decode(svc.blobs.get(state.model_key(1)))
+    expected = (10 * 1 + 30 * 2 + 60 * 4) / 100
+    np.testing.assert_allclose(model.flat(), expected, rtol=1e-6)
+    # A late update for the closed round is rejected and changes nothing.
+    before = len(svc.table.query(state.UPDATES))
+    _upload(svc, "a", ones * 100, nonce="late")
+    assert aggregator.admit_batch(svc, _stream(svc)[before:])["rejected"] == 1
+    assert any("late" in r for r in _reasons(svc))
+    np.testing.assert_allclose(
+        decode(svc.blobs.get(state.model_key(1))).flat(), expected, rtol=1e-6
+    )
+
+
+def test_redelivered_stream_records_are_idempotent(svc: Services) -> None:
+    for c, v in (("a", 1.0), ("b", 2.0)):
+        _upload(svc, c, np.full(9, v))
+    records = _stream(svc)
+    assert aggregator.admit_batch(svc, records)["accepted"] == 2
+    assert aggregator.admit_batch(svc, records) == {"accepted": 0, "rejected": 0, "ignored": 2}
+    aggregator._warm.clear()  # a cold worker sees the same records again
+    assert aggregator.admit_batch(svc, records)["accepted"] == 0
+    assert _reasons(svc) == []
+    _upload(svc, "c", np.full(9, 3.0))
+    aggregator.admit_batch(svc, _stream(svc)[2:])
+    np.testing.assert_allclose(decode(svc.blobs.get(state.model_key(1))).flat(), 2.0, rtol=1e-6)
+
+
+def test_deadline_close_uses_what_was_admitted_even_from_a_cold_worker(svc: Services) -> None:
+    _upload(svc, "a", np.full(9, 1.0), n=1)
+    _upload(svc, "b", np.full(9, 4.0), n=3)
+    aggregator.admit_batch(svc, _stream(svc))
+    aggregator._warm.clear()  # the deadline function runs in another worker
+    out = aggregator.close_round(svc, 1)
+    assert out["accepted"] == 2
+    np.testing.assert_allclose(decode(svc.blobs.get(state.model_key(1))).flat(), 3.25, rtol=1e-6)
+    assert aggregator.close_round(svc, 1)["model"] == state.model_key(1)  # idempotent

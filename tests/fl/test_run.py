@@ -1,0 +1,149 @@
+"""`strato run` end to end on the embedded backend (scikit-learn digits: fast, offline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fltools import cli_env, shm_segments, strato, strato_workers
+
+pytestmark = pytest.mark.slow
+
+
+def test_run_writes_summary_metrics_and_curves(tiny_app: Path, tmp_path: Path) -> None:
+    before = shm_segments()
+    out = tmp_path / "out"
+    res = strato("run", str(tiny_app), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "digits" in res.stdout  # says which data it used
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("round")]
+    assert len(lines) == 3
+    summary = json.loads((out / "summary.json").read_text())
+    for key in (
+        "rounds",
+        "final_accuracy",
+        "final_loss",
+        "wall_s",
+        "bytes_up",
+        "bytes_down",
+        "function_seconds",
+        "cold_starts",
+        "updates_accepted",
+        "updates_rejected",
+        "per_round",
+    ):
+        assert key in summary, key
+    assert summary["rounds"] == 3 and len(summary["per_round"]) == 3
+    assert summary["updates_accepted"] == 9 and summary["updates_rejected"] == 0
+    assert summary["final_accuracy"] > 0.5  # ten classes: chance is 0.1
+    assert summary["bytes_up"] > 0 and summary["bytes_down"] > 0
+    assert summary["function_seconds"] > 0 and summary["cold_starts"] >= 5
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert (out / "curves.png").stat().st_size > 1000
+    assert strato_workers(out) == []
+    assert shm_segments() <= before
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _rounds_table(out: Path) -> dict[int, dict]:  # type: ignore[type-arg]
+    from strato.fl import state
+    from strato.services import embedded
+
+    with embedded(out / "services") as svc:
+        return {i.value["round"]: i.value for i in svc.table.query(state.ROUNDS)}
+
+
+def test_resume_after_sigkill_mid_round(tiny_app: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "strato.cli",
+            "run",
+            str(tiny_app),
+            "--out",
+            str(out),
+            "--rounds",
+            "4",
+        ],
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    metrics = out / "metrics.jsonl"
+    # Kill once round 1 is evaluated and round 2 has at least one accepted update.
+    _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, 120, "round 1")
+    _wait_for(
+        lambda: len(_rounds_table(out).get(2, {}).get("accepted", {})) >= 1,
+        120,
+        "an accepted update in round 2",
+    )
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    rounds_before = _rounds_table(out)
+    accepted_before = dict(rounds_before[2]["accepted"])
+    model1 = out / "services" / "blobs" / "models" / "round-00001.safetensors"
+    model1_stat = model1.stat()
+    _wait_for(lambda: strato_workers(out) == [], 10, "workers of the killed run to exit")
+
+    res = strato("run", "--resume", str(out))
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 4
+    assert [r["round"] for r in summary["per_round"]] == [1, 2, 3, 4]
+    rows = [json.loads(x)["round"] for x in metrics.read_text().splitlines()]
+    assert sorted(rows) == [1, 2, 3, 4]  # each round reported exactly once
+    after = _rounds_table(out)
+    for client, entry in accepted_before.items():  # no accepted update was lost
+        assert after[2]["accepted"][client]["key"] == entry["key"]
+    assert model1.stat().st_mtime_ns == model1_stat.st_mtime_ns  # round 1 not recomputed
+    assert strato_workers(out) == []
+
+
+def test_ctrl_c_leaves_no_workers_and_no_shared_memory(tiny_app: Path, tmp_path: Path) -> None:
+    before = shm_segments()
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "strato.cli",
+            "run",
+            str(tiny_app),
+            "--out",
+            str(out),
+            "--rounds",
+            "50",
+        ],
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    _wait_for(lambda: (out / "metrics.jsonl").exists(), 120, "the first round")
+    assert strato_workers(out), "the run should have live workers mid-run"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    _wait_for(lambda: strato_workers(out) == [], 10, "workers to exit")
+    assert shm_segments() <= before
