@@ -1,0 +1,157 @@
+"""FSD-Inference benchmark: correctness matrix, rates, volumes, predicted vs measured ops.
+
+    .venv/bin/python benchmarks/inference.py --neurons 1024 --layers 120 --inputs 60000 \\
+        --workers 1 2 4 8 --channels bus blob --partitions random contiguous hypergraph \\
+        --compare --out bench-1024.json
+    .venv/bin/python benchmarks/inference.py --neurons 4096 --layers 120 --volumes-only
+    .venv/bin/python benchmarks/inference.py --neurons 1024 --layers 6 --inputs 200 --launch 8
+
+Every distributed run is checked against the scipy oracle (``equal`` column).
+Prints one line per run and writes everything to ``--out`` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from strato.inference.cost import price
+from strato.inference.inputs import mnist_inputs
+from strato.inference.kernel import run_local
+from strato.inference.network import generate_network
+from strato.inference.partition import communication_volume, make_partition
+from strato.inference.planner import predict
+from strato.inference.reference import graphblas_inference, reference_inference
+from strato.inference.run import RunOptions, run_distributed
+from strato.services import embedded
+
+COMPARED = (
+    "invocations", "publish_calls", "publish_chunks", "bytes_published", "receive_calls",
+    "receive_chunks", "deletes", "puts", "gets", "lists", "bytes_put",
+)
+
+
+def _peak_mb() -> dict[str, float]:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"coordinator_peak_mb": round(own, 1), "largest_worker_peak_mb": round(kids, 1)}
+
+
+def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--neurons", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=120)
+    ap.add_argument("--inputs", type=int, default=60000)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--channels", nargs="+", default=["bus", "blob"])
+    ap.add_argument("--partitions", nargs="+", default=["random", "contiguous", "hypergraph"])
+    ap.add_argument("--data-dir", default="/work/shared/data/mnist")
+    ap.add_argument("--compare", action="store_true", help="time scipy and python-graphblas")
+    ap.add_argument("--volumes-only", action="store_true")
+    ap.add_argument("--launch", type=int, default=0, help="W for the flat-vs-tree launch test")
+    ap.add_argument("--out", default="bench-inference.json")
+    args = ap.parse_args()
+
+    net = generate_network(args.neurons, args.layers, seed=0)
+    edges = net.edges
+    results: dict[str, Any] = {"neurons": args.neurons, "layers": args.layers, "edges": edges}
+    if args.volumes_only:
+        vols = {}
+        for method in args.partitions:
+            for w in args.workers:
+                part, secs = _timed(make_partition, method, net.layers, w)
+                vols[f"{method}/{w}"] = int(communication_volume(net.layers, part).sum())
+                print(f"volume {method:10s} W={w}: {vols[f'{method}/{w}']:>10d} rows "
+                      f"(partitioned in {secs:.1f} s)")
+        results["volumes"] = vols
+        _write(args.out, results)
+        return
+
+    y = mnist_inputs(args.neurons, args.inputs, args.data_dir)
+    rate = args.inputs * edges
+    ref, ref_s = _timed(reference_inference, net, y)
+    results.update(inputs=args.inputs, categories=int(ref.size), scipy_s=ref_s,
+                   scipy_rate=rate / ref_s)
+    print(f"{args.neurons}×{args.layers}, {args.inputs} inputs: {ref.size} categories; "
+          f"scipy reference {ref_s:.1f} s ({rate / ref_s:.3g} edges/s)")
+    if args.compare:
+        loc, loc_s = _timed(run_local, net.layers, net.biases, y)
+        gb, gb_s = _timed(graphblas_inference, net.layers, net.biases, y)
+        results.update(kernel_s=loc_s, kernel_rate=rate / loc_s, graphblas_s=gb_s,
+                       graphblas_rate=rate / gb_s,
+                       kernel_equal=bool(np.array_equal(loc, ref)),
+                       graphblas_equal=bool(np.array_equal(gb, ref)))
+        print(f"worker kernel in-process {loc_s:.1f} s ({rate / loc_s:.3g}); "
+              f"python-graphblas {gb_s:.1f} s ({rate / gb_s:.3g}); equal: "
+              f"{results['kernel_equal']}, {results['graphblas_equal']}")
+
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="strato-bench-") as root, embedded(root) as svc:
+        if args.launch:
+            results["launch"] = _launch_test(svc, net, y[:200], args.launch)
+        for method in args.partitions:
+            for w in args.workers:
+                if w == 1 and method != args.partitions[0]:
+                    continue  # W = 1 has no partition to speak of
+                part = make_partition(method, net.layers, w)
+                volume = int(communication_volume(net.layers, part).sum())
+                for ch in args.channels:
+                    pred = predict(net.layers, net.biases, y, part, ch, 2048, 16)
+                    res = run_distributed(svc, net.layers, net.biases, y, part,
+                                          RunOptions(channel=ch))
+                    meas = res["counts"]
+                    pc = pred.counts
+                    ratios = {k: round(meas.get(k, 0) / pc[k], 3) for k in COMPARED if pc.get(k)}
+                    row = {
+                        "partition": method, "workers": w, "channel": ch,
+                        "equal": bool(np.array_equal(res["categories"], ref)),
+                        "inference_s": res["inference_s"], "total_s": res["total_s"],
+                        "rate": rate / res["inference_s"], "volume_rows": volume,
+                        "predicted": pc, "measured": meas,
+                        "measured_over_predicted": ratios,
+                        "predicted_s": pred.seconds, "cost_usd": price(meas),
+                        "predicted_cost_usd": pred.cost_usd, **_peak_mb(),
+                    }
+                    runs.append(row)
+                    print(f"{method:10s} W={w} {ch:4s} equal={row['equal']} "
+                          f"{res['inference_s']:6.2f} s {row['rate']:.3g} edges/s "
+                          f"vol={volume} ${row['cost_usd']:.6f} meas/pred={ratios}", flush=True)
+                    _write(args.out, {**results, "runs": runs})
+    results["runs"] = runs
+    _write(args.out, results)
+
+
+def _launch_test(svc: Any, net: Any, y: Any, workers: int) -> dict[str, Any]:
+    """Launch time flat vs tree (b = 2, 4), cold (fresh function) and warm (repeat)."""
+    out = {}
+    part = make_partition("contiguous", net.layers, workers)
+    for label, b in (("flat", 0), ("tree-b2", 2), ("tree-b4", 4)):
+        name = f"strato-infer-launch-{label}"
+        opts = RunOptions(channel="bus", branching=b, function=name)
+        cold = run_distributed(svc, net.layers, net.biases, y, part, opts)
+        warm = run_distributed(svc, net.layers, net.biases, y, part, opts)
+        out[label] = {"cold_launch_s": cold["launch_s"], "warm_launch_s": warm["launch_s"]}
+        print(f"launch W={workers} {label}: cold {cold['launch_s']:.2f} s, "
+              f"warm {warm['launch_s']:.3f} s", flush=True)
+    return out
+
+
+def _write(path: str, doc: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1, default=float)
+
+
+if __name__ == "__main__":
+    main()
