@@ -22,7 +22,7 @@ client_concurrency = 2
 round_deadline_s = 60
 
 [train]
-epochs = 1
+epochs = 2
 batch_size = 16
 lr = 0.05
 """
@@ -75,4 +75,13 @@ def strato_workers(root: Path) -> list[int]:
 
 
 def shm_segments() -> set[str]:
-    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("strato-")}
+    """Strato segments in /dev/shm whose owner process has exited: leaks.
+
+    (Segments of live owners belong to whatever else runs on the machine.)"""
+    leaked = set()
+    for p in Path("/dev/shm").iterdir():
+        parts = p.name.split("-")
+        if p.name.startswith("strato-") and len(parts) > 1 and parts[1].isdigit():
+            if not Path("/proc", parts[1]).exists():
+                leaked.add(p.name)
+    return leaked

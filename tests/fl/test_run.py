@@ -42,7 +42,7 @@ def test_run_writes_summary_metrics_and_curves(tiny_app: Path, tmp_path: Path) -
         assert key in summary, key
     assert summary["rounds"] == 3 and len(summary["per_round"]) == 3
     assert summary["updates_accepted"] == 9 and summary["updates_rejected"] == 0
-    assert summary["final_accuracy"] > 0.5  # ten classes: chance is 0.1
+    assert summary["final_accuracy"] > 0.4  # ten classes: chance is 0.1
     assert summary["bytes_up"] > 0 and summary["bytes_down"] > 0
     assert summary["function_seconds"] > 0 and summary["cold_starts"] >= 5
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
