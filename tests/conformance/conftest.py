@@ -17,11 +17,27 @@ from strato.services import Services, embedded
 
 BACKENDS: dict[str, Callable[[Path], Services]] = {
     "embedded": lambda tmp: embedded(tmp / "services"),
+    "aws": lambda tmp: __import__("aws_moto").services(tmp),  # moto, see aws_moto.py
 }
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def services(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Services]:
+    svc = BACKENDS[request.param](tmp_path)
+    try:
+        yield svc
+    finally:
+        svc.close()
+
+
+# Backends whose runtime workers are processes this client starts and can see (live
+# worker counts, keep-alive it controls, nested invocations it dispatches). On Lambda
+# the service owns the execution environments, so those properties are not observable.
+LOCAL_WORKER_BACKENDS = ("embedded",)
+
+
+@pytest.fixture(params=LOCAL_WORKER_BACKENDS)
+def local_services(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Services]:
     svc = BACKENDS[request.param](tmp_path)
     try:
         yield svc

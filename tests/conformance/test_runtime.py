@@ -54,6 +54,12 @@ def runtime(services: Services) -> Runtime:
     return rt
 
 
+@pytest.fixture
+def local_runtime(local_services: Services) -> Runtime:
+    """A runtime whose worker processes this client owns (see conftest)."""
+    return local_services.runtime
+
+
 def test_invoke_returns_result(runtime: Runtime) -> None:
     runtime.register(spec("echo", "echo", timeout_s=30))
     out = runtime.invoke("echo", {"x": [1, 2.5, "three"], "nested": {"ok": True}})
@@ -70,27 +76,27 @@ def test_invoke_async_returns_a_future(runtime: Runtime) -> None:
     assert sorted(f.result(timeout=30)["event"]["i"] for f in futures) == [0, 1, 2]
 
 
-def test_warm_reuse_keeps_the_worker_and_its_module_state(runtime: Runtime) -> None:
-    runtime.register(spec("echo", "echo"))
-    first = runtime.invoke("echo", {})
-    second = runtime.invoke("echo", {})
+def test_warm_reuse_keeps_the_worker_and_its_module_state(local_runtime: Runtime) -> None:
+    local_runtime.register(spec("echo", "echo"))
+    first = local_runtime.invoke("echo", {})
+    second = local_runtime.invoke("echo", {})
     assert first["cold_start"] is True
     assert second["cold_start"] is False
     assert second["pid"] == first["pid"]
     assert (first["calls"], second["calls"]) == (1, 2)
-    stats = runtime.stats("echo")
+    stats = local_runtime.stats("echo")
     assert (stats.invocations, stats.cold_starts, stats.live_workers) == (2, 1, 1)
 
 
-def test_scale_to_zero_after_keep_alive(runtime: Runtime) -> None:
-    runtime.register(spec("echo", "echo", keep_alive_s=0.3))
-    pid = runtime.invoke("echo", {})["pid"]
+def test_scale_to_zero_after_keep_alive(local_runtime: Runtime) -> None:
+    local_runtime.register(spec("echo", "echo", keep_alive_s=0.3))
+    pid = local_runtime.invoke("echo", {})["pid"]
     assert wait_until(lambda: not process_alive(pid)), "idle worker outlived its keep-alive"
-    assert runtime.stats("echo").live_workers == 0
-    again = runtime.invoke("echo", {})
+    assert local_runtime.stats("echo").live_workers == 0
+    again = local_runtime.invoke("echo", {})
     assert again["cold_start"] is True
     assert again["pid"] != pid
-    assert runtime.stats("echo").cold_starts == 2
+    assert local_runtime.stats("echo").cold_starts == 2
 
 
 def test_max_concurrency_makes_extra_invocations_wait(runtime: Runtime) -> None:
@@ -196,14 +202,14 @@ def test_handler_that_cannot_be_imported(runtime: Runtime) -> None:
         runtime.register(FunctionSpec("bad", "no_colon_here"))
 
 
-def test_stats_per_function_and_totals(runtime: Runtime) -> None:
-    runtime.register(spec("nap", "nap", memory_mb=2048))
-    runtime.register(spec("fail", "fail", memory_mb=512))
-    runtime.invoke("nap", {"seconds": 0.05})
-    runtime.invoke("nap", {"seconds": 0.05})
+def test_stats_per_function_and_totals(local_runtime: Runtime) -> None:
+    local_runtime.register(spec("nap", "nap", memory_mb=2048))
+    local_runtime.register(spec("fail", "fail", memory_mb=512))
+    local_runtime.invoke("nap", {"seconds": 0.05})
+    local_runtime.invoke("nap", {"seconds": 0.05})
     with pytest.raises(FunctionError):
-        runtime.invoke("fail", {"message": "m"})
-    nap, fail, total = runtime.stats("nap"), runtime.stats("fail"), runtime.stats()
+        local_runtime.invoke("fail", {"message": "m"})
+    nap, fail, total = local_runtime.stats("nap"), local_runtime.stats("fail"), local_runtime.stats()
     assert (nap.invocations, nap.cold_starts, nap.errors) == (2, 1, 0)
     assert (fail.invocations, fail.errors) == (1, 1)
     assert nap.billed_s >= 0.1
@@ -221,19 +227,19 @@ def test_spec_env_reaches_the_worker_and_stdio_is_isolated(runtime: Runtime) -> 
     assert out == {"value": "on", "stdin": ""}  # prints went to stderr, stdin is empty
 
 
-def test_nested_invoke_async_from_a_handler(runtime: Runtime, tmp_path: Path) -> None:
-    runtime.register(spec("leaf", "leaf"))
-    runtime.register(spec("root", "fan_out"))
-    out = runtime.invoke("root", {"count": 3, "leaf": "leaf", "dir": str(tmp_path)})
+def test_nested_invoke_async_from_a_handler(local_runtime: Runtime, tmp_path: Path) -> None:
+    local_runtime.register(spec("leaf", "leaf"))
+    local_runtime.register(spec("root", "fan_out"))
+    out = local_runtime.invoke("root", {"count": 3, "leaf": "leaf", "dir": str(tmp_path)})
     assert out["refused"] == "UnknownFunction"
     paths = [tmp_path / f"leaf-{i}" for i in range(3)]
     assert wait_until(lambda: all(p.exists() and p.read_text() for p in paths), 30)
     assert [p.read_text() for p in paths] == ["0", "1", "2"]
-    assert wait_until(lambda: runtime.stats("leaf").invocations == 3)
+    assert wait_until(lambda: local_runtime.stats("leaf").invocations == 3)
 
 
-def test_close_leaves_no_worker(services: Services) -> None:
-    runtime = services.runtime
+def test_close_leaves_no_worker(local_services: Services) -> None:
+    runtime = local_services.runtime
     runtime.register(spec("echo", "echo"))
     pid = runtime.invoke("echo", {})["pid"]
     runtime.close()
