@@ -7,15 +7,27 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from strato.errors import StratoError
+
+if TYPE_CHECKING:
+    from strato.fl.run import RunOptions
 
 __all__ = ["main"]
 
 
 def _run(args: argparse.Namespace) -> int:
+    from strato.fl.run import run_job
+
+    run_job(_run_options(args))
+    return 0
+
+
+def _run_options(args: argparse.Namespace) -> RunOptions:
+    """The RunOptions of `strato run` and `strato serve` (same job arguments)."""
     from strato.fl.config import load_job_config
-    from strato.fl.run import RunOptions, run_job
+    from strato.fl.run import RunOptions
 
     app_dir = Path(args.app_dir) if args.app_dir else None
     if args.resume:
@@ -41,11 +53,73 @@ def _run(args: argparse.Namespace) -> int:
 
         check_strategy(cfg.strategy, cfg.strategy_options)
     out = Path(args.resume or args.out or f"runs/{app_dir.name}")
-    opts = RunOptions(
+    return RunOptions(
         app_dir=app_dir, out=out, config=cfg, data_dir=args.data_dir, resume=bool(args.resume)
     )
-    run_job(opts)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from strato.fl.run import run_job
+    from strato.fl.serve import ServeOptions, gateway_attach, listen, load_tokens
+
+    tokens = load_tokens(args.token, args.tokens_file)
+    opts = _run_options(args)
+    min_clients = opts.config.clients_per_round if args.min_clients is None else args.min_clients
+    if min_clients < 1:
+        raise StratoError(f"--min-clients must be at least 1, got {min_clients}")
+    mb = args.max_upload_mb
+    if mb is not None and not mb > 0:
+        raise StratoError(f"--max-upload-mb must be positive, got {mb}")
+    sock = listen(args.host, args.port)  # before the run is set up: a busy port fails first
+    try:
+        opts.simulate = False
+        opts.attach = gateway_attach(
+            ServeOptions(
+                tokens=tokens,
+                sock=sock,
+                min_clients=min_clients,
+                max_upload_bytes=None if mb is None else int(mb * 2**20),
+                body_timeout_s=args.body_timeout,
+            )
+        )
+        run_job(opts)
+    finally:
+        sock.close()
     return 0
+
+
+def _client(args: argparse.Namespace) -> int:
+    from strato.fl.remote import ClientOptions, run_client
+
+    if args.rounds_max is not None and args.rounds_max < 1:
+        raise StratoError(f"--rounds-max must be at least 1, got {args.rounds_max}")
+    return run_client(
+        ClientOptions(
+            server=args.server,
+            token=args.token,
+            app_dir=args.app_dir,
+            data_dir=args.data_dir,
+            client_id=args.client_id,
+            rounds_max=args.rounds_max,
+            partition_index=args.partition_index,
+        )
+    )
+
+
+def _job_arguments(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("app_dir", nargs="?", help="directory holding app.py (and strato.toml)")
+    cmd.add_argument("--rounds", type=int)
+    cmd.add_argument("--clients", type=int)
+    cmd.add_argument("--clients-per-round", type=int)
+    cmd.add_argument("--strategy")
+    cmd.add_argument("--partition", choices=["iid", "dirichlet", "shards"])
+    cmd.add_argument("--seed", type=int)
+    cmd.add_argument(
+        "--data-dir",
+        help="MNIST IDX directory (default: $STRATO_DATA_DIR, else scikit-learn's digits)",
+    )
+    cmd.add_argument("--out", help="run directory (default: runs/APP_NAME)")
+    cmd.add_argument("--resume", metavar="OUT", help="continue the run in OUT after a stop")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,20 +129,44 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a federated learning app")
-    run.add_argument("app_dir", nargs="?", help="directory holding app.py (and strato.toml)")
-    run.add_argument("--rounds", type=int)
-    run.add_argument("--clients", type=int)
-    run.add_argument("--clients-per-round", type=int)
-    run.add_argument("--strategy")
-    run.add_argument("--partition", choices=["iid", "dirichlet", "shards"])
-    run.add_argument("--seed", type=int)
-    run.add_argument(
+    _job_arguments(run)
+    run.set_defaults(func=_run)
+    serve = sub.add_parser(
+        "serve",
+        help="run a federated learning app whose clients join over HTTP (strato client)",
+        description="Runs the job like `strato run`, with remote clients: an HTTP gateway "
+        "serves them, round 1 starts once --min-clients have registered, and each round "
+        "selects among the registered clients. --clients is the number of data partitions.",
+    )
+    _job_arguments(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    serve.add_argument("--token", action="append", help="a client token (repeatable)")
+    serve.add_argument("--tokens-file", help="client tokens, one per line")
+    serve.add_argument(
+        "--min-clients", type=int, help="registrations to wait for (default: clients per round)"
+    )
+    serve.add_argument(
+        "--max-upload-mb", type=float, help="largest update accepted (default: model + 64 KiB)"
+    )
+    serve.add_argument(
+        "--body-timeout", type=float, default=60.0, help="seconds an upload may stall"
+    )
+    serve.set_defaults(func=_serve)
+    client = sub.add_parser("client", help="join a `strato serve` run as a client")
+    client.add_argument("app_dir", help="directory holding app.py")
+    client.add_argument("--server", required=True, help="the server's URL, http://HOST:PORT")
+    client.add_argument("--token", required=True, help="this client's token")
+    client.add_argument(
         "--data-dir",
         help="MNIST IDX directory (default: $STRATO_DATA_DIR, else scikit-learn's digits)",
     )
-    run.add_argument("--out", help="run directory (default: runs/APP_NAME)")
-    run.add_argument("--resume", metavar="OUT", help="continue the run in OUT after a stop")
-    run.set_defaults(func=_run)
+    client.add_argument("--client-id", help="this client's name (default: the server picks)")
+    client.add_argument("--rounds-max", type=int, help="leave after training this many rounds")
+    client.add_argument(
+        "--partition-index", type=int, help="train on this partition (default: the server's)"
+    )
+    client.set_defaults(func=_client)
     sub.add_parser("infer", help="serverless distributed inference of a sparse DNN", add_help=False)
     return p
 

@@ -21,9 +21,10 @@ from typing import Any
 from strato.codec import decode, encode
 from strato.fl import state
 from strato.fl.app import App, Dataset, TrainContext
+from strato.params import Params
 from strato.services import Services
 
-__all__ = ["RoundNotice", "SimClient", "client_seed"]
+__all__ = ["LocalTrainer", "RoundNotice", "SimClient", "client_seed", "update_record"]
 
 
 @dataclass(frozen=True)
@@ -38,13 +39,74 @@ def client_seed(seed: int, round_: int, client: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+class LocalTrainer:
+    """Trains the app's model on one client's data, starting from a received global model.
+
+    Shared by the simulated client and the remote one (``strato client``), so both
+    train with the same seed, config and FedProx anchor.
+    """
+
+    def __init__(self, app: App, data: Dataset, client: str, config: dict[str, Any]) -> None:
+        self.app, self.data, self.client, self.config = app, data, client, config
+        self._model: Any = None
+
+    def train(self, round_: int, params: Params) -> tuple[Params, dict[str, float], float]:
+        """(the trained parameters, the app's metrics, training seconds)."""
+        from strato.fl.torch import load_params, model_params
+
+        if self._model is None:
+            assert self.app.model_fn is not None
+            self._model = self.app.model_fn(self.data.info)
+        load_params(self._model, params)
+        cfg = self.config
+        mu = float(cfg.get("strategy_options", {}).get("mu", 0.0))
+        ctx = TrainContext(
+            round=round_,
+            client=self.client,
+            seed=client_seed(int(cfg["seed"]), round_, self.client),
+            config=dict(cfg.get("train", {})),
+            global_model=copy.deepcopy(self._model) if mu > 0 else None,
+            proximal_mu=mu,
+        )
+        started = time.perf_counter()
+        assert self.app.train_fn is not None
+        metrics = self.app.train_fn(self._model, self.data, ctx) or {}
+        train_s = time.perf_counter() - started
+        return model_params(self._model), {k: float(v) for k, v in metrics.items()}, train_s
+
+
+def update_record(
+    round_: int,
+    client: str,
+    blob: str,
+    *,
+    num_examples: int,
+    bytes_up: int,
+    bytes_down: int,
+    train_s: float,
+    metrics: dict[str, float],
+) -> dict[str, Any]:
+    """The ``updates`` table record whose arrival wakes the aggregator."""
+    return {
+        "round": round_,
+        "client": client,
+        "blob": blob,
+        "num_examples": num_examples,
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+        "train_s": round(train_s, 4),
+        "uploaded_at": time.time(),
+        "metrics": {k: float(v) for k, v in metrics.items()},
+    }
+
+
 class SimClient:
     """A client that talks to the services directly (simulation and the gateway's side)."""
 
     def __init__(self, svc: Services, client: str, app: App, data: Dataset, job: dict[str, Any]):
         self.svc, self.client, self.app, self.data, self.job = svc, client, app, data, job
         self.queue = state.client_queue(client)
-        self._model: Any = None
+        self.trainer = LocalTrainer(app, data, client, job["config"])
 
     def next_notice(self, wait_s: float, visibility_timeout_s: float = 30.0) -> RoundNotice | None:
         for msg in self.svc.bus.receive(self.queue, 1, wait_s, visibility_timeout_s):
@@ -60,45 +122,23 @@ class SimClient:
         if self.already_uploaded(notice.round):
             self.svc.bus.ack(self.queue, notice.receipt)
             return {"round": notice.round, "skipped": "already uploaded"}
-        from strato.fl.torch import load_params, model_params
-
         payload = self.svc.blobs.get(notice.model_key)
-        params = decode(payload)
-        if self._model is None:
-            assert self.app.model_fn is not None
-            self._model = self.app.model_fn(self.data.info)
-        load_params(self._model, params)
-        cfg = self.job["config"]
-        mu = float(cfg.get("strategy_options", {}).get("mu", 0.0))
-        ctx = TrainContext(
-            round=notice.round,
-            client=self.client,
-            seed=client_seed(int(cfg["seed"]), notice.round, self.client),
-            config=dict(cfg.get("train", {})),
-            global_model=copy.deepcopy(self._model) if mu > 0 else None,
-            proximal_mu=mu,
-        )
-        started = time.perf_counter()
-        assert self.app.train_fn is not None
-        metrics = self.app.train_fn(self._model, self.data, ctx) or {}
-        train_s = time.perf_counter() - started
-        update = model_params(self._model)
+        update, metrics, train_s = self.trainer.train(notice.round, decode(payload))
         encoded = encode(update)
         nonce = uuid.uuid4().hex[:8]
         blob = self.svc.blobs.put(
             f"updates/{state.round_key(notice.round)}/{self.client}-{nonce}", encoded.payload
         )
-        record = {
-            "round": notice.round,
-            "client": self.client,
-            "blob": blob,
-            "num_examples": len(self.data),
-            "bytes_up": encoded.nbytes,
-            "bytes_down": len(payload),
-            "train_s": round(train_s, 4),
-            "uploaded_at": time.time(),
-            "metrics": {k: float(v) for k, v in metrics.items()},
-        }
+        record = update_record(
+            notice.round,
+            self.client,
+            blob,
+            num_examples=len(self.data),
+            bytes_up=encoded.nbytes,
+            bytes_down=len(payload),
+            train_s=train_s,
+            metrics=metrics,
+        )
         self.svc.table.put(
             state.UPDATES, state.update_key(notice.round, self.client, nonce), record
         )

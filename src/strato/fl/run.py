@@ -170,10 +170,11 @@ def run_job(opts: RunOptions) -> dict[str, Any]:
             )
         _say(opts, f"data: {job['dataset_note']}")
         _register(svc, job)
+        if opts.attach is not None:
+            # Before the round loop starts: `strato serve` waits here for its first clients.
+            detach = opts.attach(svc)
         svc.workflow.start(coordinator.MACHINE, {"round": 1}, coordinator.EXECUTION_ID)
         trigger = StreamTrigger(svc.table, state.UPDATES, svc.runtime, "aggregate").start()
-        if opts.attach is not None:
-            detach = opts.attach(svc)
         if opts.resume and job.get("simulate", True):
             _relaunch_missing_clients(svc, job)
         return _drive(svc, opts, job, started)

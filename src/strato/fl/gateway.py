@@ -1,0 +1,403 @@
+"""The HTTP gateway of ``strato serve``: remote clients take part in a run over the network.
+
+Every call carries ``Authorization: Bearer <token>`` with one of the server's tokens;
+a client's own calls must carry the token it registered with. Errors are JSON
+``{"error": "..."}`` with a 4xx status, and a refused request stores nothing.
+
+===========================================  =============================================
+``GET  /v1/health``                           liveness (no token): ``{"status": "ok"}``
+``POST /v1/clients``                          register (``{"client_id": ...}`` optional):
+                                              the client's id, data partition, job config
+``GET  /v1/clients/{id}/notice?wait_s=S``     long-poll: ``{"status": "round", "round",
+                                              "receipt", "model", "upload"}``, or
+                                              ``"waiting"``, ``"finished"``, ``"closing"``
+``GET  /v1/rounds/{r}/model``                 round r's input model (safetensors, streamed)
+``PUT  /v1/rounds/{r}/updates/{id}``          the update (safetensors, Content-Length
+                                              required; headers ``X-Strato-Receipt``,
+                                              ``X-Strato-Num-Examples``, ``-Train-S``,
+                                              ``-Metrics`` (JSON)) → 201
+===========================================  =============================================
+
+An upload is read straight into a shared-memory buffer (``_upload.receive_into``),
+validated there (decodable, the job's layout), persisted to the BlobStore from that
+buffer, and recorded in the ``updates`` table exactly as the simulated client does,
+so the aggregator handles it unchanged. The notice is acknowledged after the record
+is written (at-least-once, as in ``SimClient``). Every blocking call to the services
+runs in a worker thread, so one slow or failing request never stalls the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from strato.codec import decode, header_bytes
+from strato.errors import CodecError, LayoutError, NotFound, StratoError
+from strato.fl import state
+from strato.fl._upload import (
+    HttpError,
+    content_length,
+    receive_into,
+    small_body,
+    upload_meta,
+)
+from strato.fl.client import update_record
+from strato.fl.coordinator import register_client
+from strato.params import Layout
+from strato.services import Services
+from strato.services.shm import ShmError, ShmPool
+
+__all__ = ["API", "Gateway", "GatewaySettings", "HttpError", "token_digest"]
+
+API = "/v1"
+_log = logging.getLogger("strato.gateway")
+_CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_MAX_JSON_BODY = 64 << 10
+
+
+def token_digest(token: str) -> str:
+    """What the gateway keeps of a token: never the token itself."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    tokens: Sequence[str]
+    max_upload_bytes: int | None = None  # default: the job's encoded model size + 64 KiB
+    body_timeout_s: float = 60.0  # an upload stalled this long is refused (400)
+    max_wait_s: float = 30.0  # the longest long-poll a client may ask for
+    chunk_bytes: int = 1 << 20  # model download chunk
+    max_concurrent_uploads: int = 16  # shared-memory buffers in use at once
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _json_error(status: int, message: str, *, close: bool = False) -> JSONResponse:
+    headers = {"Connection": "close"} if close else {}
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _endpoint(fn: Handler) -> Handler:
+    """Turn every failure of one request into a JSON error for that request alone."""
+
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except HttpError as exc:
+            return _json_error(exc.status, exc.message, close=exc.close)
+        except ShmError as exc:
+            _log.warning("gateway: %s", exc)
+            return _json_error(503, f"server out of shared memory: {exc}", close=True)
+        except StratoError as exc:  # the services failed us: the client did nothing wrong
+            _log.warning("gateway: %s %s: %s", request.method, request.url.path, exc)
+            return _json_error(500, str(exc), close=True)
+        except Exception as exc:
+            _log.exception("gateway: %s %s failed", request.method, request.url.path)
+            return _json_error(500, f"internal error: {type(exc).__name__}: {exc}", close=True)
+
+    return wrapped
+
+
+class Gateway:
+    """The gateway's state and request handlers over one run's services."""
+
+    def __init__(self, svc: Services, settings: GatewaySettings) -> None:
+        if not settings.tokens:
+            raise StratoError("the gateway needs at least one client token")
+        item = svc.table.get(state.JOB, "config")
+        if item is None:
+            raise NotFound("the run has no job record")
+        self.svc, self.settings, self.job = svc, settings, item.value
+        self.config: dict[str, Any] = self.job["config"]
+        self.layout = Layout.from_json(self.job["layout"])
+        expected = len(header_bytes(self.layout)) + self.layout.nbytes
+        self.max_upload_bytes = settings.max_upload_bytes or expected + (64 << 10)
+        self._digests = [token_digest(t) for t in settings.tokens]
+        self.pool = ShmPool(max_idle_bytes=4 * self.max_upload_bytes)
+        self.closing = threading.Event()  # set on stop: long polls return at once
+        self.told_finished: set[str] = set()
+        self._finished = False
+        self._register_lock = threading.Lock()
+        self._in_flight: set[tuple[int, str]] = set()  # (round, client) uploads being read
+        self.uploads_ended = 0  # authenticated, size-checked uploads that ended: for tests
+        self._upload_slots: asyncio.Semaphore | None = None  # made in the server's loop
+
+    # --- the ASGI app -----------------------------------------------------------------
+
+    def asgi(self) -> Starlette:
+        routes = [
+            Route(f"{API}/health", _endpoint(self.health), methods=["GET"]),
+            Route(f"{API}/clients", _endpoint(self.register), methods=["POST"]),
+            Route(f"{API}/clients/{{client}}/notice", _endpoint(self.notice), methods=["GET"]),
+            Route(f"{API}/rounds/{{round:int}}/model", _endpoint(self.model), methods=["GET"]),
+            Route(
+                f"{API}/rounds/{{round:int}}/updates/{{client}}",
+                _endpoint(self.upload),
+                methods=["PUT"],
+            ),
+        ]
+
+        async def http_error(request: Request, exc: Exception) -> Response:
+            assert isinstance(exc, HTTPException)  # unknown route, wrong method
+            return _json_error(exc.status_code, str(exc.detail))
+
+        return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+    @property
+    def uploads_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def close(self) -> None:
+        self.pool.close()
+
+    # --- authentication ----------------------------------------------------------------
+
+    def _token(self, request: Request) -> str:
+        """The request's token digest; 401 when missing or not one of the server's."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise HttpError(401, "missing bearer token (Authorization: Bearer <token>)")
+        digest = token_digest(token.strip())
+        # compare_digest against every token: the time taken says nothing about which.
+        if not any([hmac.compare_digest(digest, d) for d in self._digests]):
+            raise HttpError(401, "invalid token")
+        return digest
+
+    async def _client(self, request: Request) -> str:
+        digest = self._token(request)
+        client = str(request.path_params["client"])
+        item = await run_in_threadpool(self.svc.table.get, state.CLIENTS, client)
+        if item is None:
+            raise HttpError(404, f"client {client!r} is not registered")
+        if not hmac.compare_digest(str(item.value.get("token_sha256", "")), digest):
+            raise HttpError(403, f"this token does not belong to client {client!r}")
+        return client
+
+    # --- handlers ----------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "api": API, "finished": self.finished()})
+
+    async def register(self, request: Request) -> Response:
+        digest = self._token(request)
+        try:
+            body = json.loads(await small_body(request, _MAX_JSON_BODY) or b"{}")
+        except ValueError:
+            raise HttpError(400, "the registration body is not JSON") from None
+        wanted = body.get("client_id") if isinstance(body, dict) else None
+        if wanted is not None and (not isinstance(wanted, str) or not _CLIENT_ID.fullmatch(wanted)):
+            raise HttpError(
+                400, "client_id must be 1-64 letters, digits, '.', '_' or '-' (not first)"
+            )
+        record, created = await run_in_threadpool(self._register, wanted, digest)
+        return JSONResponse(self._registration(record), status_code=201 if created else 200)
+
+    def _register(self, wanted: str | None, digest: str) -> tuple[dict[str, Any], bool]:
+        with self._register_lock:  # ids and partition indices are handed out one at a time
+            table = self.svc.table
+            if wanted is not None and (item := table.get(state.CLIENTS, wanted)) is not None:
+                if not hmac.compare_digest(str(item.value.get("token_sha256", "")), digest):
+                    raise HttpError(409, f"client id {wanted!r} is taken")
+                return item.value, False
+            known = len(table.query(state.CLIENTS))
+            client = wanted
+            n = known
+            while client is None or table.get(state.CLIENTS, client) is not None:
+                n += 1
+                client = f"remote-{n:04d}"
+            info = {
+                "token_sha256": digest,
+                "partition_index": known % len(self.job["clients"]),
+                "registered_at": time.time(),
+            }
+            register_client(self.svc, client, info)
+            _log.info("gateway: client %s registered", client)
+            return {"client": client, **info}, True
+
+    def _registration(self, record: dict[str, Any]) -> dict[str, Any]:
+        cfg, client = self.config, record["client"]
+        return {
+            "client": client,
+            "partition_index": record["partition_index"],
+            "num_partitions": len(self.job["clients"]),
+            "partition_sizes": [self.job["client_examples"][c] for c in self.job["clients"]],
+            "partition": cfg["partition"],
+            "dirichlet_alpha": cfg["dirichlet_alpha"],
+            "seed": cfg["seed"],
+            "dataset": self.job["dataset"],
+            "config": cfg,
+            "layout": self.job["layout"],
+            "notice": f"{API}/clients/{client}/notice",
+        }
+
+    def finished(self) -> bool:
+        """True once the job's last round is evaluated (then for good)."""
+        if not self._finished:
+            last = state.round_key(int(self.config["rounds"]))
+            self._finished = self.svc.table.get(state.METRICS, last) is not None
+        return self._finished
+
+    async def notice(self, request: Request) -> Response:
+        client = await self._client(request)
+        try:
+            wait_s = float(request.query_params.get("wait_s", "20"))
+        except ValueError:
+            raise HttpError(400, "wait_s must be a number of seconds") from None
+        deadline = time.monotonic() + min(max(0.0, wait_s), self.settings.max_wait_s)
+        while True:
+            if await run_in_threadpool(self.finished):
+                self.told_finished.add(client)
+                return JSONResponse({"status": "finished"})
+            if self.closing.is_set():
+                return JSONResponse({"status": "closing"})
+            remaining = deadline - time.monotonic()
+            # Wait in slices of a second so a finished job or a stop is noticed promptly.
+            found = await run_in_threadpool(
+                self._next_notice, client, min(1.0, max(0.0, remaining))
+            )
+            if found is not None:
+                return JSONResponse(found)
+            if remaining <= 0:
+                return JSONResponse({"status": "waiting"})
+
+    def _next_notice(self, client: str, wait_s: float) -> dict[str, Any] | None:
+        queue = state.client_queue(client)
+        # Invisible to other polls for the round's deadline: the client trains meanwhile.
+        visibility = float(self.config["round_deadline_s"])
+        for msg in self.svc.bus.receive(queue, 1, wait_s, visibility):
+            r = int(json.loads(msg.body)["round"])
+            if self._refusal(r, client) is not None:
+                self.svc.bus.ack(queue, msg.receipt)  # stale: closed round or already uploaded
+                return None
+            return {
+                "status": "round",
+                "round": r,
+                "receipt": msg.receipt,
+                "model": f"{API}/rounds/{r}/model",
+                "upload": f"{API}/rounds/{r}/updates/{client}",
+            }
+        return None
+
+    def _refusal(self, r: int, client: str) -> str | None:
+        """Why ``client`` may not upload for round ``r`` now (None: it may)."""
+        item = self.svc.table.get(state.ROUNDS, state.round_key(r))
+        if item is None:
+            return f"round {r} does not exist"
+        if item.value["status"] != "open":
+            return f"round {r} is closed"
+        if client not in item.value["selected"]:
+            return f"client {client} was not selected for round {r}"
+        if self.svc.table.query(state.UPDATES, f"{state.round_key(r)}/{client}/"):
+            return f"client {client} already uploaded an update for round {r}"
+        return None
+
+    async def model(self, request: Request) -> Response:
+        self._token(request)
+        r = int(request.path_params["round"])
+        if (
+            r < 1
+            or await run_in_threadpool(self.svc.table.get, state.ROUNDS, state.round_key(r)) is None
+        ):
+            raise HttpError(404, f"round {r} has not started")
+        try:
+            blob = await run_in_threadpool(self.svc.blobs.get, state.model_key(r - 1))
+        except NotFound:
+            raise HttpError(404, f"round {r} has no input model") from None
+        step = self.settings.chunk_bytes
+
+        async def chunks() -> AsyncIterator[memoryview]:
+            for start in range(0, len(blob), step):
+                yield blob[start : start + step]
+
+        return StreamingResponse(
+            chunks(),
+            media_type="application/octet-stream",
+            headers={"Content-Length": str(len(blob))},
+        )
+
+    async def upload(self, request: Request) -> Response:
+        try:
+            client = await self._client(request)
+        except HttpError as exc:
+            exc.close = True  # never drain the body of an upload we will not take
+            raise
+        r = int(request.path_params["round"])
+        length = content_length(request.headers, self.max_upload_bytes)
+        meta = upload_meta(request.headers)
+        # Refusals from here on leave the connection open: uvicorn drains the unread body
+        # (at most max_upload_bytes), so the client reads the answer instead of a reset.
+        if (r, client) in self._in_flight:
+            raise HttpError(409, f"client {client} is uploading for round {r}")
+        # Claimed before the check below: a stored update leaves _in_flight only after
+        # its record is written, so a concurrent second upload is always caught.
+        self._in_flight.add((r, client))
+        try:
+            refusal = await run_in_threadpool(self._refusal, r, client)
+            if refusal is not None:
+                raise HttpError(409, refusal)
+            if self._upload_slots is None:
+                self._upload_slots = asyncio.Semaphore(self.settings.max_concurrent_uploads)
+            async with self._upload_slots:
+                lease = await run_in_threadpool(self.pool.lease, length)
+                try:
+                    await receive_into(request.receive, lease.buffer, self.settings.body_timeout_s)
+                    self._validate(lease.buffer)
+                    record = await run_in_threadpool(self._persist, r, client, lease.buffer, meta)
+                finally:
+                    lease.release()
+        finally:
+            self._in_flight.discard((r, client))
+            self.uploads_ended += 1
+        return JSONResponse(record, status_code=201)
+
+    def _validate(self, buffer: memoryview) -> None:
+        try:
+            params = decode(buffer, expect=self.layout)
+        except LayoutError as exc:
+            raise HttpError(422, str(exc)) from None
+        except CodecError as exc:
+            raise HttpError(400, f"update is not decodable: {exc}") from None
+        del params  # a view of the lease: it must not outlive it
+
+    def _persist(
+        self, r: int, client: str, buffer: memoryview, meta: dict[str, Any]
+    ) -> dict[str, Any]:
+        nonce = uuid.uuid4().hex[:8]
+        blob = self.svc.blobs.put(f"updates/{state.round_key(r)}/{client}-{nonce}", buffer)
+        model = self.svc.blobs.get(state.model_key(r - 1), verify=False)
+        record = update_record(
+            r,
+            client,
+            blob,
+            num_examples=meta["num_examples"],
+            bytes_up=len(buffer),
+            bytes_down=len(model),
+            train_s=meta["train_s"],
+            metrics=meta["metrics"],
+        )
+        key = state.update_key(r, client, nonce)
+        self.svc.table.put(state.UPDATES, key, record)
+        if meta["receipt"]:
+            self.svc.bus.ack(state.client_queue(client), meta["receipt"])
+        _log.info("gateway: update %s stored (%d bytes)", key, len(buffer))
+        return {"key": key, "blob": blob, "bytes": len(buffer)}

@@ -1,0 +1,262 @@
+"""``strato client``: a client that joins a ``strato serve`` run over HTTP.
+
+It registers with its token, then loops: long-poll for a round notice, stream the
+round's model down, train with the app's train function on its own data, stream the
+update up (Content-Length known, body sent in slices of the encoded payload), until
+the server says the job is finished.
+
+Its data: the client loads the dataset itself (``--data-dir``, ``$STRATO_DATA_DIR``,
+else scikit-learn's digits, as the server does) and takes the partition the server
+assigned at registration (or ``--partition-index I``), recomputed locally with the
+job's partitioner and seed, the very function the server used, so both agree on
+the rows without any data crossing the network. The server's dataset name and
+partition sizes are checked against the local ones.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from strato.codec import decode, encode
+from strato.errors import ConfigError, StratoError
+from strato.fl.app import App, DataInfo, Dataset, load_app
+from strato.fl.client import LocalTrainer
+from strato.params import Layout
+
+__all__ = ["ClientOptions", "RemoteClient", "ServerUnreachable", "check_server_url", "run_client"]
+
+API = "/v1"
+_UPLOAD_SLICE = 1 << 20
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    server: str
+    token: str
+    app_dir: str
+    data_dir: str | None = None
+    client_id: str | None = None
+    rounds_max: int | None = None
+    partition_index: int | None = None
+    wait_s: float = 20.0  # one long poll
+    reconnect_s: float = 30.0  # how long to keep retrying a server that went away
+
+
+def check_server_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"bad server URL {url!r}: expected http://HOST:PORT")
+    try:
+        parts.port  # noqa: B018 -- raises ValueError on a malformed port
+    except ValueError:
+        raise ConfigError(f"bad server URL {url!r}: the port is not a number") from None
+    return url.rstrip("/")
+
+
+def _error_text(resp: httpx.Response) -> str:
+    try:
+        return str(resp.json()["error"])
+    except (ValueError, KeyError, TypeError):
+        return resp.text.strip()[:200] or resp.reason_phrase
+
+
+class ServerUnreachable(StratoError):
+    """The server cannot be reached (down, restarting, or the URL is wrong)."""
+
+
+class RemoteClient:
+    """The gateway's HTTP API, one method per endpoint; failures are one-line StratoErrors."""
+
+    def __init__(self, server: str, token: str, *, wait_s: float = 20.0) -> None:
+        self.server = check_server_url(server)
+        self.http = httpx.Client(
+            base_url=self.server,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=httpx.Timeout(60.0, read=wait_s + 60.0),
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def check(self, resp: httpx.Response, what: str) -> httpx.Response:
+        if resp.status_code == 401:
+            raise StratoError("invalid token (the server refused it)")
+        if resp.status_code >= 400:
+            status = resp.status_code
+            raise StratoError(f"{what}: the server answered {status}: {_error_text(resp)}")
+        return resp
+
+    def _send(self, method: str, path: str, what: str, **kw: Any) -> httpx.Response:
+        try:
+            return self.check(self.http.request(method, path, **kw), what)
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"cannot reach the server at {self.server}: {exc}") from None
+
+    def register(self, client_id: str | None) -> dict[str, Any]:
+        resp = self._send("POST", f"{API}/clients", "register", json={"client_id": client_id})
+        return dict(resp.json())
+
+    def next_notice(self, client: str, wait_s: float) -> dict[str, Any]:
+        resp = self._send(
+            "GET", f"{API}/clients/{client}/notice", "poll", params={"wait_s": wait_s}
+        )
+        return dict(resp.json())
+
+    def download(self, path: str) -> bytearray:
+        """The model, streamed into one buffer sized from Content-Length up front."""
+        try:
+            with self.http.stream("GET", path) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    self.check(resp, "model download")
+                size = int(resp.headers.get("content-length", "-1"))
+                if size < 0:
+                    raise StratoError("model download: the server sent no Content-Length")
+                buf, offset = bytearray(size), 0
+                for chunk in resp.iter_raw():
+                    end = offset + len(chunk)
+                    if end > size:
+                        raise StratoError("model download: more bytes than announced")
+                    buf[offset:end] = chunk
+                    offset = end
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"model download from {self.server} failed: {exc}") from None
+        if offset != size:
+            raise StratoError(f"model download truncated: {offset} of {size} bytes")
+        return buf
+
+    def upload(self, path: str, payload: bytes, headers: dict[str, str]) -> httpx.Response:
+        def body() -> Iterator[bytes]:
+            view = memoryview(payload)
+            for start in range(0, len(view), _UPLOAD_SLICE):
+                yield bytes(view[start : start + _UPLOAD_SLICE])
+
+        # An explicit Content-Length makes httpx stream the iterator as-is (not chunked).
+        headers = {**headers, "Content-Length": str(len(payload))}
+        try:
+            return self.http.put(path, content=body(), headers=headers)
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"upload to {self.server} failed: {exc}") from None
+
+
+def _local_data(reg: dict[str, Any], opts: ClientOptions) -> Dataset:
+    from strato.data import load_dataset, partition
+
+    ds = load_dataset(opts.data_dir)
+    if ds.name != reg["dataset"]:
+        raise ConfigError(
+            f"the server trains on {reg['dataset']} but this client loaded {ds.name} "
+            "(give --data-dir or set STRATO_DATA_DIR like the server)"
+        )
+    count = int(reg["num_partitions"])
+    index = int(reg["partition_index"] if opts.partition_index is None else opts.partition_index)
+    if not 0 <= index < count:
+        raise ConfigError(f"--partition-index must be in [0, {count}), got {index}")
+    parts = partition(
+        ds.train_y, count, reg["partition"], seed=int(reg["seed"]), alpha=reg["dirichlet_alpha"]
+    )
+    idx = parts[index]
+    if len(idx) != int(reg["partition_sizes"][index]):
+        raise ConfigError(
+            f"partition {index} holds {len(idx)} examples here but {reg['partition_sizes'][index]}"
+            " on the server: the client's dataset differs from the server's"
+        )
+    info = DataInfo(ds.name, ds.input_shape, int(ds.num_classes))
+    return Dataset(ds.train_x[idx], ds.train_y[idx], info)
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def run_client(opts: ClientOptions) -> int:
+    """Take part in rounds until the job is finished (or ``rounds_max`` rounds trained)."""
+    check_server_url(opts.server)
+    app = load_app(opts.app_dir)  # a broken app fails here, before the server counts on us
+    api = RemoteClient(opts.server, opts.token, wait_s=opts.wait_s)
+    try:
+        reg = api.register(opts.client_id)
+        client = str(reg["client"])
+        data = _local_data(reg, opts)
+        index = reg["partition_index"] if opts.partition_index is None else opts.partition_index
+        _say(
+            f"client {client}: registered with {api.server}; partition {index} "
+            f"of {reg['num_partitions']} ({len(data)} {reg['dataset']} examples)"
+        )
+        trained = _loop(api, app, data, client, reg, opts)
+        _say(f"client {client}: done after training {trained} round(s)")
+        return 0
+    finally:
+        api.close()
+
+
+def _loop(
+    api: RemoteClient,
+    app: App,
+    data: Dataset,
+    client: str,
+    reg: dict[str, Any],
+    opts: ClientOptions,
+) -> int:
+    trainer = LocalTrainer(app, data, client, reg["config"])
+    layout = Layout.from_json(reg["layout"])
+    trained, down_since = 0, 0.0
+    while opts.rounds_max is None or trained < opts.rounds_max:
+        try:
+            notice = api.next_notice(client, opts.wait_s)
+        except ServerUnreachable:
+            # The server may be restarting (strato serve --resume): retry for a while.
+            down_since = down_since or time.monotonic()
+            if time.monotonic() - down_since > opts.reconnect_s:
+                raise
+            time.sleep(1.0)
+            continue
+        down_since = 0.0
+        status = notice.get("status")
+        if status == "finished":
+            _say(f"client {client}: the job is finished")
+            break
+        if status == "closing":
+            raise StratoError("the server stopped before the job finished")
+        if status != "round":
+            continue
+        _train_and_upload(api, trainer, layout, client, notice, data)
+        trained += 1
+    return trained
+
+
+def _train_and_upload(
+    api: RemoteClient,
+    trainer: LocalTrainer,
+    layout: Layout,
+    client: str,
+    notice: dict[str, Any],
+    data: Dataset,
+) -> None:
+    r = int(notice["round"])
+    payload = api.download(str(notice["model"]))
+    update, metrics, train_s = trainer.train(r, decode(payload, expect=layout))
+    encoded = encode(update)
+    headers = {
+        "X-Strato-Receipt": str(notice["receipt"]),
+        "X-Strato-Num-Examples": str(len(data)),
+        "X-Strato-Train-S": f"{train_s:.4f}",
+        "X-Strato-Metrics": json.dumps(metrics),
+    }
+    resp = api.upload(str(notice["upload"]), encoded.payload, headers)
+    if resp.status_code == 409:  # the round closed meanwhile, or a retried upload landed
+        _say(f"client {client}: round {r}: update not taken: {_error_text(resp)}")
+        return
+    api.check(resp, f"round {r} upload")
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    _say(
+        f"client {client}: round {r}: trained on {len(data)} examples in {train_s:.1f} s, "
+        f"sent {encoded.nbytes / 1024:.1f} KB" + (f" ({shown})" if shown else "")
+    )

@@ -1,0 +1,162 @@
+"""``strato serve``: a run whose clients are remote, with the HTTP gateway inside it.
+
+The gateway (uvicorn serving ``Gateway.asgi()``) runs in a thread of the run
+process, started through ``RunOptions.attach`` once the run's services are set up
+and *before* the round loop starts: ``attach`` returns only when ``min_clients``
+clients have registered, so round 1 always has clients to select from (rounds
+select among the registered clients; one who registers later joins later rounds).
+
+On stop, a finished job keeps the gateway up for a short grace period until every
+registered client has heard "finished" from its long poll, so clients exit cleanly
+instead of finding the server gone.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from strato.errors import ConfigError, StratoError
+from strato.fl import state
+from strato.fl.gateway import Gateway, GatewaySettings
+from strato.services import Services
+
+__all__ = ["GatewayServer", "ServeOptions", "gateway_attach", "listen", "load_tokens"]
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    tokens: tuple[str, ...]
+    sock: socket.socket  # from listen(host, port)
+    min_clients: int = 1
+    max_upload_bytes: int | None = None
+    body_timeout_s: float = 60.0
+    finish_grace_s: float = 10.0
+
+
+def load_tokens(tokens: list[str] | None, tokens_file: str | None) -> tuple[str, ...]:
+    """Tokens from ``--token`` and from a file (one per line, ``#`` comments)."""
+    found = [t.strip() for t in tokens or []]
+    if tokens_file is not None:
+        try:
+            text = Path(tokens_file).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read tokens file {tokens_file}: {exc.strerror}") from None
+        found += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    if not found:
+        raise ConfigError("give at least one client token: --token T or --tokens-file F")
+    for t in found:
+        if not t or not t.isascii() or not t.isprintable() or " " in t:
+            raise ConfigError("a token must be printable ASCII without spaces")
+    return tuple(dict.fromkeys(found))
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The gateway's listening socket, bound before anything else is set up (a port in
+    use fails at once; port 0 picks a free one whose number is then known)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=512)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+class GatewayServer:
+    """uvicorn serving a gateway in a background thread, on an already bound socket."""
+
+    def __init__(self, gateway: Gateway, sock: socket.socket) -> None:
+        import uvicorn
+
+        self.sock = sock
+        self.gateway = gateway
+        host, port = sock.getsockname()[:2]
+        self.host, self.port = str(host), int(port)
+        config = uvicorn.Config(
+            gateway.asgi(),
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=5,
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, name="gateway", daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> GatewayServer:
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise StratoError(f"the gateway did not start on {self.url}")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, grace_s: float = 0.0) -> None:
+        """Stop serving; with a grace period, first let clients hear that the job finished."""
+        gateway = self.gateway
+        deadline = time.monotonic() + grace_s
+        if grace_s > 0 and gateway.finished():
+            registered = {i.key for i in gateway.svc.table.query(state.CLIENTS)}
+            while not registered <= set(gateway.told_finished) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        gateway.closing.set()
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
+        gateway.close()
+
+
+def wait_for_clients(svc: Services, count: int, say: Callable[[str], None]) -> None:
+    seen = -1
+    while True:
+        have = len(svc.table.query(state.CLIENTS))
+        if have >= count:
+            say(f"gateway: {have} client(s) registered; starting")
+            return
+        if have != seen:
+            say(f"gateway: waiting for {count - have} more client(s) to register ({have} so far)")
+            seen = have
+        time.sleep(0.2)
+
+
+def gateway_attach(opts: ServeOptions) -> Callable[[Services], Callable[[], None]]:
+    """The ``RunOptions.attach`` of ``strato serve``: start the gateway, wait for clients."""
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    def attach(svc: Services) -> Callable[[], None]:
+        settings = GatewaySettings(
+            tokens=opts.tokens,
+            max_upload_bytes=opts.max_upload_bytes,
+            body_timeout_s=opts.body_timeout_s,
+        )
+        gateway = Gateway(svc, settings)
+        try:
+            server = GatewayServer(gateway, opts.sock).start()
+        except BaseException:
+            gateway.close()
+            raise
+        say(
+            f"gateway: serving {server.url} (clients join with: "
+            f"strato client --server {server.url} --token T APP_DIR)"
+        )
+        try:
+            wait_for_clients(svc, opts.min_clients, say)
+        except BaseException:  # Ctrl-C while waiting: the gateway goes with the run
+            server.stop()
+            raise
+        return lambda: server.stop(opts.finish_grace_s)
+
+    return attach

@@ -1,0 +1,461 @@
+"""The HTTP gateway: `strato serve` with remote `strato client`s, and every refused request.
+
+The request-level tests run the gateway in this process over a hand-made job (no
+workers, no torch) and talk to it over loopback HTTP, with raw sockets where a
+well-behaved HTTP client cannot misbehave on purpose (no Content-Length, a body cut
+short). The end-to-end test runs the real CLI: one server and four client processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from fltools import cli_env, make_tiny_app, shm_segments, strato, strato_workers
+from strato.codec import decode, encode
+from strato.fl import coordinator, state
+from strato.fl.config import JobConfig
+from strato.fl.gateway import Gateway, GatewaySettings
+from strato.fl.serve import GatewayServer, listen, load_tokens
+from strato.params import Params
+from strato.services import Services, embedded
+
+TOKENS = ("token-alpha", "token-beta")
+STRATO = (sys.executable, "-m", "strato.cli")
+SIM_RECORD_KEYS = {
+    "round",
+    "client",
+    "blob",
+    "num_examples",
+    "bytes_up",
+    "bytes_down",
+    "train_s",
+    "uploaded_at",
+    "metrics",
+}
+
+
+def _model(seed: int, rows: int = 256) -> Params:
+    """A ~1 MiB model: uploads span many body chunks."""
+    rng = np.random.default_rng(seed)
+    return Params.from_arrays(
+        {
+            "w": rng.standard_normal((rows, 1024)).astype(np.float32),
+            "b": rng.standard_normal(1024).astype(np.float32),
+        }
+    )
+
+
+@dataclass
+class Harness:
+    svc: Services
+    gateway: Gateway
+    server: GatewayServer
+    http: httpx.Client
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def auth(self, token: str = TOKENS[0]) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"}
+
+    def register(self, token: str = TOKENS[0], client_id: str | None = None) -> str:
+        resp = self.http.post(
+            "/v1/clients", json={"client_id": client_id}, headers=self.auth(token)
+        )
+        assert resp.status_code in (200, 201), resp.text
+        return str(resp.json()["client"])
+
+    def open_round(self, r: int, selected: list[str]) -> None:
+        """What start_round does: the round record, then a notice per selected client."""
+        record = {
+            "round": r,
+            "status": "open",
+            "selected": selected,
+            "token": "unused",
+            "quorum": len(selected),
+            "model_in": state.model_key(r - 1),
+            "opened_at": time.time(),
+            "accepted": {},
+        }
+        self.svc.table.put(state.ROUNDS, state.round_key(r), record)
+        notice = json.dumps({"round": r, "model_key": state.model_key(r - 1)})
+        for c in selected:
+            self.svc.bus.publish(state.TOPIC, notice, {"client": c, "round": str(r)})
+
+    def stored_updates(self) -> tuple[list[str], list[str]]:
+        blobs = self.svc.blobs.list("updates/")
+        records = [i.key for i in self.svc.table.query(state.UPDATES)]
+        return blobs, records
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    svc = embedded(tmp_path / "services")
+    clients = ["0000", "0001", "0002"]
+    coordinator.provision(svc, clients)
+    cfg = JobConfig(rounds=2, clients=3, clients_per_round=2, round_deadline_s=30)
+    initial = _model(0)
+    svc.blobs.put(state.model_key(0), encode(initial).payload)
+    job = {
+        "config": cfg.to_dict(),
+        "clients": clients,
+        "quorum_count": cfg.quorum_count,
+        "layout": initial.layout.to_json(),
+        "simulate": False,
+        "dataset": "digits",
+        "client_examples": {c: 100 + i for i, c in enumerate(clients)},
+    }
+    svc.table.put(state.JOB, "config", job)
+    gateway = Gateway(svc, GatewaySettings(tokens=TOKENS, body_timeout_s=1.0))
+    server = GatewayServer(gateway, listen("127.0.0.1", 0)).start()
+    http = httpx.Client(base_url=server.url, timeout=30)
+    try:
+        yield Harness(svc, gateway, server, http)
+    finally:
+        http.close()
+        server.stop()
+        svc.close()
+    assert not [s for s in shm_segments() if s.startswith(f"strato-{os.getpid()}-")]
+
+
+def _raw(port: int, head: str, body: bytes = b"", *, close: bool = False) -> tuple[int, dict]:  # type: ignore[type-arg]
+    """Send a hand-made request; returns (status, JSON body), or (0, {}) when the server
+    could not answer because we closed the connection (``close``)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head.encode() + body)
+        if close:
+            return 0, {}
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        header, _, rest = data.partition(b"\r\n\r\n")
+        lines = header.decode().split("\r\n")
+        status = int(lines[0].split()[1])
+        length = next(
+            int(ln.split(":")[1]) for ln in lines if ln.lower().startswith("content-length")
+        )
+        while len(rest) < length:
+            rest += sock.recv(65536)
+        return status, json.loads(rest[:length])
+
+
+def _put_head(client: str, r: int, *, length: int | None, token: str = TOKENS[0]) -> str:
+    lines = [
+        f"PUT /v1/rounds/{r}/updates/{client} HTTP/1.1",
+        "Host: test",
+        f"Authorization: Bearer {token}",
+        "X-Strato-Num-Examples: 100",
+    ]
+    lines.append(
+        f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
+    )
+    return "\r\n".join(lines) + "\r\n\r\n"
+
+
+def _wait_idle(h: Harness) -> None:
+    deadline = time.monotonic() + 10
+    while h.gateway.uploads_in_flight and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert h.gateway.uploads_in_flight == 0
+
+
+def test_tokens_from_flags_and_file(tmp_path: Path) -> None:
+    f = tmp_path / "tokens"
+    f.write_text("# clients\nabc\n\ndef\nabc\n")
+    assert load_tokens(["xyz"], str(f)) == ("xyz", "abc", "def")
+    from strato.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="at least one"):
+        load_tokens(None, None)
+    with pytest.raises(ConfigError, match="tokens file"):
+        load_tokens(None, str(tmp_path / "missing"))
+
+
+def test_register_needs_a_valid_token_and_stores_nothing_without_one(harness: Harness) -> None:
+    h = harness
+    for headers in ({}, h.auth("wrong"), {"Authorization": "Basic abc"}):
+        resp = h.http.post("/v1/clients", json={"client_id": "mallory"}, headers=headers)
+        assert resp.status_code == 401 and "token" in resp.json()["error"]
+    assert h.svc.table.query(state.CLIENTS) == []
+
+    resp = h.http.post("/v1/clients", json={"client_id": "alice"}, headers=h.auth())
+    assert resp.status_code == 201
+    reg = resp.json()
+    assert reg["client"] == "alice" and reg["num_partitions"] == 3
+    assert reg["partition_index"] == 0 and reg["partition_sizes"] == [100, 101, 102]
+    assert "token" not in json.dumps(reg)  # nothing of the token goes back
+    again = h.http.post("/v1/clients", json={"client_id": "alice"}, headers=h.auth())
+    assert again.status_code == 200 and again.json()["partition_index"] == 0
+    taken = h.http.post("/v1/clients", json={"client_id": "alice"}, headers=h.auth(TOKENS[1]))
+    assert taken.status_code == 409
+    bad_id = h.http.post("/v1/clients", json={"client_id": "../x"}, headers=h.auth())
+    assert bad_id.status_code == 400
+    huge = h.http.post("/v1/clients", json={"client_id": "x" * 100_000}, headers=h.auth())
+    assert huge.status_code == 413
+    assert h.register(TOKENS[1]) == "remote-0002"  # the server names a client without an id
+    assert [i.key for i in h.svc.table.query(state.CLIENTS)] == ["alice", "remote-0002"]
+    # A client's calls need the token it registered with.
+    other = h.http.get("/v1/clients/alice/notice?wait_s=0", headers=h.auth(TOKENS[1]))
+    assert other.status_code == 403
+    unknown = h.http.get("/v1/clients/nobody/notice?wait_s=0", headers=h.auth())
+    assert unknown.status_code == 404
+    missing = h.http.get("/v1/no/such/route")
+    assert missing.status_code == 404 and "error" in missing.json()
+
+
+def test_poll_download_and_upload_store_the_update_like_the_sim_client(harness: Harness) -> None:
+    h = harness
+    alice = h.register(client_id="alice")
+    waiting = h.http.get(f"/v1/clients/{alice}/notice", params={"wait_s": 0.2}, headers=h.auth())
+    assert waiting.json() == {"status": "waiting"}
+    h.open_round(1, [alice])
+    notice = h.http.get(f"/v1/clients/{alice}/notice", params={"wait_s": 5}, headers=h.auth())
+    body = notice.json()
+    assert body["status"] == "round" and body["round"] == 1
+
+    with h.http.stream("GET", body["model"], headers=h.auth()) as resp:
+        assert resp.status_code == 200
+        chunks = list(resp.iter_raw())
+    expected = bytes(h.svc.blobs.get(state.model_key(0)))
+    assert b"".join(chunks) == expected and len(chunks) >= 1
+    assert h.http.get("/v1/rounds/7/model", headers=h.auth()).status_code == 404
+    assert h.http.get(body["model"], headers=h.auth("wrong")).status_code == 401
+
+    update = encode(_model(1)).payload
+    headers = {
+        **h.auth(),
+        "X-Strato-Receipt": body["receipt"],
+        "X-Strato-Num-Examples": "100",
+        "X-Strato-Train-S": "1.5",
+        "X-Strato-Metrics": json.dumps({"train_loss": 0.25}),
+    }
+    resp = h.http.put(body["upload"], content=update, headers=headers)
+    assert resp.status_code == 201, resp.text
+    blobs, records = h.stored_updates()
+    assert len(blobs) == 1 and len(records) == 1
+    assert bytes(h.svc.blobs.get(blobs[0])) == update
+    record = h.svc.table.query(state.UPDATES)[0].value
+    assert set(record) == SIM_RECORD_KEYS
+    assert record["client"] == alice and record["round"] == 1 and record["num_examples"] == 100
+    assert record["bytes_up"] == len(update) and record["bytes_down"] == len(expected)
+    assert record["metrics"] == {"train_loss": 0.25}
+    # The notice was acknowledged: a later poll finds nothing (not even after its timeout).
+    assert h.svc.bus.receive(state.client_queue(alice), 1, 0.0) == []
+    # A second upload for the round is refused before its body is read.
+    dup = h.http.put(body["upload"], content=update, headers=headers)
+    assert dup.status_code == 409 and "already uploaded" in dup.json()["error"]
+    assert h.stored_updates() == (blobs, records)
+
+    h.svc.table.put(state.METRICS, state.round_key(2), {"round": 2})  # the last round is done
+    done = h.http.get(f"/v1/clients/{alice}/notice", params={"wait_s": 5}, headers=h.auth())
+    assert done.json() == {"status": "finished"}
+
+
+def test_bad_uploads_are_refused_store_nothing_and_the_server_keeps_serving(
+    harness: Harness,
+) -> None:
+    h = harness
+    alice, bob = h.register(client_id="alice"), h.register(client_id="bob")
+    h.open_round(1, [alice])
+    good = encode(_model(2)).payload
+    path = f"/v1/rounds/1/updates/{alice}"
+
+    # Another client's long poll runs throughout the bad uploads and ends normally.
+    polled: dict[str, object] = {}
+
+    def poll() -> None:
+        with httpx.Client(base_url=h.server.url, timeout=30) as c:
+            resp = c.get(f"/v1/clients/{bob}/notice", params={"wait_s": 4}, headers=h.auth())
+            polled["status"], polled["body"] = resp.status_code, resp.json()
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+
+    def refused(status: int, resp_status: int, resp_body: dict, what: str) -> None:  # type: ignore[type-arg]
+        assert resp_status == status, (what, resp_status, resp_body)
+        assert isinstance(resp_body.get("error"), str) and resp_body["error"], what
+        _wait_idle(h)
+        assert h.stored_updates() == ([], []), what
+
+    # Wrong token: 401 before anything else.
+    status, body = _raw(h.port, _put_head(alice, 1, length=len(good), token="nope"), good)
+    refused(401, status, body, "bad token")
+    # Oversized: refused from the header alone, the body is never sent.
+    too_big = h.gateway.max_upload_bytes + 1
+    status, body = _raw(h.port, _put_head(alice, 1, length=too_big))
+    refused(413, status, body, "oversized")
+    assert str(h.gateway.max_upload_bytes) in body["error"]
+    # No Content-Length (a chunked body): refused before reading.
+    status, body = _raw(h.port, _put_head(alice, 1, length=None), b"5\r\nhello\r\n0\r\n\r\n")
+    refused(411, status, body, "chunked")
+    # Truncated, the sender stalls: refused once the body timeout passes.
+    status, body = _raw(h.port, _put_head(alice, 1, length=len(good)), good[: len(good) // 2])
+    refused(400, status, body, "stalled")
+    assert "truncated" in body["error"]
+    # Truncated, the sender hangs up: nobody to answer, but nothing is stored.
+    ended = h.gateway.uploads_ended
+    _raw(h.port, _put_head(alice, 1, length=len(good)), good[: len(good) // 3], close=True)
+    deadline = time.monotonic() + 10
+    while h.gateway.uploads_ended == ended and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert h.gateway.uploads_ended == ended + 1
+    _wait_idle(h)
+    assert h.stored_updates() == ([], [])
+    # Not decodable: the right length of garbage.
+    garbage = np.random.default_rng(3).integers(0, 256, len(good), dtype=np.uint8).tobytes()
+    resp = h.http.put(path, content=garbage, headers={**h.auth(), "X-Strato-Num-Examples": "100"})
+    refused(400, resp.status_code, resp.json(), "garbage")
+    assert "not decodable" in resp.json()["error"]
+    # Wrong layout: a valid safetensors payload of another model.
+    other = encode(_model(4, rows=200)).payload
+    resp = h.http.put(path, content=other, headers={**h.auth(), "X-Strato-Num-Examples": "100"})
+    refused(422, resp.status_code, resp.json(), "wrong layout")
+    assert "layout" in resp.json()["error"]
+    # Bad metadata, and an update for a round the client is not in.
+    resp = h.http.put(path, content=good, headers={**h.auth(), "X-Strato-Num-Examples": "0"})
+    refused(400, resp.status_code, resp.json(), "no examples")
+    nan = {**h.auth(), "X-Strato-Num-Examples": "5", "X-Strato-Metrics": '{"loss": NaN}'}
+    resp = h.http.put(path, content=good, headers=nan)
+    refused(400, resp.status_code, resp.json(), "NaN metric")
+    resp = h.http.put(
+        f"/v1/rounds/1/updates/{bob}",
+        content=good,
+        headers={**h.auth(), "X-Strato-Num-Examples": "9"},
+    )
+    refused(409, resp.status_code, resp.json(), "not selected")
+
+    poller.join(30)
+    assert polled == {"status": 200, "body": {"status": "waiting"}}
+    # Still serving: a good upload after all that is stored.
+    resp = h.http.put(path, content=good, headers={**h.auth(), "X-Strato-Num-Examples": "100"})
+    assert resp.status_code == 201, resp.text
+    blobs, records = h.stored_updates()
+    assert len(blobs) == 1 and len(records) == 1
+    stored = decode(h.svc.blobs.get(blobs[0]))
+    assert np.array_equal(stored.flat(), decode(good).flat())
+
+
+# --- end to end: strato serve + four strato client processes -------------------------
+
+E2E_TOML = """
+[job]
+rounds = 3
+clients = 12
+clients_per_round = 4
+seed = 1
+
+[round]
+round_deadline_s = 600
+
+[train]
+epochs = 1
+batch_size = 16
+lr = 0.05
+"""
+
+
+class _Lines:
+    """Collects a process's stdout lines in a thread (so reading never blocks the test)."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        assert proc.stdout is not None
+        stream = proc.stdout
+        self.thread = threading.Thread(target=lambda: self.lines.extend(iter(stream.readline, "")))
+        self.thread.start()
+
+    def wait_for(self, prefix: str, proc: subprocess.Popen[str], timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if line.startswith(prefix):
+                    return line
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no {prefix!r} line; got {self.lines}")
+
+
+@pytest.mark.slow
+def test_serve_with_four_remote_clients_over_http(tmp_path: Path) -> None:
+    app = make_tiny_app(tmp_path)
+    (app / "strato.toml").write_text(E2E_TOML)
+    out = tmp_path / "out"
+    env = cli_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    serve_args = ["--out", str(out), "--port", "0", "--token", "secret", "--min-clients", "4"]
+    serve = subprocess.Popen(
+        [*STRATO, "serve", str(app), *serve_args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    clients: list[subprocess.Popen[str]] = []
+    try:
+        lines = _Lines(serve)
+        url = lines.wait_for("gateway: serving ", serve, 180).split()[2]
+        assert url.startswith("http://127.0.0.1:") and not url.endswith(":0")
+
+        # A wrong token is refused and registers nothing.
+        resp = httpx.post(f"{url}/v1/clients", json={}, headers={"Authorization": "Bearer bad"})
+        assert resp.status_code == 401 and resp.json() == {"error": "invalid token"}
+        res = strato("client", "--server", url, "--token", "bad", str(app), env=env)
+        assert res.returncode == 2 and "invalid token" in res.stderr
+        assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+        with embedded(out / "services") as svc:
+            assert svc.table.query(state.CLIENTS) == []
+
+        client_args = ["--server", url, "--token", "secret"]
+        for i in range(4):
+            clients.append(
+                subprocess.Popen(
+                    [*STRATO, "client", str(app), *client_args, "--client-id", f"edge-{i}"],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    stdin=subprocess.DEVNULL,
+                    text=True,
+                )
+            )
+        outputs = [c.communicate(timeout=900) for c in clients]
+        _, serve_err = serve.communicate(timeout=120)
+    finally:
+        for p in [serve, *clients]:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert serve.returncode == 0, serve_err
+    for c, (stdout, stderr) in zip(clients, outputs, strict=True):
+        assert c.returncode == 0, stderr
+        assert "the job is finished" in stdout and "round 3:" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 3
+    assert [r["accepted"] for r in summary["per_round"]] == [4, 4, 4]
+    assert summary["updates_accepted"] == 12 and summary["updates_rejected"] == 0
+    assert summary["bytes_up"] > 0 and summary["bytes_down"] > 0
+    assert any(line.startswith("round   3/3") for line in lines.lines)
+    with embedded(out / "services") as svc:
+        assert sorted(i.key for i in svc.table.query(state.CLIENTS)) == [
+            f"edge-{i}" for i in range(4)
+        ]
+        uploads = svc.table.query(state.UPDATES)
+        assert len(uploads) == 12 and {u.value["client"] for u in uploads} == {
+            f"edge-{i}" for i in range(4)
+        }
+    assert strato_workers(out) == []
+    assert not [s for s in shm_segments() if s.startswith(f"strato-{serve.pid}-")]
