@@ -64,7 +64,7 @@ def encode(params: Params, metadata: dict[str, str] | None = None) -> Encoded:
     """Encode to safetensors bytes (header + one copy of the buffer)."""
     head = header_bytes(params.layout, metadata)
     # bytes.join copies each part once into the result: one pass over the buffer.
-    return Encoded(b"".join((head, memoryview(params.buffer))))
+    return Encoded(b"".join((head, params.buffer.data)))
 
 
 def encode_into(params: Params, out: Any, metadata: dict[str, str] | None = None) -> int:

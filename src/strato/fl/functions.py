@@ -142,8 +142,9 @@ def evaluate(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
         assert app.model_fn is not None
         _warm["model"] = app.model_fn(test.info)
     load_params(_warm["model"], decode(svc.blobs.get(rnd["model"])))
-    assert _app().evaluate_fn is not None
-    scores = _app().evaluate_fn(_warm["model"], test)
+    evaluate_fn = _app().evaluate_fn
+    assert evaluate_fn is not None
+    scores = evaluate_fn(_warm["model"], test)
     accepted = rnd["accepted"].values()
     uploads = [u.value for u in svc.table.query(state.UPDATES, state.round_key(r) + "/")]
     last = max((a["uploaded_at"] for a in accepted), default=rnd["closed_at"])
