@@ -24,6 +24,7 @@ from strato.codec import decode
 from strato.errors import CodecError, ConditionFailed, InvalidToken, LayoutError, NotFound
 from strato.fl import state
 from strato.fl.strategies import RoundAggregator
+from strato.strategy import all_finite
 from strato.params import Layout, Params
 from strato.services import Services
 
@@ -59,7 +60,7 @@ def _load_update(svc: Services, blob: str, layout: Layout) -> tuple[Params | Non
         return None, str(exc)
     except CodecError as exc:
         return None, f"not decodable: {exc}"
-    if not np.isfinite(params.flat()).all():
+    if not all_finite(params.flat()):
         return None, "update holds NaN or Inf values"
     return params, ""
 
