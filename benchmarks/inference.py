@@ -5,6 +5,7 @@
         --compare --out bench-1024.json
     .venv/bin/python benchmarks/inference.py --neurons 4096 --layers 120 --volumes-only
     .venv/bin/python benchmarks/inference.py --neurons 1024 --layers 6 --inputs 200 --launch 8
+    .venv/bin/python benchmarks/inference.py --table bench-1024.json   # markdown table
 
 Every distributed run is checked against the scipy oracle (``equal`` column).
 Prints one line per run and writes everything to ``--out`` as JSON.
@@ -14,33 +15,82 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import tempfile
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from strato.inference.cost import price
+from strato.inference.cost import price, profile_sizes
 from strato.inference.inputs import mnist_inputs
 from strato.inference.kernel import run_local
 from strato.inference.network import generate_network
 from strato.inference.partition import communication_volume, make_partition
-from strato.inference.planner import predict
+from strato.inference.planner import estimate
 from strato.inference.reference import graphblas_inference, reference_inference
 from strato.inference.run import RunOptions, run_distributed
 from strato.services import embedded
 
 COMPARED = (
     "invocations", "publish_calls", "publish_chunks", "bytes_published", "receive_calls",
-    "receive_chunks", "deletes", "puts", "gets", "lists", "bytes_put",
+    "receive_chunks", "deletes", "puts", "gets", "lists", "bytes_put", "notice_publishes",
+    "notice_receives", "notice_deletes",
 )
 
 
-def _peak_mb() -> dict[str, float]:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"coordinator_peak_mb": round(own, 1), "largest_worker_peak_mb": round(kids, 1)}
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+    return out
+
+
+class RssMonitor:
+    """Peak resident memory of this process and every descendant (the workers), sampled
+    every 0.2 s: the peak of the sum, and the largest single process."""
+
+    def __init__(self) -> None:
+        self.peak_total = self.peak_single = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> RssMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            sizes = [_rss_mb(p) for p in _descendants(os.getpid())]
+            self.peak_total = max(self.peak_total, sum(sizes))
+            self.peak_single = max(self.peak_single, max(sizes, default=0.0))
+            self._stop.wait(0.2)
+
+    def summary(self) -> dict[str, float]:
+        return {"peak_rss_total_mb": round(self.peak_total, 1),
+                "peak_rss_largest_mb": round(self.peak_single, 1)}
 
 
 def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
@@ -62,7 +112,11 @@ def main() -> None:
     ap.add_argument("--volumes-only", action="store_true")
     ap.add_argument("--launch", type=int, default=0, help="W for the flat-vs-tree launch test")
     ap.add_argument("--out", default="bench-inference.json")
+    ap.add_argument("--table", metavar="JSON", help="print a results file as a markdown table")
     args = ap.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(Path(args.table).read_text())))
+        return
 
     net = generate_network(args.neurons, args.layers, seed=0)
     edges = net.edges
@@ -105,12 +159,14 @@ def main() -> None:
             for w in args.workers:
                 if w == 1 and method != args.partitions[0]:
                     continue  # W = 1 has no partition to speak of
-                part = make_partition(method, net.layers, w)
+                part, part_s = _timed(make_partition, method, net.layers, w)
                 volume = int(communication_volume(net.layers, part).sum())
+                (profile,), profile_s = _timed(profile_sizes, net.layers, net.biases, y, [part])
                 for ch in args.channels:
-                    pred = predict(net.layers, net.biases, y, part, ch, 2048, 16)
-                    res = run_distributed(svc, net.layers, net.biases, y, part,
-                                          RunOptions(channel=ch))
+                    pred = estimate(profile, part, ch, 2048, 16)
+                    with RssMonitor() as rss:
+                        res = run_distributed(svc, net.layers, net.biases, y, part,
+                                              RunOptions(channel=ch))
                     meas = res["counts"]
                     pc = pred.counts
                     ratios = {k: round(meas.get(k, 0) / pc[k], 3) for k in COMPARED if pc.get(k)}
@@ -119,15 +175,23 @@ def main() -> None:
                         "equal": bool(np.array_equal(res["categories"], ref)),
                         "inference_s": res["inference_s"], "total_s": res["total_s"],
                         "rate": rate / res["inference_s"], "volume_rows": volume,
+                        "bytes": int(meas.get("bytes_published", 0) + meas.get("bytes_put", 0)),
+                        "messages": int(meas.get("publish_calls", 0) + meas.get("puts", 0)
+                                        + meas.get("notice_publishes", 0)),
+                        "partition_s": part_s, "profile_s": profile_s,
+                        "compute_s": res["compute_s"], "exchange_s": res["exchange_s"],
                         "predicted": pc, "measured": meas,
                         "measured_over_predicted": ratios,
+                        "worst_ratio": max((abs(v - 1) for v in ratios.values()), default=0.0),
                         "predicted_s": pred.seconds, "cost_usd": price(meas),
-                        "predicted_cost_usd": pred.cost_usd, **_peak_mb(),
+                        "predicted_cost_usd": pred.cost_usd, **rss.summary(),
                     }
                     runs.append(row)
                     print(f"{method:10s} W={w} {ch:4s} equal={row['equal']} "
                           f"{res['inference_s']:6.2f} s {row['rate']:.3g} edges/s "
-                          f"vol={volume} ${row['cost_usd']:.6f} meas/pred={ratios}", flush=True)
+                          f"vol={volume} {row['bytes'] / 1e6:.1f} MB {row['messages']} msgs "
+                          f"${row['cost_usd']:.6f} worst |meas/pred-1|={row['worst_ratio']:.3f} "
+                          f"rss={row['peak_rss_total_mb']:.0f} MB meas/pred={ratios}", flush=True)
                     _write(args.out, {**results, "runs": runs})
     results["runs"] = runs
     _write(args.out, results)
@@ -146,6 +210,24 @@ def _launch_test(svc: Any, net: Any, y: Any, workers: int) -> dict[str, Any]:
         print(f"launch W={workers} {label}: cold {cold['launch_s']:.2f} s, "
               f"warm {warm['launch_s']:.3f} s", flush=True)
     return out
+
+
+def markdown_table(doc: dict[str, Any]) -> str:
+    """One row per run: correctness, rate, volume, bytes, messages, cost, prediction."""
+    lines = [
+        "| partition | W | channel | = oracle | inference s | edges/s | volume rows "
+        "| MB exchanged | messages | cost $ | predicted $ | worst pred. error | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["runs"]:
+        lines.append(
+            f"| {r['partition'] if r['workers'] > 1 else '—'} | {r['workers']} | {r['channel']} "
+            f"| {'yes' if r['equal'] else '**NO**'} | {r['inference_s']:.1f} "
+            f"| {r['rate']:.3g} | {r['volume_rows']:,} | {r['bytes'] / 1e6:.1f} "
+            f"| {r['messages']:,} | {r['cost_usd']:.5f} | {r['predicted_cost_usd']:.5f} "
+            f"| {100 * r['worst_ratio']:.1f}% | {r['peak_rss_total_mb']:,.0f} |"
+        )
+    return "\n".join(lines)
 
 
 def _write(path: str, doc: dict[str, Any]) -> None:

@@ -18,6 +18,10 @@ from strato.inference.cli import main_infer
         ["--neurons", "1024", "--layers", "2", "--channel", "pigeon"],
         ["--neurons", "1024"],
         ["--neurons", "1024", "--layers", "2", "--data-dir", "/nonexistent"],
+        ["--neurons", "1024", "--layers", "2", "--workers", "auto", "--max-workers", "0"],
+        ["--neurons", "1024", "--layers", "2", "--latency-target", "-1"],
+        ["--neurons", "1024", "--layers", "2", "--json", "/nonexistent/dir/run.json"],
+        ["--neurons", "1024", "--layers", "2", "--save-network", "/dev/null"],
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(

@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from strato.errors import CodecError
 from strato.inference import kernel
-from strato.inference._wire import decode_rows, encode_rows
+from strato.inference._wire import assemble_rows, decode_rows, encode_rows
 from strato.inference.network import generate_network
+from strato.inference.plan import twin_classes
 from strato.inference.reference import graphblas_inference, reference_inference
 
 
@@ -46,6 +48,51 @@ def test_row_blocks_roundtrip_including_empty_rows() -> None:
     a = sp.vstack([a, sp.csr_matrix((3, 700), dtype=np.float32)], format="csr")
     rows = np.array([51, 0, 7, 52, 49])
     back = decode_rows(encode_rows(a, rows), rows.size, 700)
-    assert abs(back - a[rows]).max() == 0.0
+    assert abs(back.to_csr() - a[rows]).max() == 0.0
     assert encode_rows(a, np.zeros(0, np.int64)) == b""
-    assert decode_rows(b"", 0, 700).shape == (0, 700)
+    assert decode_rows(b"", 0, 700).to_csr().shape == (0, 700)
+    with pytest.raises(CodecError):
+        decode_rows(encode_rows(a, rows), rows.size + 1, 700)
+    with pytest.raises(CodecError):
+        decode_rows(b"not zstd", 1, 700)
+
+
+def test_twin_rows_travel_once_and_arrive_everywhere() -> None:
+    a = sp.random(40, 900, density=0.3, format="csr", dtype=np.float32, random_state=6)
+    rows = np.array([3, 10, 11, 3, 25, 10, 39])
+    classes = np.array([0, 1, 1, 0, 2, 1, 3])  # rows 10 and 11 declared twins
+    a = sp.lil_matrix(a)
+    a[11] = a[10]
+    a = sp.csr_matrix(a)
+    plain, twinned = encode_rows(a, rows), encode_rows(a, rows, classes)
+    assert len(twinned) < len(plain)
+    back = decode_rows(twinned, rows.size, 900)
+    assert back.distinct.shape[0] == 4
+    assert abs(back.to_csr() - a[rows]).max() == 0.0
+
+
+def test_assemble_equals_stack_then_reorder() -> None:
+    rng = np.random.default_rng(8)
+    own = sp.random(30, 500, density=0.2, format="csr", dtype=np.float32, random_state=9)
+    other = sp.random(20, 500, density=0.2, format="csr", dtype=np.float32, random_state=10)
+    keep, sent = np.array([2, 7, 29, 0]), np.array([19, 4, 4, 11, 0])
+    block = decode_rows(encode_rows(other, sent), sent.size, 500)
+    order = rng.permutation(keep.size + sent.size)
+    got = assemble_rows(own, keep, [block], order)
+    want = sp.vstack([own[keep], other[sent]], format="csr")[order]
+    assert got.shape == want.shape and abs(got - want).max() == 0.0
+    assert got.nnz == want.nnz
+
+
+def test_twin_classes_group_identical_weight_rows_whose_outputs_agree(make_inputs) -> None:  # type: ignore[no-untyped-def]
+    net = generate_network(1024, 8, seed=2)
+    x = make_inputs(1024, 200, 120, seed=1)
+    a = sp.csr_matrix(x.T, dtype=np.float32)
+    for wt, b in zip(kernel.transposed_layers(net.layers), net.biases, strict=True):
+        classes = twin_classes(wt)
+        # RadiX-Net: groups of 16 equal neurons (32 in base layer 6, shift 32 ≡ −32)
+        assert np.unique(classes).size in (32, 64)
+        a = kernel.apply_layer(wt, a, b)
+        first = np.unique(classes, return_index=True)[1]
+        # every neuron's activation row equals its class representative's
+        assert abs(a - a[first[classes]]).max() == 0.0

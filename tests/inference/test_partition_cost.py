@@ -6,7 +6,7 @@ import scipy.sparse as sp
 
 from strato.errors import ConfigError
 from strato.inference.channels import MESSAGE_LIMIT, bus_groups, plan_bus_messages
-from strato.inference.cost import PRICES, price
+from strato.inference.cost import PRICES, price, profile_sample, profile_sizes
 from strato.inference.network import generate_network
 from strato.inference.partition import communication_volume, make_partition, send_lists
 
@@ -70,3 +70,25 @@ def test_price_uses_list_prices() -> None:
     want = (1000 * PRICES["lambda_gb_s"] + 10 * PRICES["lambda_request"]
             + 4 * PRICES["sns_request"] + 2 * PRICES["s3_put_list"] + 3 * PRICES["s3_get"])
     assert price(c) == pytest.approx(want)
+
+
+def test_profile_sample_is_stratified_by_image_size() -> None:
+    x = sp.csr_matrix(np.tril(np.ones((1000, 1000), dtype=np.float32)))  # image i: i + 1 pixels
+    picked = profile_sample(x, fraction=0.1, minimum=10)
+    assert picked.size == 100 and np.all(np.diff(picked) > 0)
+    # one image from every tenth of the size range, not a cluster
+    assert np.array_equal(np.diff(picked), np.full(99, 10))
+    assert profile_sample(x, fraction=0.1, minimum=2000).size == 1000  # small: everything
+
+
+def test_sampled_profile_predicts_the_full_block_sizes(net, make_inputs) -> None:  # type: ignore[no-untyped-def]
+    x = make_inputs(1024, 3000, 120, seed=11)
+    parts = [make_partition("random", net.layers, 4), make_partition("hypergraph", net.layers, 4)]
+    exact = profile_sizes(net.layers, net.biases, x, parts, minimum=10**9)
+    sampled = profile_sizes(net.layers, net.biases, x, parts, fraction=0.2, minimum=100)
+    for e, s in zip(exact, sampled, strict=True):
+        assert s.sample == 600 and e.sample == 3000
+        total_e, total_s = e.block_bytes.sum(), s.block_bytes.sum()
+        assert abs(total_s / total_e - 1) < 0.1, (total_s, total_e)
+        # and the empty blocks are the same ones
+        assert np.array_equal(e.block_bytes > 0, s.block_bytes > 0)

@@ -12,12 +12,20 @@ layer is complete without timeouts.
   block goes alone, split into parts under the limit. Receives take one message per
   call (so the number of receive calls is the number of messages: predictable).
 - ``BlobChannel`` (object storage, the S3 design): one key per
-  layer/target/source; a receiver LISTs its prefix, GETs the keys it has not seen,
-  and repeats (with a short growing pause) until every source has written.
+  layer/target/source, written only when the block is non-empty. After its PUTs a
+  source publishes one small *notice* per worker group ("source s finished layer
+  l", on the same group topics and filtered queues as the bus channel: the role S3
+  event notifications to SQS play on AWS). A receiver long-polls its queue until
+  every other source's notice is in, then LISTs its prefix once, GETs what it
+  lists (a missing key is an empty block) and deletes it (free on S3).
+  FSD-Inference polled with LIST instead; that made the number of LISTs (the
+  dearest S3 request after PUT) depend on timing: 3–5× the minimum measured here,
+  unpredictable. Now every count is fixed by the partition.
 
 Counts follow AWS billing units: publish calls and 64 KB publish chunks, bytes,
 queue deliveries, receive calls (+ 64 KB chunks received), empty receives, deletes;
-PUT, LIST, GET, bytes put.
+PUT, LIST, GET, bytes put; notices published, received (empty receives apart) and
+deleted.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ __all__ = [
     "bus_filter",
     "bus_groups",
     "chunks",
+    "notice_groups",
     "plan_bus_messages",
 ]
 
@@ -45,6 +54,9 @@ MESSAGE_LIMIT = 256 * 1024 - 1024  # SNS's 256 KB, less room for attributes
 _FRAME = struct.Struct("<4sIIH")  # magic, layer, source, sections
 _SECTION = struct.Struct("<IIII")  # target, part, parts, bytes
 _MAGIC = b"SDX1"
+_NOTICE = struct.Struct("<4sII")  # magic, layer, source
+_NOTICE_MAGIC = b"SDN1"
+NOTICE_BYTES = _NOTICE.size
 
 
 def chunks(nbytes: int) -> int:
@@ -57,6 +69,16 @@ def bus_groups(workers: int, group_size: int) -> list[list[int]]:
 
 def bus_filter(worker: int, group: list[int]) -> dict[str, list[str]]:
     return {"target": [str(worker), "all", *(f"all-but-{s}" for s in group if s != worker)]}
+
+
+def notice_groups(source: int, groups: list[list[int]]) -> list[tuple[int, str]]:
+    """(group, target attribute) of the notices a source publishes after each layer:
+    one per group holding another worker."""
+    out = []
+    for gi, group in enumerate(groups):
+        if any(q != source for q in group):
+            out.append((gi, f"all-but-{source}" if source in group else "all"))
+    return out
 
 
 Section = tuple[int, int, int, int]  # target, part, parts, bytes
@@ -177,41 +199,64 @@ def queue_name(run: str, worker: int) -> str:
 
 
 class BlobChannel:
-    def __init__(self, blobs: BlobStore, run: str, worker: int) -> None:
-        self.blobs, self.run, self.worker = blobs, run, worker
+    def __init__(
+        self, blobs: BlobStore, bus: Bus, run: str, worker: int, workers: int, group_size: int
+    ) -> None:
+        self.blobs, self.bus, self.run, self.worker = blobs, bus, run, worker
+        self.groups = bus_groups(workers, group_size)
+        self.queue = queue_name(run, worker)
         self.counts: Counter[str] = Counter()
+        self._done: dict[int, set[int]] = {}  # layer → sources whose notice arrived
 
     def key(self, layer: int, target: int, source: int) -> str:
         return f"inf/{self.run}/x/{layer}/{target}/{source}"
 
     def send(self, layer: int, blocks: dict[int, bytes]) -> None:
         for q, block in blocks.items():
+            if not block:
+                continue  # the notice says "finished": no key means nothing for q
             self.blobs.put(self.key(layer, q, self.worker), block)
             self.counts["puts"] += 1
             self.counts["bytes_put"] += len(block)
+        body = _NOTICE.pack(_NOTICE_MAGIC, layer, self.worker)
+        for gi, attr in notice_groups(self.worker, self.groups):
+            self.bus.publish(topic_name(self.run, gi), body, {"target": attr})
+            self.counts["notice_publishes"] += 1
+            self.counts["notice_bytes"] += len(body)
 
     def receive(self, layer: int, sources: Iterable[int], timeout_s: float) -> dict[int, bytes]:
-        missing = {s for s in sources if s != self.worker}
-        prefix = f"inf/{self.run}/x/{layer}/{self.worker}/"
-        out: dict[int, bytes] = {}
+        wanted = {s for s in sources if s != self.worker}
+        if not wanted:
+            return {}
         deadline = time.monotonic() + timeout_s
-        pause = 0.002
-        while missing:
-            listed = self.blobs.list(prefix)
-            self.counts["lists"] += 1
-            for key in listed:
-                s = int(key.rsplit("/", 1)[1])
-                if s in missing:
-                    data = self.blobs.get(key)
-                    out[s] = bytes(data)
-                    self.counts["gets"] += 1
-                    self.counts["bytes_got"] += len(data)
-                    missing.discard(s)
-            if missing:
-                if time.monotonic() > deadline:
-                    raise StratoError(
-                        f"worker {self.worker}: layer {layer + 1} exchange timed out in blobs"
-                    )
-                time.sleep(pause)
-                pause = min(pause * 2, 0.05)
+        while not wanted <= self._done.get(layer, set()):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise StratoError(
+                    f"worker {self.worker}: layer {layer + 1} exchange timed out in blobs"
+                )
+            got = self.bus.receive(self.queue, max_messages=1, wait_s=min(20.0, remaining))
+            if not got:
+                self.counts["notice_empty_receives"] += 1
+            for m in got:
+                self.counts["notice_receives"] += 1
+                magic, done_layer, source = _NOTICE.unpack_from(m.body, 0)
+                if magic != _NOTICE_MAGIC or len(m.body) != _NOTICE.size:
+                    raise CodecError("a message on the inference bus is not a layer notice")
+                self._done.setdefault(done_layer, set()).add(source)  # a redelivery dedupes
+                self.bus.ack(self.queue, m.receipt)
+                self.counts["notice_deletes"] += 1
+        self._done.pop(layer)
+        listed = self.blobs.list(f"inf/{self.run}/x/{layer}/{self.worker}/")
+        self.counts["lists"] += 1
+        out = {s: b"" for s in wanted}
+        for key in listed:
+            s = int(key.rsplit("/", 1)[1])
+            if s in wanted:
+                data = self.blobs.get(key)
+                out[s] = bytes(data)
+                self.counts["gets"] += 1
+                self.counts["bytes_got"] += len(data)
+                self.blobs.delete(key)  # read once; S3 DELETE is free, storage is not
+                self.counts["object_deletes"] += 1
         return out

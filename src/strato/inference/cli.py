@@ -52,7 +52,12 @@ def _workers(text: str) -> int | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="strato infer", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p = _Parser(
+        prog="strato infer",
+        description="Distributed inference of a Sparse DNN Graph Challenge network on "
+        "serverless functions (Runtime workers exchanging activations over the Bus or "
+        "the BlobStore).",
+    )
     p.add_argument("--neurons", type=int, required=True, help="neurons per layer (1024, 4096, …)")
     p.add_argument("--layers", type=int, required=True, help="number of layers")
     p.add_argument("--inputs", type=int, default=60000, help="number of input images")
@@ -87,6 +92,10 @@ def main_infer(argv: list[str]) -> int:
     except StratoError as exc:
         print(f"strato infer: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # an output or services path the checks could not foresee
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"strato infer: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -104,6 +113,22 @@ def _validate(args: argparse.Namespace) -> None:
         raise ConfigError("--branching and --group-size must be ≥ 1, --memory-mb ≥ 128")
     if isinstance(args.workers, int) and args.workers > args.neurons:
         raise ConfigError(f"--workers must be at most --neurons ({args.neurons})")
+    if args.max_workers < 1:
+        raise ConfigError(f"--max-workers must be ≥ 1, got {args.max_workers}")
+    if args.latency_target is not None and args.latency_target <= 0:
+        raise ConfigError(f"--latency-target must be > 0 seconds, got {args.latency_target}")
+    # outputs are checked before the run, not after it
+    for flag, value in (("--json", args.json), ("--categories-out", args.categories_out)):
+        if value is not None:
+            parent = Path(value).resolve().parent
+            if Path(value).is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+                raise ConfigError(f"{flag} {value}: not a writable file path")
+    for flag, value in (("--save-network", args.save_network), ("--root", args.root)):
+        if value is not None:
+            path = Path(value).resolve()
+            target = path if path.exists() else path.parent
+            if not target.is_dir() or not os.access(target, os.W_OK):
+                raise ConfigError(f"{flag} {value}: not a writable directory")
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:

@@ -5,13 +5,21 @@ puts one blob per worker (the network travels by reference, never inside an even
 a worker maps only its own share). For worker ``p`` and layer ``l`` (0-based):
 
 - ``own{l}``: output neurons it computes; ``need{l}``: input neurons they read
-  (sorted); ``wt{l}.*``: ``W_l.T[own, need]`` as CSR with sorted local columns, so
-  each sum runs over input neurons in ascending order as in the scipy oracle;
+  (sorted); ``twin{l}``: the twin class of each of its output rows
+  (``twin_classes``): rows of one class are bit-identical, so a block sends each
+  class once;
 - after layer ``l`` it sends to ``q`` the rows at positions ``send{l}.{q}`` of its
   output (possibly none: an explicit empty message), and receives from ``q`` the
   neurons ``from{l}.{q}``; ``keep{l}`` are the positions of its own output rows it
-  reads itself at layer ``l + 1``, and ``order{l}`` sorts
-  ``[kept rows, from q₀, from q₁, …]`` into ``need{l+1}`` order.
+  reads itself at layer ``l + 1``;
+- its input at layer ``l + 1`` holds **one row per twin class** it needs, not one per
+  neuron (16× fewer rows on RadiX-Net): ``pick{l}`` are the positions, in the
+  stacked ``[kept rows, from q₀, from q₁, …]``, of one member of each needed class;
+- ``wt{l}.*``: ``W_l.T[own, need]`` as CSR whose column ``c`` is an input row:
+  ``need`` position at layer 0, twin-class row (``pick``) after. Each row's entries
+  stay in ascending input-neuron order, twins repeated (a twin's row is read once
+  per weight), so every sum adds the same terms in the same order as the scipy
+  oracle: bit-identical results.
 """
 
 from __future__ import annotations
@@ -23,10 +31,24 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from strato.inference import _numba_rows as nr
 from strato.inference._wire import load_arrays, save_arrays
 from strato.inference.partition import Partition, send_lists
 
-__all__ = ["WorkerPlan", "build_plans"]
+__all__ = ["WorkerPlan", "build_plans", "twin_classes"]
+
+
+def twin_classes(wt: sp.csr_matrix) -> np.ndarray:
+    """Class id per output neuron (row of ``W.T``): equal ids for identical weight
+    rows (same inputs, same weights), whose activations are therefore bit-identical
+    in every layer computation. Classes are numbered by first appearance."""
+    wt = sp.csr_matrix(wt, dtype=np.float32)
+    wt.sort_indices()
+    data = np.ascontiguousarray(wt.data, dtype=np.float32)
+    hashes = nr.row_hashes(wt.indptr, wt.indices, data)
+    rows = np.arange(wt.shape[0], dtype=np.int64)
+    ref, _ = nr.dedup_rows(wt.indptr, wt.indices, data, rows, hashes)
+    return np.asarray(ref, dtype=np.int32)
 
 
 @dataclass
@@ -39,11 +61,12 @@ class WorkerPlan:
     arrays: dict[str, np.ndarray]
 
     def wt(self, layer: int) -> sp.csr_matrix:
+        """This worker's weights of ``layer``: own outputs × its input rows."""
         a = self.arrays
-        own, need = a[f"own{layer}"], a[f"need{layer}"]
+        width = a["need0"].size if layer == 0 else a[f"pick{layer - 1}"].size
         return sp.csr_matrix(
             (a[f"wt{layer}.data"], a[f"wt{layer}.indices"], a[f"wt{layer}.indptr"]),
-            shape=(own.size, need.size),
+            shape=(a[f"own{layer}"].size, width),
         )
 
     def sends(self, layer: int) -> dict[int, np.ndarray]:
@@ -89,8 +112,12 @@ def build_plans(
     owner = partition.owner
     plans = [WorkerPlan(p, nw, nl, n, list(biases), {}) for p in range(nw)]
     owned = [[partition.owned(li, p) for p in range(nw)] for li in range(nl)]
+    twins_of: list[np.ndarray] = []
     for li, w in enumerate(layers):
         wt_full = sp.csr_matrix(w.T, dtype=np.float32)
+        wt_full.sort_indices()
+        twins = twin_classes(wt_full)
+        twins_of.append(twins)
         for p, plan in enumerate(plans):
             own = owned[li][p]
             rows = wt_full[own]
@@ -99,6 +126,7 @@ def build_plans(
             sub.sort_indices()
             plan.arrays[f"own{li}"] = own.astype(np.int64)
             plan.arrays[f"need{li}"] = need
+            plan.arrays[f"twin{li}"] = twins[own]
             plan.arrays[f"wt{li}.indptr"] = sub.indptr.astype(np.int64)
             plan.arrays[f"wt{li}.indices"] = sub.indices.astype(np.int32)
             plan.arrays[f"wt{li}.data"] = sub.data.astype(np.float32)
@@ -119,6 +147,12 @@ def build_plans(
                 inc = lists.get((q, p), empty)
                 plan.arrays[f"from{li}.{q}"] = inc
                 ids.append(inc)
+            # stacked position of each need_next neuron (need_next is sorted)
             order = np.argsort(np.concatenate(ids), kind="stable")
-            plan.arrays[f"order{li}"] = order.astype(np.int64)
+            _, first, row_of = np.unique(
+                twins_of[li][need_next], return_index=True, return_inverse=True
+            )
+            plan.arrays[f"pick{li}"] = order[first].astype(np.int64)
+            key = f"wt{li + 1}.indices"  # need position → twin-class row, order kept
+            plan.arrays[key] = row_of[plan.arrays[key]].astype(np.int32)
     return plans

@@ -12,10 +12,16 @@ from dataclasses import dataclass
 
 import scipy.sparse as sp
 
-from strato.inference.cost import predict_counts, predict_seconds, price, profile_sizes
+from strato.inference.cost import (
+    SizeProfile,
+    predict_counts,
+    predict_seconds,
+    price,
+    profile_sizes,
+)
 from strato.inference.partition import Partition, make_partition
 
-__all__ = ["Candidate", "choose", "predict"]
+__all__ = ["Candidate", "choose", "estimate", "predict"]
 
 
 @dataclass
@@ -36,6 +42,16 @@ class Candidate:
         }
 
 
+def estimate(
+    profile: SizeProfile, partition: Partition, channel: str, memory_mb: int, group_size: int
+) -> Candidate:
+    counts = predict_counts(profile, channel, partition.workers, group_size)
+    seconds = predict_seconds(profile, channel, partition.workers, counts)
+    # every worker is billed for the whole run (they wait for each other)
+    counts["gb_s"] = partition.workers * seconds * memory_mb / 1024.0
+    return Candidate(partition.workers, channel, partition, counts, seconds, price(counts))
+
+
 def predict(
     layers: list[sp.csr_matrix],
     biases: list[float],
@@ -45,12 +61,8 @@ def predict(
     memory_mb: int,
     group_size: int,
 ) -> Candidate:
-    profile = profile_sizes(layers, biases, inputs, partition)
-    counts = predict_counts(profile, channel, partition.workers, group_size)
-    seconds = predict_seconds(profile, channel, partition.workers, counts)
-    # every worker is billed for the whole run (they wait for each other)
-    counts["gb_s"] = partition.workers * seconds * memory_mb / 1024.0
-    return Candidate(partition.workers, channel, partition, counts, seconds, price(counts))
+    (profile,) = profile_sizes(layers, biases, inputs, [partition])
+    return estimate(profile, partition, channel, memory_mb, group_size)
 
 
 def choose(
@@ -65,12 +77,15 @@ def choose(
     group_size: int,
     seed: int = 0,
 ) -> tuple[Candidate, list[Candidate]]:
-    """The chosen candidate and every candidate considered."""
-    considered = []
-    for w in workers:
-        part = make_partition(method, layers, w, seed)
-        for ch in channels:
-            considered.append(predict(layers, biases, inputs, part, ch, memory_mb, group_size))
+    """The chosen candidate and every candidate considered (one profiling pass
+    serves every partition)."""
+    parts = [make_partition(method, layers, w, seed) for w in workers]
+    profiles = profile_sizes(layers, biases, inputs, parts)
+    considered = [
+        estimate(profile, part, ch, memory_mb, group_size)
+        for part, profile in zip(parts, profiles, strict=True)
+        for ch in channels
+    ]
     meeting = [
         c for c in considered if latency_target_s is None or c.seconds <= latency_target_s
     ]

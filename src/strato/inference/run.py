@@ -79,7 +79,7 @@ def run_distributed(
     del a0
     bus.create_topic(control_topic(run))
     bus.subscribe(control_topic(run), control_queue(run))
-    if options.channel == "bus":
+    if nw > 1:  # both channels: activations (bus) or layer notices (blob)
         for gi, group in enumerate(bus_groups(nw, options.group_size)):
             bus.create_topic(topic_name(run, gi))
             for q in group:
@@ -189,6 +189,6 @@ def _cleanup(services: Services, run: str, workers: int, options: RunOptions) ->
     for key in services.blobs.list(f"inf/{run}/"):
         services.blobs.delete(key)
     services.bus.delete_queue(control_queue(run))
-    if options.channel == "bus":
+    if workers > 1:
         for q in range(workers):
             services.bus.delete_queue(queue_name(run, q))

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from strato.inference._wire import decode_rows, encode_rows, load_arrays
+from strato.inference._wire import assemble_rows, decode_rows, encode_rows, load_arrays
 from strato.inference.channels import BlobChannel, BusChannel
 from strato.inference.kernel import apply_layer, release_scratch
 from strato.inference.plan import WorkerPlan
@@ -99,26 +99,31 @@ def _infer(event: Mapping[str, Any], services: Services) -> dict[str, Any]:
     if event["channel"] == "bus":
         channel = BusChannel(services.bus, run, p, plan.workers, int(event["group_size"]))
     else:
-        channel = BlobChannel(services.blobs, run, p)
+        channel = BlobChannel(
+            services.blobs, services.bus, run, p, plan.workers, int(event["group_size"])
+        )
     t_ready = time.time()
     compute_s = exchange_s = 0.0
     others = [q for q in range(plan.workers) if q != p]
     z = a
+    pending = [a]  # the next layer's input; popped so it is freed once the kernel read it
+    del a
     for li in range(plan.layers):
         t0 = time.perf_counter()
-        z = apply_layer(plan.wt(li), a, plan.biases[li])
+        z = apply_layer(plan.wt(li), pending.pop(), plan.biases[li])
         t1 = time.perf_counter()
         compute_s += t1 - t0
         if li == plan.layers - 1:
             break
         sends = plan.sends(li)
-        channel.send(li, {q: encode_rows(z, rows) for q, rows in sends.items()})
+        twins = plan.arrays[f"twin{li}"]
+        channel.send(li, {q: encode_rows(z, rows, twins[rows]) for q, rows in sends.items()})
         blocks = channel.receive(li, others, timeout_s)
         froms = plan.receives(li)
-        parts = [z[plan.arrays[f"keep{li}"]]]
-        parts += [decode_rows(blocks[q], froms[q].size, images) for q in others]
-        stacked = sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
-        a = stacked[plan.arrays[f"order{li}"]]
+        decoded = [decode_rows(blocks.pop(q), froms[q].size, images) for q in others]
+        pending.append(
+            assemble_rows(z, plan.arrays[f"keep{li}"], decoded, plan.arrays[f"pick{li}"])
+        )
         exchange_s += time.perf_counter() - t1
     alive = np.unique(z.indices).astype(np.int64)
     services.blobs.put(f"inf/{run}/result/{p}", alive.tobytes())
