@@ -18,9 +18,12 @@ __all__ = ["main"]
 
 
 def _run(args: argparse.Namespace) -> int:
+    from strato.backends.aws.cli import apply_run_backend
     from strato.fl.run import run_job
 
-    run_job(_run_options(args))
+    opts = _run_options(args)
+    apply_run_backend(opts, args)  # --backend aws: the run's services on AWS
+    run_job(opts)
     return 0
 
 
@@ -130,6 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a federated learning app")
     _job_arguments(run)
+    from strato.backends.aws.cli import add_run_arguments
+
+    add_run_arguments(run)  # --backend, --endpoint-url, --region, --prefix, --remote-clients
     run.set_defaults(func=_run)
     serve = sub.add_parser(
         "serve",
@@ -166,7 +172,13 @@ def _parser() -> argparse.ArgumentParser:
     client.add_argument(
         "--partition-index", type=int, help="train on this partition (default: the server's)"
     )
+    client.add_argument(
+        "--backend", choices=["aws"], help="join a run on AWS directly (strato client "
+        "APP_DIR --backend aws --help): no --server, no --token"
+    )  # fmt: skip
     client.set_defaults(func=_client)
+    sub.add_parser("deploy", help="deploy the FL infrastructure (strato deploy aws --help)",
+                   add_help=False)  # fmt: skip
     sub.add_parser("infer", help="serverless distributed inference of a sparse DNN", add_help=False)
     return p
 
@@ -180,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         extra["infer"] = main_infer
     except ImportError:
         pass
+    from strato.backends.aws import cli as aws_cli
+
+    extra["deploy"] = aws_cli.main_deploy
+    if argv[:1] == ["client"] and aws_cli.wants_aws(argv[1:]):
+        return _guard(lambda: aws_cli.main_client(argv[1:]))
     if argv and argv[0] in extra:
         return _guard(lambda: extra[argv[0]](argv[1:]))
     parser = _parser()

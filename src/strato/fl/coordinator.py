@@ -23,6 +23,7 @@ __all__ = [
     "EXECUTION_ID",
     "MACHINE",
     "function_specs",
+    "notice_schema",
     "provision",
     "register_client",
     "round_loop_definition",
@@ -124,18 +125,20 @@ def function_specs(cfg: JobConfig) -> list[FunctionSpec]:
     ]
 
 
+def notice_schema() -> TopicSchema:
+    """The schema of the round-notice topic (also in the AWS template's topic tags)."""
+    return TopicSchema(
+        required_attributes=("client", "round"),
+        json_body_keys=("round", "model_key"),
+        max_bytes=4096,
+    )
+
+
 def provision(svc: Services, clients: list[str]) -> None:
     """Tables, the notice topic and one filtered queue per client (idempotent)."""
     for name in state.TABLES:
         svc.table.create_table(name)
-    svc.bus.create_topic(
-        state.TOPIC,
-        TopicSchema(
-            required_attributes=("client", "round"),
-            json_body_keys=("round", "model_key"),
-            max_bytes=4096,
-        ),
-    )
+    svc.bus.create_topic(state.TOPIC, notice_schema())
     for c in clients:
         svc.bus.subscribe(state.TOPIC, state.client_queue(c), {"client": [c]})
 

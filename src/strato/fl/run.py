@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from strato import report
 from strato.codec import encode
@@ -25,7 +25,7 @@ from strato.fl import coordinator, state
 from strato.fl.app import load_app
 from strato.fl.config import JobConfig
 from strato.fl.data import prepare_job_data
-from strato.services import Execution, Services, embedded
+from strato.services import Execution, RuntimeStats, Services, connect, embedded
 from strato.services.triggers import StreamTrigger
 
 __all__ = ["RunOptions", "run_job"]
@@ -44,6 +44,39 @@ class RunOptions:
     # Called with the run's services once they are set up; returns a function that stops
     # what it started (the HTTP gateway of `strato serve` runs this way).
     attach: Callable[[Services], Callable[[], None]] | None = None
+    # The Services config of the backend to run on (e.g. {"backend": "aws", "prefix": ...,
+    # "endpoint_url": ...}); None: the embedded backend in OUT/services.
+    services: dict[str, Any] | None = None
+
+
+class _Trigger(Protocol):
+    def stop(self) -> None: ...
+
+
+def _open_services(opts: RunOptions) -> Services:
+    """The run's services: embedded in OUT, or the backend ``opts.services`` names (on a
+    resume, the one run.json recorded)."""
+    if opts.services is None and opts.resume:
+        opts.services = json.loads((opts.out / "run.json").read_text()).get("services")
+    backend = (opts.services or {}).get("backend", "embedded")
+    if backend == "embedded":
+        return embedded(opts.out / "services")
+    assert opts.services is not None
+    if backend == "aws":
+        from strato.backends.aws.fl import open_run_services
+
+        return open_run_services(opts)
+    return connect(opts.services)
+
+
+def _start_trigger(svc: Services, opts: RunOptions) -> _Trigger:
+    """What wakes the aggregator on the updates stream: a poller here, or (on AWS) the
+    cloud's own event source mapping."""
+    if svc.backend == "aws":
+        from strato.backends.aws.fl import CloudTrigger
+
+        return CloudTrigger(svc, opts.out).start()
+    return StreamTrigger(svc.table, state.UPDATES, svc.runtime, "aggregate").start()
 
 
 def _say(opts: RunOptions, text: str) -> None:
@@ -118,9 +151,14 @@ class _Accounting:
         self.svc = svc
         self.before = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.last_cold = 0
+        self._stats: Callable[[], RuntimeStats] = svc.runtime.stats
+        if svc.backend == "aws":  # the functions run in Lambda: count what Lambda ran
+            from strato.backends.aws.fl import LambdaAccounting
+
+            self._stats = LambdaAccounting(svc).stats
 
     def totals(self) -> dict[str, float]:
-        s = self.svc.runtime.stats()
+        s = self._stats()
         prev = self.before
         return {
             "function_seconds": prev.get("function_seconds", 0.0) + s.billed_s,
@@ -130,7 +168,7 @@ class _Accounting:
         }
 
     def cold_since_last(self) -> int:
-        cold = self.svc.runtime.stats().cold_starts
+        cold = self._stats().cold_starts
         delta, self.last_cold = cold - self.last_cold, cold
         return delta
 
@@ -149,8 +187,8 @@ def run_job(opts: RunOptions) -> dict[str, Any]:
             "or choose another --out"
         )
     started = time.time()
-    svc = embedded(opts.out / "services")
-    trigger: StreamTrigger | None = None
+    svc = _open_services(opts)
+    trigger: _Trigger | None = None
     detach: Callable[[], None] | None = None
     try:
         if opts.resume:
@@ -165,6 +203,11 @@ def run_job(opts: RunOptions) -> dict[str, Any]:
                         "execution": coordinator.EXECUTION_ID,
                         "app_dir": job["app_dir"],
                         "started": started,
+                        # the backend, to resume on (credentials stay out of the file)
+                        "services": {
+                            k: v for k, v in (opts.services or {}).items() if k != "credentials"
+                        }
+                        or None,
                     }
                 )
             )
@@ -174,8 +217,9 @@ def run_job(opts: RunOptions) -> dict[str, Any]:
             # Before the round loop starts: `strato serve` waits here for its first clients.
             detach = opts.attach(svc)
         svc.workflow.start(coordinator.MACHINE, {"round": 1}, coordinator.EXECUTION_ID)
-        trigger = StreamTrigger(svc.table, state.UPDATES, svc.runtime, "aggregate").start()
-        if opts.resume and job.get("simulate", True):
+        trigger = _start_trigger(svc, opts)
+        # (On AWS, simulated clients are Lambda functions: they did not die with this process.)
+        if opts.resume and job.get("simulate", True) and svc.backend == "embedded":
             _relaunch_missing_clients(svc, job)
         return _drive(svc, opts, job, started)
     finally:

@@ -38,3 +38,38 @@ def attach(event: Any, ctx: Any) -> Any:
 
 def fire(event: Any, ctx: Any) -> None:
     ctx.invoke_async(event["target"], {"from": ctx.function_name})
+
+
+_failed_once: set[str] = set()
+
+
+def record_batches(event: Any, ctx: Any) -> dict[str, Any]:
+    """Keeps every event it gets as a blob ``seen/<invocation>``; a batch holding the key
+    ``fail-once`` fails the first time it comes (to see it come again)."""
+    import json
+
+    from strato.services import connect_from_env
+
+    keys = [r["key"] for r in event.get("records", [])]
+    failing = "fail-once" in keys and "fail-once" not in _failed_once
+    with connect_from_env() as svc:
+        body = json.dumps({"event": event, "failed": failing}).encode()
+        svc.blobs.put(f"seen/{ctx.invocation_id}", body)
+    if failing:
+        _failed_once.add("fail-once")
+        raise RuntimeError("failing this batch once")
+    return {"keys": keys}
+
+
+def stub_start_round(event: Any, ctx: Any) -> dict[str, Any]:
+    """Opens a round and never calls its token back: the round runs into its deadline."""
+    return {"round": event["round"]}
+
+
+def stub_close_round(event: Any, ctx: Any) -> dict[str, Any]:
+    return {"round": event["round"], "closed_by": "deadline"}
+
+
+def stub_evaluate(event: Any, ctx: Any) -> dict[str, Any]:
+    r = int(event["round"])
+    return {"round": r, "next_round": r + 1, "done": r >= 2}

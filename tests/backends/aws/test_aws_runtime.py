@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from strato.errors import ConfigError, FunctionError, StratoError
-from strato.services import FunctionSpec, Services
+from strato.services import FunctionSpec, Services, connect
 
 HERE = str(Path(__file__).resolve().parent)
 
@@ -171,3 +171,18 @@ def test_stats_come_from_the_report_line() -> None:
     assert stats.billed_s == pytest.approx(2.408)
     assert stats.gb_s == pytest.approx(4.816)
     assert stats.cold_starts == 1
+
+
+def test_a_container_image_runs_the_entry_point_as_its_command(
+    aws_config: dict[str, Any], boto: Any
+) -> None:
+    uri = "123456789012.dkr.ecr.us-east-1.amazonaws.com/strato-fl:1"
+    with connect({**aws_config, "lambda_code": {"ImageUri": uri}}) as svc:
+        svc.runtime.register(spec("img", "describe"))
+        svc.runtime.register(spec("img", "describe", timeout_s=7))  # an update, in place
+    got = boto.client("lambda").get_function(FunctionName=f"{aws_config['prefix']}img")
+    assert got["Configuration"]["PackageType"] == "Image"
+    assert got["Configuration"]["Timeout"] == 7
+    assert got["Code"]["ImageUri"] == uri
+    command = got["Configuration"]["ImageConfigResponse"]["ImageConfig"]["Command"]
+    assert command == ["strato.backends.aws.lambda_entry.handler"]

@@ -24,7 +24,9 @@ A Services config for this backend (plain JSON, so it travels to Lambda too)::
      "lambda_role_arn": ..., "states_role_arn": ...}  # else roles are made per prefix
 
 ``strato.backends.aws.local`` runs moto plus a local Lambda stand-in for tests and
-local runs.
+local runs. Federated learning on AWS (docs/aws.md): ``template`` (the CloudFormation
+template), ``deploy`` (``strato deploy aws``), ``fl`` (what ``strato run --backend aws``
+adds), ``client`` (``strato client --backend aws``), ``usage`` (what a run is billed for).
 """
 
 from __future__ import annotations

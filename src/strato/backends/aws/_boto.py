@@ -107,9 +107,13 @@ class AwsConfig:
             raise ConfigError("aws backend: 'credentials' must be an object")
         code = config.get("lambda_code")
         if code is not None and not (
-            isinstance(code, Mapping) and {"S3Bucket", "S3Key"} <= set(code)
+            isinstance(code, Mapping)
+            and ({"S3Bucket", "S3Key"} <= set(code) or set(code) == {"ImageUri"})
         ):
-            raise ConfigError("aws backend: 'lambda_code' must be {'S3Bucket': ..., 'S3Key': ...}")
+            raise ConfigError(
+                "aws backend: 'lambda_code' must be {'S3Bucket': ..., 'S3Key': ...} "
+                "or {'ImageUri': ...}"
+            )
         part_size = int(config.get("part_size", 8 * MIB))
         if part_size < 5 * MIB:
             raise ConfigError("aws backend: 'part_size' must be at least 5 MiB (S3's minimum)")

@@ -7,15 +7,22 @@ except where moto falls short of what AWS guarantees:
 - Lambda ``Invoke`` runs the function locally (``_local_lambda``): moto needs Docker.
 - DynamoDB writes are serialised: moto evaluates a ConditionExpression and then
   writes without a lock, so two racing compare-and-sets could both succeed.
-- SQS ReceiveMessage is serialised, and a long poll is served as short polls every
-  ``POLL_S``: moto marks messages received without a lock, so two consumers could
-  get the same message; serialising a blocking long poll would stall everyone.
+- SQS ReceiveMessage is serialised, and a long poll is served as short polls, every
+  ``POLL_S`` at first and less often the longer the queue stays empty (up to
+  ``POLL_MAX_S``, so idle consumers do not keep moto busy): moto marks messages
+  received without a lock, so two consumers could get the same message; serialising a
+  blocking long poll would stall everyone.
   DeleteMessage and ChangeMessageVisibility take the same lock.
 - A task token takes one callback: Step Functions answers a second SendTaskSuccess or
   SendTaskFailure with TaskDoesNotExist, moto's SendTaskFailure accepts it while the
   finished execution is still in its store. The front remembers completed tokens.
+- Event source mappings of DynamoDB streams are kept and run here (``_local_esm``):
+  moto would run them only in Docker, inside the very write that made the record.
 
-Nothing else is changed; requests and replies pass byte for byte.
+Nothing else is changed; requests and replies pass byte for byte. The front also
+counts every request by service and operation (``_usage``) and every Lambda
+invocation with its GB-seconds: ``GET /strato-api/usage`` returns the totals so far,
+what a run's cost is computed from (``strato.backends.aws.usage``).
 """
 
 from __future__ import annotations
@@ -32,12 +39,17 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from strato.backends.aws._local_esm import LocalEventSources
 from strato.backends.aws._local_lambda import LocalLambda, Reply
+from strato.backends.aws._usage import RequestCounter
 
 __all__ = ["Front", "main"]
 
 POLL_S = 0.02
+POLL_MAX_S = 0.2
 _INVOKE_PATH = re.compile(r"^/2015-03-31/functions/(?P<name>[^/]+)/invocations$")
+_ESM_PATH = re.compile(r"^/2015-03-31/event-source-mappings(/[^/]*)?/?$")
+USAGE_PATH = "/strato-api/usage"
 _REGION = re.compile(r"Credential=[^/]+/\d{8}/(?P<region>[^/]+)/")
 _HOP_BY_HOP = {
     "connection",
@@ -79,6 +91,8 @@ class Front(ThreadingHTTPServer):
         self.moto_host = parsed.hostname or "127.0.0.1"
         self.moto_port = parsed.port or 80
         self.lambdas = lambdas
+        self.event_sources = LocalEventSources(moto_url, lambdas)
+        self.counter = RequestCounter()
         self.dynamodb_lock = threading.Lock()
         self.sqs_lock = threading.Lock()
         self.callback_lock = threading.Lock()
@@ -153,6 +167,10 @@ class _Handler(BaseHTTPRequestHandler):
         target = self.headers.get("X-Amz-Target", "")
         try:
             reply = self._route(target, headers, body)
+            if not self.path.startswith(("/moto-api", "/strato-api")):
+                self.server.counter.count(
+                    self.command, self.path, dict(headers), body, len(reply.body)
+                )
         except Exception as exc:  # the front must answer, whatever broke
             message = f"local front: {type(exc).__name__}: {exc}"
             reply = Reply(
@@ -174,8 +192,16 @@ class _Handler(BaseHTTPRequestHandler):
         front = self.server
         url = urllib.parse.urlsplit(self.path)
         match = _INVOKE_PATH.match(url.path)
+        region = _REGION.search(self.headers.get("Authorization", ""))
+        if url.path == USAGE_PATH and self.command == "GET":
+            usage = {**front.counter.snapshot(), "lambda": front.lambdas.usage()}
+            return Reply(200, {"Content-Type": "application/json"}, json.dumps(usage).encode())
+        if _ESM_PATH.match(url.path):
+            where = region.group("region") if region else "us-east-1"
+            handled = front.event_sources.handle(self.command, url.path, url.query, body, where)
+            if handled is not None:
+                return handled
         if self.command == "POST" and match is not None:
-            region = _REGION.search(self.headers.get("Authorization", ""))
             return front.lambdas.invoke(
                 region.group("region") if region else "us-east-1",
                 urllib.parse.unquote(match.group("name")),
@@ -200,6 +226,7 @@ class _Handler(BaseHTTPRequestHandler):
         request = json.loads(body or b"{}")
         deadline = time.monotonic() + float(request.get("WaitTimeSeconds") or 0)
         short = json.dumps({**request, "WaitTimeSeconds": 0}).encode()
+        pause = POLL_S
         while True:
             with front.sqs_lock:
                 reply = front.forward(self.command, self.path, headers, short)
@@ -207,7 +234,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return reply
             if json.loads(reply.body or b"{}").get("Messages"):
                 return reply
-            time.sleep(POLL_S)
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(POLL_MAX_S, pause * 1.5)
 
     def _callback(self, headers: list[tuple[str, str]], body: bytes) -> Reply:
         front = self.server
@@ -246,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
+        server.event_sources.close()
         lambdas.close()
         server.server_close()
 

@@ -164,6 +164,7 @@ class LocalLambda:
         self._functions: dict[str, _Function] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self._usage: dict[str, dict[str, float]] = {}  # per function name: what Lambda bills
         threading.Thread(target=self._reap, daemon=True).start()
 
     def _lambda(self, region: str) -> Any:
@@ -174,6 +175,29 @@ class LocalLambda:
                 )
                 self._clients[region] = Clients(config).client("lambda", max_attempts=2)
             return self._clients[region]
+
+    def function_config(self, region: str, function: str) -> dict[str, Any]:
+        """The emulator's configuration of a function (by name or ARN)."""
+        return dict(self._lambda(region).get_function_configuration(FunctionName=function))
+
+    def usage(self) -> dict[str, dict[str, float]]:
+        """Per function name: invocations, billed milliseconds, GB-seconds and cold starts
+        of every invocation run here (synchronous, Event and event source mappings)."""
+        with self._lock:
+            return {name: dict(counts) for name, counts in self._usage.items()}
+
+    def _count(self, config: dict[str, Any], duration_ms: float, cold: bool) -> None:
+        billed = max(1, math.ceil(duration_ms))
+        memory = int(config.get("MemorySize", 128))
+        with self._lock:
+            counts = self._usage.setdefault(
+                str(config.get("FunctionName", "")),
+                {"invocations": 0, "billed_ms": 0, "gb_s": 0.0, "cold_starts": 0},
+            )
+            counts["invocations"] += 1
+            counts["billed_ms"] += billed
+            counts["gb_s"] += billed / 1000 * memory / 1024
+            counts["cold_starts"] += int(cold)
 
     # --- Invoke ---------------------------------------------------------------------------
 
@@ -238,6 +262,9 @@ class LocalLambda:
             "deadline_ms": time.time() * 1000 + timeout * 1000,
         }
         outcome, init_ms = self._execute(fn, config, request, timeout)
+        # Lambda bills the init phase too (since August 2025), so a cold start counts it.
+        duration = float(outcome.get("duration_ms", timeout * 1000))
+        self._count(config, duration + (init_ms or 0.0), init_ms is not None)
         # No X-Amz-Executed-Version: Step Functions would copy it into every task result,
         # where the embedded backend (and the conformance suite) has Payload and StatusCode.
         headers = {"Content-Type": "application/json"}

@@ -4,7 +4,8 @@
 (``lambda_entry.handler``) with the spec in its environment: Timeout = ``timeout_s``
 rounded up, MemorySize = ``memory_mb``, reserved concurrency = ``max_concurrency``,
 async retries = ``min(retries, 2)``. The code package is ``lambda_code`` from the
-config (an S3 object holding strato and the app); against an emulator endpoint, a
+config (an S3 zip holding strato and the app, or a container image ``{"ImageUri":
+...}`` whose command becomes the entry point); against an emulator endpoint, a
 placeholder zip (the emulator runs the locally installed code).
 
 What Lambda does and what is counted here:
@@ -157,13 +158,15 @@ class LambdaRuntime:
         name = self._name(spec.name)
         settings: dict[str, Any] = {
             "FunctionName": name,
-            "Runtime": self._config.lambda_runtime,
             "Role": lambda_role(self._clients),
-            "Handler": ENTRY_POINT,
             "Timeout": max(1, math.ceil(spec.timeout_s)),
             "MemorySize": spec.memory_mb,
             "Environment": {"Variables": lambda_environment(self._config.services, spec)},
         }
+        if "ImageUri" in code:  # a container image: its command is the entry point
+            settings["ImageConfig"] = {"Command": [ENTRY_POINT]}
+        else:
+            settings |= {"Runtime": self._config.lambda_runtime, "Handler": ENTRY_POINT}
         if self._config.lambda_layers:
             settings["Layers"] = list(self._config.lambda_layers)
         while_role_propagates(lambda: self._create_or_update(name, settings, code))
@@ -185,8 +188,9 @@ class LambdaRuntime:
             self._stats.setdefault(spec.name, RuntimeStats())
 
     def _create_or_update(self, name: str, settings: dict[str, Any], code: dict[str, Any]) -> None:
+        package = {"PackageType": "Image"} if "ImageUri" in code else {}
         try:
-            self._admin.create_function(**settings, Code=code, Publish=False)
+            self._admin.create_function(**settings, **package, Code=code, Publish=False)
             return
         except ClientError as exc:
             if error_code(exc) != "ResourceConflictException":

@@ -19,11 +19,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from strato.backends.aws._boto import ClientError, error_code
 from strato.errors import NotFound
-from strato.services.table import Change
 
 __all__ = ["StreamReader", "decode_cursor", "encode_cursor"]
 
@@ -55,11 +54,14 @@ def decode_cursor(cursor: str, table: str) -> list[Position]:
     return frontier
 
 
-# A record to its Change, or None for a record that is not a Strato write.
-ToChange = Callable[[Mapping[str, Any], str], Change | None]
+T = TypeVar("T")
+
+# A record (and the cursor right after it) to what the reader returns for it, or None
+# to skip it: a Strato ``Change`` for the Table, the raw record for an event source.
+ToChange = Callable[[Mapping[str, Any], str], T | None]
 
 
-class StreamReader:
+class StreamReader(Generic[T]):
     """Reads changes of one stream after a cursor (see the module doc)."""
 
     def __init__(self, streams: Any) -> None:
@@ -79,8 +81,13 @@ class StreamReader:
                 return shards
 
     def read(
-        self, stream_arn: str, table: str, after: str | None, limit: int, to_change: ToChange
-    ) -> list[Change]:
+        self,
+        stream_arn: str,
+        table: str,
+        after: str | None,
+        limit: int,
+        to_change: ToChange[T],
+    ) -> list[T]:
         shards = self._shards(stream_arn)
         known = {s["ShardId"]: s for s in shards}
 
@@ -100,7 +107,7 @@ class StreamReader:
             if not frontier:  # everything named is gone: all that is left, again
                 frontier = [Position(s["ShardId"], "") for s in roots]
 
-        out: list[Change] = []
+        out: list[T] = []
         i = 0
         while i < len(frontier) and len(out) < limit:
             pos = frontier[i]
@@ -119,8 +126,8 @@ class StreamReader:
         pos: Position,
         frontier: list[Position],
         limit: int,
-        out: list[Change],
-        to_change: ToChange,
+        out: list[T],
+        to_change: ToChange[T],
     ) -> bool:
         """Append the shard's records after ``pos`` to ``out`` (moving ``pos`` along);
         True when the shard is closed and has been read to its end."""

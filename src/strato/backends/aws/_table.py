@@ -26,11 +26,12 @@ import json
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any, Literal, NoReturn, cast
+from typing import Any, NoReturn
 
 from strato.backends.aws._boto import ClientError, Clients, error_code, error_message
 from strato.backends.aws._names import physical
 from strato.backends.aws._stream import StreamReader
+from strato.backends.aws._stream_event import change_from_record
 from strato.errors import ConditionFailed, ConfigError, NotFound, PayloadTooLarge
 from strato.services.table import Change, Item
 
@@ -78,7 +79,7 @@ class DynamoTable:
     def __init__(self, clients: Clients) -> None:
         self._prefix = clients.config.prefix
         self._ddb = clients.client("dynamodb")
-        self._reader = StreamReader(clients.client("dynamodbstreams"))
+        self._reader: StreamReader[Change] = StreamReader(clients.client("dynamodbstreams"))
         self._stream_arns: dict[str, str] = {}
         self._lock = threading.Lock()
 
@@ -243,20 +244,7 @@ class DynamoTable:
             raise ValueError(f"limit must be at least 1, got {limit}")
 
         def to_change(record: Mapping[str, Any], cursor: str) -> Change | None:
-            data = record["dynamodb"]
-            old, new = data.get("OldImage"), data.get("NewImage")
-            if (old is not None and "value" not in old) or (new is not None and "value" not in new):
-                # Not a Strato write: moto records a key-only INSERT ahead of the INSERT
-                # of an UpdateItem that creates an item (DynamoDB records one).
-                return None
-            return Change(
-                cursor=cursor,
-                table=table,
-                key=str(data["Keys"]["key"]["S"]),
-                kind=cast(Literal["INSERT", "MODIFY", "REMOVE"], record["eventName"]),
-                old=None if old is None else json.loads(old["value"]["S"]),
-                new=None if new is None else json.loads(new["value"]["S"]),
-            )
+            return change_from_record(record, table, cursor)
 
         try:
             return self._reader.read(self._stream_arn(table), table, after, limit, to_change)

@@ -8,17 +8,23 @@ and ``ctx.invoke_async`` reach the same backend). The Strato handler is imported
 per execution environment and its module state survives between warm invocations,
 as Lambda keeps it; it is called as ``handler(event, ctx)`` with a Strato ``Context``.
 
+A batch from a DynamoDB-stream event source mapping (``{"Records": [...]}``) reaches
+the handler as ``{"records": [Change, ...]}``, what the embedded ``StreamTrigger``
+sends (``_stream_event``), so a stream-triggered function runs unchanged on both.
+
 Keep this module light: it is imported on every cold start.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from strato.backends.aws._stream_event import is_stream_event, strato_event
 from strato.errors import ConfigError
 
 __all__ = ["LambdaContext", "handler"]
@@ -77,10 +83,19 @@ class LambdaContext:
             runtime.invoke_async(name, event)
 
 
+def _prefix() -> str:
+    try:
+        return str(json.loads(os.environ.get("STRATO_SERVICES") or "{}").get("prefix", ""))
+    except ValueError:
+        return ""
+
+
 def handler(event: Any, context: Any) -> Any:
     """What Lambda calls: run the Strato handler named in the environment."""
     global _warm
     cold, _warm = not _warm, True
     function = _load(os.environ["STRATO_HANDLER"])
     name = os.environ.get("STRATO_FUNCTION") or str(getattr(context, "function_name", ""))
+    if is_stream_event(event):
+        event = strato_event(event, _prefix())
     return function(event, LambdaContext(name, context, cold))
