@@ -16,7 +16,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import pickle  # the baseline's wire format, measured here; never used by Strato itself
 import statistics
 import sys
 import tempfile
@@ -120,8 +119,11 @@ def bench_bus(svc: Any, n: int) -> dict[str, Any]:
         base.append(received - t0)
     q_in.put(None)
     p.join()
-    return {"publish_to_receive_us": _median_us(lat),
-            "baseline_mp_queue_us": _median_us(base), "messages": n}
+    return {
+        "publish_to_receive_us": _median_us(lat),
+        "baseline_mp_queue_us": _median_us(base),
+        "messages": n,
+    }
 
 
 def bench_blobs(svc: Any, mb: int, reps: int) -> dict[str, Any]:
@@ -152,9 +154,14 @@ def bench_blobs(svc: Any, mb: int, reps: int) -> dict[str, Any]:
             np.frombuffer(plain.read_bytes(), dtype=np.uint8).sum()
             plain_r.append(time.perf_counter() - t0)
     gbs = lambda s: round((mb << 20) / statistics.median(s) / 1e9, 2)  # noqa: E731
-    return {"size_mb": mb, "put_gbps": gbs(put), "get_verified_gbps": gbs(get),
-            "get_unverified_gbps": gbs(get_noverify), "baseline_file_write_fsync_gbps": gbs(plain_w),
-            "baseline_file_read_gbps": gbs(plain_r)}
+    return {
+        "size_mb": mb,
+        "put_gbps": gbs(put),
+        "get_verified_gbps": gbs(get),
+        "get_unverified_gbps": gbs(get_noverify),
+        "baseline_file_write_fsync_gbps": gbs(plain_w),
+        "baseline_file_read_gbps": gbs(plain_r),
+    }
 
 
 def _pipe_receiver(conn: Any) -> None:
@@ -174,8 +181,11 @@ def bench_handoff(svc: Any, mb: int, reps: int) -> dict[str, Any]:
     arr = np.random.default_rng(1).random(n, dtype=np.float32)
     expected = float(arr.sum(dtype=np.float64))
     rt = svc.runtime
-    rt.register(FunctionSpec("checksum", "_primitives_handlers:checksum_shm", env=ENV,
-                             keep_alive_s=60, timeout_s=120))
+    rt.register(
+        FunctionSpec(
+            "checksum", "_primitives_handlers:checksum_shm", env=ENV, keep_alive_s=60, timeout_s=120
+        )
+    )
     ours, attach, pipe_bytes = [], [], []
     with ShmPool() as pool:
         lease = pool.lease(arr.nbytes)
@@ -219,10 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--handoff-mb", type=int, default=400)
     args = ap.parse_args(argv)
     reps = 3 if args.quick else 5
-    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    }
     with tempfile.TemporaryDirectory(prefix="strato-bench-") as root, embedded(root) as svc:
         steps = [
-            ("invoke", lambda: bench_invoke(svc, 50 if args.quick else 200, 3 if args.quick else 5)),
+            (
+                "invoke",
+                lambda: bench_invoke(svc, 50 if args.quick else 200, 3 if args.quick else 5),
+            ),
             ("bus", lambda: bench_bus(svc, 50 if args.quick else 200)),
             ("blobs", lambda: bench_blobs(svc, 64 if args.quick else 256, reps)),
             ("shm_handoff", lambda: bench_handoff(svc, args.handoff_mb, reps)),
@@ -231,20 +246,48 @@ def main(argv: list[str] | None = None) -> int:
             print(f"measuring {name} ...", file=sys.stderr, flush=True)
             results[name] = step()
     rows = [
-        ("invoke warm (median µs)", results["invoke"]["warm_us"],
-         results["invoke"]["baseline_pool_apply_warm_us"], "mp.Pool.apply"),
-        ("invoke cold (median µs)", results["invoke"]["cold_us"],
-         results["invoke"]["baseline_spawn_process_cold_us"], "spawn a Process"),
-        ("bus publish→receive (median µs)", results["bus"]["publish_to_receive_us"],
-         results["bus"]["baseline_mp_queue_us"], "mp.Queue round trip"),
-        ("blob put (GB/s)", results["blobs"]["put_gbps"],
-         results["blobs"]["baseline_file_write_fsync_gbps"], "file write + fsync"),
-        ("blob get, sha256 checked (GB/s)", results["blobs"]["get_verified_gbps"],
-         results["blobs"]["baseline_file_read_gbps"], "file read"),
-        (f"{args.handoff_mb} MB hand-off (ms)", results["shm_handoff"]["shm_handoff_ms"],
-         results["shm_handoff"]["baseline_pickle_pipe_ms"], "pickle over mp.Pipe"),
-        (f"{args.handoff_mb} MB hand-off: bytes copied", results["shm_handoff"]["shm_bytes_copied"],
-         results["shm_handoff"]["baseline_bytes_copied"], "pickle over mp.Pipe"),
+        (
+            "invoke warm (median µs)",
+            results["invoke"]["warm_us"],
+            results["invoke"]["baseline_pool_apply_warm_us"],
+            "mp.Pool.apply",
+        ),
+        (
+            "invoke cold (median µs)",
+            results["invoke"]["cold_us"],
+            results["invoke"]["baseline_spawn_process_cold_us"],
+            "spawn a Process",
+        ),
+        (
+            "bus publish→receive (median µs)",
+            results["bus"]["publish_to_receive_us"],
+            results["bus"]["baseline_mp_queue_us"],
+            "mp.Queue round trip",
+        ),
+        (
+            "blob put (GB/s)",
+            results["blobs"]["put_gbps"],
+            results["blobs"]["baseline_file_write_fsync_gbps"],
+            "file write + fsync",
+        ),
+        (
+            "blob get, sha256 checked (GB/s)",
+            results["blobs"]["get_verified_gbps"],
+            results["blobs"]["baseline_file_read_gbps"],
+            "file read",
+        ),
+        (
+            f"{args.handoff_mb} MB hand-off (ms)",
+            results["shm_handoff"]["shm_handoff_ms"],
+            results["shm_handoff"]["baseline_pickle_pipe_ms"],
+            "pickle over mp.Pipe",
+        ),
+        (
+            f"{args.handoff_mb} MB hand-off: bytes copied",
+            results["shm_handoff"]["shm_bytes_copied"],
+            results["shm_handoff"]["baseline_bytes_copied"],
+            "pickle over mp.Pipe",
+        ),
     ]
     print(f"\n{'measure':<36} {'strato':>14} {'baseline':>14}  baseline is")
     for label, ours, base, what in rows:

@@ -81,7 +81,7 @@ def shm_segments() -> set[str]:
     leaked = set()
     for p in Path("/dev/shm").iterdir():
         parts = p.name.split("-")
-        if p.name.startswith("strato-") and len(parts) > 1 and parts[1].isdigit():
-            if not Path("/proc", parts[1]).exists():
-                leaked.add(p.name)
+        owner = parts[1] if p.name.startswith("strato-") and len(parts) > 1 else ""
+        if owner.isdigit() and not Path("/proc", owner).exists():
+            leaked.add(p.name)
     return leaked

@@ -209,7 +209,11 @@ def test_stats_per_function_and_totals(local_runtime: Runtime) -> None:
     local_runtime.invoke("nap", {"seconds": 0.05})
     with pytest.raises(FunctionError):
         local_runtime.invoke("fail", {"message": "m"})
-    nap, fail, total = local_runtime.stats("nap"), local_runtime.stats("fail"), local_runtime.stats()
+    nap, fail, total = (
+        local_runtime.stats("nap"),
+        local_runtime.stats("fail"),
+        local_runtime.stats(),
+    )
     assert (nap.invocations, nap.cold_starts, nap.errors) == (2, 1, 0)
     assert (fail.invocations, fail.errors) == (1, 1)
     assert nap.billed_s >= 0.1

@@ -24,9 +24,9 @@ from strato.codec import decode
 from strato.errors import CodecError, ConditionFailed, InvalidToken, LayoutError, NotFound
 from strato.fl import state
 from strato.fl.strategies import RoundAggregator
-from strato.strategy import all_finite
 from strato.params import Layout, Params
 from strato.services import Services
+from strato.strategy import all_finite
 
 __all__ = ["admit_batch", "close_round", "warm_up"]
 
