@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,8 +104,16 @@ class App:
         return self
 
 
+_LOAD_LOCK = threading.Lock()  # a module is visible in sys.modules before it has run
+
+
 def load_app(app_dir: str | Path) -> App:
     """Import ``APP_DIR/app.py`` and return its ``App``; one-line ConfigError otherwise."""
+    with _LOAD_LOCK:
+        return _load_app(app_dir)
+
+
+def _load_app(app_dir: str | Path) -> App:
     directory = Path(app_dir).resolve()
     source = directory / "app.py"
     if not directory.is_dir():
