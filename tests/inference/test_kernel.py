@@ -96,3 +96,17 @@ def test_twin_classes_group_identical_weight_rows_whose_outputs_agree(make_input
         first = np.unique(classes, return_index=True)[1]
         # every neuron's activation row equals its class representative's
         assert abs(a - a[first[classes]]).max() == 0.0
+
+
+def test_blocks_do_not_depend_on_the_column_order_within_rows() -> None:
+    a = sp.random(30, 800, density=0.2, format="csr", dtype=np.float32, random_state=12)
+    shuffled = a.copy()
+    rng = np.random.default_rng(3)
+    for r in range(shuffled.shape[0]):  # as the sparse kernel leaves them: first-touch order
+        s, e = shuffled.indptr[r], shuffled.indptr[r + 1]
+        perm = s + rng.permutation(e - s)
+        shuffled.indices[s:e], shuffled.data[s:e] = shuffled.indices[perm], shuffled.data[perm]
+    rows = np.array([4, 0, 29, 17])
+    assert encode_rows(shuffled, rows) == encode_rows(a, rows)
+    back = decode_rows(encode_rows(shuffled, rows), rows.size, 800).to_csr()
+    assert back.has_sorted_indices and abs(back - a[rows]).max() == 0.0

@@ -87,7 +87,12 @@ def dedup_rows(indptr, indices, data, rows, hashes):  # type: ignore[no-untyped-
 @njit(cache=True, nogil=True)
 def pack_rows(indptr, indices, data, rows):  # type: ignore[no-untyped-def]  # numba-compiled
     """Row lengths (uint32), column ids delta-coded within each row (uint32) and
-    values (float32) of ``rows``, concatenated."""
+    values (float32) of ``rows``, concatenated, each row in ascending column order.
+
+    The sparse kernel leaves a row's columns in first-touch order, the dense one
+    sorted; sorting here makes a block's bytes independent of the path that computed
+    it (the cost model predicts them from a sample, which may take the other path)
+    and keeps the deltas small. Column order within a row changes no sum."""
     m = rows.size
     lengths = np.empty(m, dtype=np.uint32)
     total = 0
@@ -99,13 +104,21 @@ def pack_rows(indptr, indices, data, rows):  # type: ignore[no-untyped-def]  # n
     values = np.empty(total, dtype=np.float32)
     o = 0
     for i in range(m):
-        prev = np.uint32(0)
-        for p in range(indptr[rows[i]], indptr[rows[i] + 1]):
-            # modulo 2^32: the sparse kernel leaves columns in first-touch order
-            c = np.uint32(indices[p])
-            deltas[o] = np.uint32(c - prev)
+        start, stop = indptr[rows[i]], indptr[rows[i] + 1]
+        ordered = True
+        for p in range(start + 1, stop):
+            if indices[p] < indices[p - 1]:
+                ordered = False
+                break
+        if ordered:
+            take = np.arange(start, stop)
+        else:
+            take = start + np.argsort(indices[start:stop], kind="mergesort")
+        prev = 0
+        for p in take:
+            deltas[o] = np.uint32(indices[p] - prev)
             values[o] = data[p]
-            prev = c
+            prev = indices[p]
             o += 1
     return lengths, deltas, values
 
@@ -120,7 +133,7 @@ def unpack_rows(lengths, deltas):  # type: ignore[no-untyped-def]  # numba-compi
     for i in range(m):
         c = np.uint32(0)
         for _ in range(lengths[i]):
-            c = np.uint32(c + deltas[o])  # modular, like the sender's subtraction
+            c = np.uint32(c + deltas[o])
             cols[o] = np.int32(c)
             o += 1
         indptr[i + 1] = o

@@ -12,8 +12,9 @@ activation is ever hashed or compared. Layout, zstd-compressed:
     uint32 rows, uint32 distinct, uint32 ref[rows]   (row i is distinct row ref[i])
     uint32 lengths[distinct], uint32 column deltas[…], float32 values[…]
 
-Column ids are delta-coded within each row (mostly 1s once rows are dense) and values
-are float32 (mostly 32.0 once saturated). An empty block (nothing to send) is the
+Each row travels in ascending column order (whatever order the kernel left it in),
+its column ids delta-coded (mostly 1s once rows are dense), values float32 (mostly
+32.0 once saturated). An empty block (nothing to send) is the
 empty byte string.
 
 Array containers (a worker's share of the network, the inputs) are safetensors

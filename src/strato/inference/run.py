@@ -2,8 +2,9 @@
 
 1. put each worker's share of the network (``plan.build_plans``) and the inputs in the
    blob store: workers get them by reference, events stay a few hundred bytes;
-2. set up the channel (bus topics per worker group and filtered queues) and the
-   control topic on which workers report "done";
+2. set up bus topics per worker group with filtered per-worker queues (they carry
+   the activations on the bus channel, the layer notices on the blob channel) and
+   the control topic on which workers report "done";
 3. launch the workers flat (the coordinator starts all W) or as a tree (the
    coordinator starts b, each worker starts b more: ``worker.children``);
 4. wait for W reports, gather the categories, sum the operation counts, clean up.
