@@ -40,23 +40,22 @@ def fire(event: Any, ctx: Any) -> None:
     ctx.invoke_async(event["target"], {"from": ctx.function_name})
 
 
-_failed_once: set[str] = set()
-
-
 def record_batches(event: Any, ctx: Any) -> dict[str, Any]:
     """Keeps every event it gets as a blob ``seen/<invocation>``; a batch holding the key
-    ``fail-once`` fails the first time it comes (to see it come again)."""
+    ``fail-once`` fails the first time it comes (to see it come again); the store
+    remembers that it failed, whichever worker takes the retry."""
     import json
 
     from strato.services import connect_from_env
 
     keys = [r["key"] for r in event.get("records", [])]
-    failing = "fail-once" in keys and "fail-once" not in _failed_once
     with connect_from_env() as svc:
+        failing = "fail-once" in keys and not svc.blobs.exists("failed-once")
         body = json.dumps({"event": event, "failed": failing}).encode()
         svc.blobs.put(f"seen/{ctx.invocation_id}", body)
+        if failing:
+            svc.blobs.put("failed-once", b"1")
     if failing:
-        _failed_once.add("fail-once")
         raise RuntimeError("failing this batch once")
     return {"keys": keys}
 
