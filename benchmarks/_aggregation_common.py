@@ -1,0 +1,158 @@
+"""Shared pieces of benchmarks/aggregation.py: the workload, clocks and memory probes.
+
+Every system sees the same workload: ``clients`` updates of ``params`` float32 values,
+integer weights (Flower's ``num_examples``) and arrival times drawn once from a
+log-normal training-time distribution. To keep the load generator's own memory
+flat, update ``i`` is ``bases[i % distinct]`` — ``distinct`` random vectors, drawn
+once, outside every timed region. No system can tell or exploit this: each update
+is delivered (copied, sent, stored) as a separate buffer, and every system that
+stores updates stores ``clients`` separate copies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+F32 = np.dtype("<f4")
+
+
+@dataclass(frozen=True)
+class Workload:
+    params: int
+    clients: int
+    median_s: float = 1.0  # median client training time: arrivals centre here
+    sigma: float = 0.35  # log-normal shape: larger spreads arrivals out
+    seed: int = 0
+    distinct: int = 4
+    layers: int = 62  # Flower ships a model as a list of layers
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def bases(self) -> list[npt.NDArray[np.float32]]:
+        rng = np.random.default_rng(self.seed)
+        k = min(self.distinct, self.clients)
+        return [rng.standard_normal(self.params, dtype=np.float32) for _ in range(k)]
+
+    def weights(self) -> npt.NDArray[np.int64]:
+        rng = np.random.default_rng(self.seed + 1)
+        return rng.integers(50, 500, size=self.clients).astype(np.int64)
+
+    def schedule(self) -> npt.NDArray[np.float64]:
+        """Arrival offsets from the round start, sorted: client i arrives i-th."""
+        rng = np.random.default_rng(self.seed + 2)
+        times = rng.lognormal(np.log(self.median_s), self.sigma, size=self.clients)
+        return np.sort(times)
+
+    def reference(self, bases: list[npt.NDArray[np.float32]]) -> npt.NDArray[np.float64]:
+        """The flat weighted mean in float64: the oracle every system must match."""
+        w = self.weights().astype(np.float64)
+        out = np.zeros(self.params, dtype=np.float64)
+        for k, base in enumerate(bases):
+            out += w[k :: len(bases)].sum() * base
+        return out / w.sum()
+
+    def layer_sizes(self) -> list[int]:
+        """A fixed split into layers (a few big weight matrices, small bias vectors)."""
+        n = max(1, min(self.layers, self.params))
+        big = n // 2 + n % 2
+        small = n - big
+        bias = min(256, self.params // (4 * max(1, small))) if small else 0
+        rest = self.params - bias * small
+        sizes = [rest // big + (1 if i < rest % big else 0) for i in range(big)]
+        out: list[int] = []
+        for i, s in enumerate(sizes):
+            out.append(s)
+            if i < small:
+                out.append(bias)
+        return out
+
+
+def max_rel_error(result: npt.NDArray[Any], reference: npt.NDArray[np.float64]) -> float:
+    scale = float(np.abs(reference).max()) or 1.0
+    worst = 0.0
+    step = 1 << 22  # chunked: no model-sized float64 temporaries
+    for s in range(0, reference.size, step):
+        diff = np.abs(result[s : s + step].astype(np.float64) - reference[s : s + step])
+        worst = max(worst, float(diff.max()))
+    return worst / scale
+
+
+def huge_zeros(shape: tuple[int, ...], dtype: Any) -> npt.NDArray[Any]:
+    """A zeroed array on transparent huge pages, touched once. First touch of fresh
+    memory is slow here (4 GB: 14 s with 4 KiB pages, 3.6 s with 2 MiB ones); a
+    long-running server has long since paid it, so its set-up should not dominate."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buf = mmap.mmap(-1, max(1, nbytes))
+    with contextlib.suppress(AttributeError, OSError):  # THP off: plain pages
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    out = np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+    out.fill(0)
+    return out
+
+
+def sleep_until(deadline: float) -> None:
+    delay = deadline - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def status_kb(field: str, pid: int | str = "self") -> int:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(field.encode() + b":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak_rss() -> None:
+    """Start VmHWM afresh (Linux ≥ 4.0), so set-up work is not counted as the peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_kb() -> int:
+    return status_kb("VmHWM")
+
+
+def median(values: list[float]) -> float:
+    xs = sorted(v for v in values if v is not None)
+    if not xs:
+        return float("nan")
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else 0.5 * (xs[mid - 1] + xs[mid])
+
+
+def emit(result: dict[str, Any]) -> None:
+    """A child's answer: one JSON line on stdout (logs go to stderr)."""
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+_STARTED = time.monotonic()
+
+
+def log(message: str) -> None:
+    """Progress on stderr, stamped with seconds since this process started."""
+    print(f"[{time.monotonic() - _STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0))
+

@@ -1,0 +1,80 @@
+"""The aggregator function: one handler for leaves, middles and the root.
+
+Runs as a Runtime function (``strato.lifl._handler:aggregate``) in a warm worker
+process, or called directly on a warm thread of the node (``ThreadExecutor``).
+Everything it works on lives in the node's shared memory and is named in the event;
+the function keeps no state of its own, so any warm worker can serve any
+aggregator and a retried invocation needs nothing restored:
+
+    {"acc": ShmRef, "acc_dtype": "F64", "dtype": "F32", "fresh": true,
+     "inputs": [{"shm", "offset", "nbytes", "dtype", "coef"}, ...],  # updates, partials
+     "scale": null | 1/W,          # the root's last call...
+     "out": null | ShmRef,         # ...writes the model here (else scales acc in place)
+     "report": false}              # add peak RSS to the reply
+
+Each input is mapped where it lies (``ctx.attach``: the worker keeps one mapping per
+segment, so a warm worker maps nothing new) and read in place by the kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from strato.errors import LayoutError
+from strato.lifl._kernels import DTYPES, accumulate, warm_up
+
+__all__ = ["WARM_UP_ENV", "aggregate", "peak_rss_kb"]
+
+WARM_UP_ENV = "STRATO_LIFL_WARM_UP"
+if os.environ.get(WARM_UP_ENV) == "1":  # a Runtime worker: load the kernels during init
+    warm_up()
+
+
+def peak_rss_kb() -> int:
+    """This process's peak resident set (VmHWM), in KiB."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _vector(ctx: Any, ref: Mapping[str, Any], dtype: str) -> Any:
+    kind = DTYPES.get(dtype)
+    if kind is None:
+        raise LayoutError(f"LIFL aggregates F32 or F64 buffers, not {dtype!r}")
+    return np.frombuffer(ctx.attach(ref), dtype=kind)
+
+
+def aggregate(event: Mapping[str, Any], ctx: Any) -> dict[str, Any]:
+    acc_dtype = str(event.get("acc_dtype", "F32"))
+    acc = _vector(ctx, event["acc"], acc_dtype)
+    inputs = []
+    for ref in event.get("inputs", ()):
+        x = _vector(ctx, ref, str(ref.get("dtype", acc_dtype)))
+        if x.shape != acc.shape:
+            raise LayoutError(f"an input of {x.size} values cannot add into {acc.size}")
+        inputs.append((x, float(ref["coef"])))
+    out = event.get("out")
+    scale = event.get("scale")
+    started = time.perf_counter()
+    accumulate(
+        acc,
+        inputs,
+        fresh=bool(event.get("fresh")),
+        scale=None if scale is None else float(scale),
+        out=None if out is None else _vector(ctx, out, str(event.get("dtype", "F32"))),
+    )
+    busy = time.perf_counter() - started
+    reply: dict[str, Any] = {"n": len(inputs), "busy_s": busy, "pid": os.getpid()}
+    if event.get("report"):
+        reply["hwm_kb"] = peak_rss_kb()
+    return reply
