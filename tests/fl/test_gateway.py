@@ -396,6 +396,9 @@ def test_serve_with_four_remote_clients_over_http(tmp_path: Path) -> None:
     (app / "strato.toml").write_text(E2E_TOML)
     out = tmp_path / "out"
     env = cli_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    mnist = os.environ.get("STRATO_DATA_DIR")  # CI passes MNIST; else the bundled digits
+    if mnist:
+        env["STRATO_DATA_DIR"] = mnist
     serve_args = ["--out", str(out), "--port", "0", "--token", "secret", "--min-clients", "4"]
     serve = subprocess.Popen(
         [*STRATO, "serve", str(app), *serve_args],
@@ -443,6 +446,7 @@ def test_serve_with_four_remote_clients_over_http(tmp_path: Path) -> None:
     for c, (stdout, stderr) in zip(clients, outputs, strict=True):
         assert c.returncode == 0, stderr
         assert "the job is finished" in stdout and "round 3:" in stdout
+        assert ("mnist examples" in stdout) == bool(mnist), stdout  # what each trained on
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 3
     assert [r["accepted"] for r in summary["per_round"]] == [4, 4, 4]
