@@ -18,8 +18,9 @@ from strato.params import Params
 from strato.strategy.complement import (
     ComplementConfig,
     ComplementServer,
-    client_complement,
-    upload_positions,
+    decode_download,
+    encode_download,
+    encode_upload,
 )
 from strato.strategy.topk import TopKCompressor, apply_sparse_updates
 from strato.wire import MAGIC, WireFormat, decode_values, encode_params, encode_values
@@ -32,7 +33,7 @@ class Received:
     """What a client holds after decoding the download."""
 
     params: Params
-    keep: Mask | None = None  # CS: the received model's keep-mask (None: dense)
+    sparse: bool = False  # CS: the download was the pruned model (not the dense round 1)
 
 
 def _seed(*parts: int) -> int:
@@ -121,21 +122,17 @@ class Complement:
             # deltas apply to the model they were computed from.
             server.model = decode_values(payload).to_params()
         else:
-            seed = _seed(self.seed, rnd)
-            payload = encode_params(server.model, server.keep, f.down, seed).payload
+            payload = encode_download(server.model, f.down, _seed(self.seed, rnd)).payload
         self.base = server.model.copy()
         return payload
 
     def receive(self, payload: bytes) -> Received:
-        if payload[:4] != MAGIC:
-            return Received(codec.decode(payload).copy())
-        d = decode_values(payload)
-        return Received(d.to_params(), d.mask)
+        return Received(decode_download(payload), sparse=self.server.keep is not None)
 
     def upload(self, client: int, rnd: int, got: Received, trained: Params) -> bytes:
         f, layout = self.formats, trained.layout
         seed = _seed(self.seed, rnd, client)
-        first = got.keep is None
+        first = not got.sparse
         if first and f.first_up is None:
             return codec.encode(trained).payload
         if first or self.server.config.kept_rate is not None:
@@ -143,10 +140,8 @@ class Complement:
             fmt = f.first_up if first else f.up
             delta = trained.flat() - got.params.flat()
             return encode_values(layout, delta, None, fmt, seed).payload
-        assert got.keep is not None
-        values = client_complement(got.keep, trained)
-        mask = upload_positions(got.keep, self.server.kernels)
-        return encode_values(layout, values, mask, f.up, seed).payload
+        # faithful CS: the trained kernel values where the received model is zero, and biases
+        return encode_upload(got.params, trained, f.up, seed).payload
 
     def aggregate(self, rnd: int, uploads: list[tuple[bytes, int]]) -> None:
         server, layout = self.server, self.server.model.layout

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from strato.errors import StratoError
 
@@ -43,22 +43,42 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
         app_dir = app_dir or Path(json.loads(run_file.read_text())["app_dir"])
     if app_dir is None:
         raise StratoError("give an APP_DIR (or --resume OUT)")
-    cfg = load_job_config(app_dir / "strato.toml").override(
+    cfg = load_job_config(app_dir / "strato.toml")
+    cfg = cfg.override(
         rounds=args.rounds,
         clients=args.clients,
         clients_per_round=args.clients_per_round,
         strategy=args.strategy,
+        strategy_options=_strategy_options(args, cfg.strategy, cfg.strategy_options),
         partition=args.partition,
         seed=args.seed,
     )
-    if args.strategy is not None:
-        from strato.fl.strategies import check_strategy
+    from strato.fl.strategies import check_strategy
 
-        check_strategy(cfg.strategy, cfg.strategy_options)
+    check_strategy(cfg.strategy, cfg.strategy_options)
     out = Path(args.resume or args.out or f"runs/{app_dir.name}")
     return RunOptions(
         app_dir=app_dir, out=out, config=cfg, data_dir=args.data_dir, resume=bool(args.resume)
     )
+
+
+def _strategy_options(
+    args: argparse.Namespace, toml_strategy: str, toml_options: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The strategy options after --sparsity/--eta (None: as strato.toml has them).
+
+    The options of strato.toml belong to its strategy: a different --strategy starts
+    from none.
+    """
+    changed = args.strategy is not None and (
+        args.strategy.strip().lower() != toml_strategy.strip().lower()
+    )
+    options = {} if changed else dict(toml_options)
+    for name in ("sparsity", "eta"):
+        value = getattr(args, name, None)
+        if value is not None:
+            options[name] = value
+    return options if changed or options != toml_options else None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -114,7 +134,13 @@ def _job_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--rounds", type=int)
     cmd.add_argument("--clients", type=int)
     cmd.add_argument("--clients-per-round", type=int)
-    cmd.add_argument("--strategy")
+    cmd.add_argument("--strategy", help="fedavg (default), fedadam, ..., or cs "
+                     "(Complement Sparsification)")
+    cmd.add_argument("--sparsity", type=float,
+                     help="cs: fraction of every kernel the server prunes, in [0, 1) (default 0.5)")
+    cmd.add_argument("--eta", type=float,
+                     help="cs: aggregation rate of the complements (default 1.5); "
+                     "fedadam/fedyogi/fedadagrad/fedavgm: the server learning rate")
     cmd.add_argument("--partition", choices=["iid", "dirichlet", "shards"])
     cmd.add_argument("--seed", type=int)
     cmd.add_argument(

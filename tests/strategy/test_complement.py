@@ -5,13 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from strato.errors import ConfigError, LayoutError
+from strato import codec
+from strato.errors import CodecError, ConfigError, LayoutError
 from strato.params import Params
 from strato.strategy.complement import (
     ComplementConfig,
     ComplementServer,
     client_complement,
+    decode_download,
+    decode_upload,
+    encode_download,
+    encode_upload,
     kernel_positions,
+    merge,
     prune,
     upload_positions,
 )
@@ -73,23 +79,76 @@ def test_pruning_breaks_ties_deterministically() -> None:
 def test_client_sends_exactly_its_trained_values_where_the_received_model_was_zero() -> None:
     received, keep = prune(model(1), 0.6)
     trained = model(2)  # every weight moved, the kept ones too
-    values = client_complement(keep, trained)
+    values = client_complement(received, trained)
     kernels = kernel_positions(trained.layout)
-    send = upload_positions(keep, kernels)
-    # exactly the pruned kernel positions and every bias, trained values, layout order
-    assert np.array_equal(send, (~keep & kernels) | ~kernels)
-    assert np.array_equal(values, trained.flat()[send])
+    send = upload_positions(received, kernels)
+    # exactly the kernel positions that are zero in the received model, and every bias
     zero_in_received = (received.flat() == 0) & kernels
-    assert np.array_equal(send & kernels, zero_in_received)
+    assert np.array_equal(send, zero_in_received | ~kernels)
+    assert np.array_equal(send & kernels, ~keep & kernels)  # = what the server pruned
+    # the trained values there, in layout order
+    assert np.array_equal(values, trained.flat()[send])
     # and nothing else: changing any kept weight changes nothing that is sent
     other = trained.copy()
     other.flat()[keep & kernels] += 1.0
-    assert np.array_equal(client_complement(keep, other), values)
+    assert np.array_equal(client_complement(received, other), values)
     # on the wire: values only, against the shared mask (no bitmap, no indices)
-    enc = encode_values(trained.layout, values, send, WireFormat(mask="shared"))
+    enc = encode_upload(received, trained)
     header = int.from_bytes(enc.payload[4:8], "little") + 8
     assert enc.nbytes - header == 4 * int(send.sum())
     assert np.array_equal(decode_values(enc.payload, shared_mask=send).values, values)
+    # the server reads it back against its own w_s: the complement in place, zero elsewhere
+    full = decode_upload(enc.payload, received)
+    assert np.array_equal(full[send], values) and not full[~send].any()
+
+
+def test_a_kept_weight_that_is_exactly_zero_is_part_of_the_complement() -> None:
+    # The authors' client takes its mask from the received values (w != 0), so a zero
+    # anywhere in w_s is sent back; client and server agree because both read w_s.
+    received, _ = prune(model(1), 0.5)
+    flat = received.flat()
+    kept_pos = int(np.flatnonzero(flat[: 72] != 0)[0])  # a kept conv weight
+    flat[kept_pos] = 0.0
+    trained = model(2)
+    kernels = kernel_positions(received.layout)
+    assert upload_positions(received, kernels)[kept_pos]
+    enc = encode_upload(received, trained)
+    assert decode_upload(enc.payload, received)[kept_pos] == trained.flat()[kept_pos]
+
+
+def test_download_carries_w_s_exactly_and_its_zeros_cost_one_bit() -> None:
+    w_s, _ = prune(model(4), 0.7)
+    enc = encode_download(w_s)
+    got = decode_download(enc.payload, expect=w_s.layout)
+    assert np.array_equal(got.flat(), w_s.flat())
+    nonzero = int((w_s.flat() != 0).sum())
+    header = int.from_bytes(enc.payload[4:8], "little") + 8
+    assert enc.nbytes - header == 4 * nonzero + (w_s.layout.numel + 7) // 8
+    # a dense safetensors download (round 1) decodes too
+    assert np.array_equal(decode_download(codec.encode(w_s).payload).flat(), w_s.flat())
+
+
+def test_upload_must_carry_exactly_the_complement() -> None:
+    w_s, _ = prune(model(1), 0.5)
+    trained = model(2)
+    kernels = kernel_positions(w_s.layout)
+    send = upload_positions(w_s, kernels)
+    # a complement of another sparsity does not fit this round's mask (values only travel,
+    # so what can be checked is the count per tensor)
+    other_w_s, _ = prune(model(1), 0.3)
+    with pytest.raises(CodecError):
+        decode_upload(encode_upload(other_w_s, trained).payload, w_s)
+    # a bitmap payload with the right mask is fine, with another one it is not
+    good = encode_values(w_s.layout, trained.flat()[send], send, WireFormat(mask="bitmap"))
+    assert np.array_equal(decode_upload(good.payload, w_s)[send], trained.flat()[send])
+    dense_wire = encode_values(w_s.layout, trained.flat(), None)
+    with pytest.raises(CodecError):
+        decode_upload(dense_wire.payload, w_s)
+    # a dense safetensors upload (a client that knows nothing of CS) is masked server-side
+    full = decode_upload(codec.encode(trained).payload, w_s)
+    assert np.array_equal(full[send], trained.flat()[send]) and not full[~send].any()
+    with pytest.raises(ConfigError):
+        encode_upload(w_s, trained, WireFormat(mask="bitmap"))
 
 
 def test_dense_first_round_sends_everything() -> None:
@@ -113,15 +172,17 @@ def test_server_merges_complements_like_the_paper() -> None:
     w_s, keep = server.model.copy(), server.keep.copy()
     kernels = kernel_positions(w_s.layout)
     a, b = model(20), model(21)
-    ca, cb = client_complement(keep, a), client_complement(keep, b)
+    ca, cb = client_complement(w_s, a), client_complement(w_s, b)
     server.aggregate([(ca, 1.0), (cb, 3.0)])
-    send = upload_positions(keep, kernels)
+    send = upload_positions(w_s, kernels)
+    assert np.array_equal(send, ~keep | ~kernels)
     mean = np.zeros(w_s.layout.numel)
     mean[send] = (1.0 * ca.astype(np.float64) + 3.0 * cb) / 4
     ref = w_s.flat().astype(np.float64).copy()
     ref[send & kernels] = w_s.flat()[send & kernels] + 1.5 * mean[send & kernels]
     ref[~kernels] = mean[~kernels]
     assert np.allclose(server.dense.flat(), ref, rtol=1e-6, atol=1e-7)
+    assert np.allclose(merge(w_s.flat(), mean, kernels, 1.5), ref, rtol=1e-6, atol=1e-7)
     ref_ws, ref_keep = prune(server.dense, 0.5)
     assert np.array_equal(server.model.flat(), ref_ws.flat())
     # kept weights change only by being pruned and regrown
@@ -141,6 +202,12 @@ def test_server_refuses_bad_uploads() -> None:
         ComplementConfig(sparsity=1.0)
     with pytest.raises(ConfigError):
         ComplementConfig(eta=0.0)
+    with pytest.raises(ConfigError):
+        ComplementConfig(sparsity=-0.1)
+    with pytest.raises(ConfigError):
+        ComplementConfig(eta=float("nan"))
+    with pytest.raises(ConfigError):
+        ComplementConfig(sparsity="0.5")  # type: ignore[arg-type]  # a TOML string, on purpose
     with pytest.raises(LayoutError):
         prune(Params.from_arrays({"w": np.zeros((2, 2), np.float64)}), 0.5)
 

@@ -23,7 +23,7 @@ import numpy.typing as npt
 from strato.codec import decode
 from strato.errors import CodecError, ConditionFailed, InvalidToken, LayoutError, NotFound
 from strato.fl import state
-from strato.fl.strategies import RoundAggregator
+from strato.fl.strategies import RoundAggregator, download_key
 from strato.params import Layout, Params
 from strato.services import Services
 from strato.strategy import all_finite
@@ -51,9 +51,14 @@ def _reject(svc: Services, meta: dict[str, Any], key: str, reason: str) -> None:
         svc.table.put(state.REJECTIONS, key, {**meta, "reason": reason}, if_absent=True)
 
 
-def _load_update(svc: Services, blob: str, layout: Layout) -> tuple[Params | None, str]:
+def _load_update(
+    svc: Services, blob: str, layout: Layout, agg: RoundAggregator
+) -> tuple[Params | None, str]:
+    def previous() -> Params:  # the round's input model (CS decodes complements against it)
+        return decode(svc.blobs.get(state.model_key(agg.round - 1)), expect=layout)
+
     try:
-        params = decode(svc.blobs.get(blob), expect=layout)
+        params = agg.decode_update(svc.blobs.get(blob), previous)
     except NotFound:
         return None, "update blob is missing"
     except LayoutError as exc:
@@ -139,7 +144,7 @@ def _admit_one(
     weight = meta.get("num_examples")
     if not isinstance(weight, int | float) or not weight > 0:
         return f"num_examples must be a positive number, got {weight!r}"
-    params, reason = _load_update(svc, str(meta.get("blob", "")), layout)
+    params, reason = _load_update(svc, str(meta.get("blob", "")), layout, _round_aggregator(job, r))
     if params is None:
         return reason
     entry = {
@@ -196,7 +201,7 @@ def _write_model(svc: Services, job: dict[str, Any], r: int, rnd: dict[str, Any]
     if agg.clients != set(accepted):  # cold worker or another closer: rebuild from blobs
         agg.reset(r)
         for client, entry in sorted(accepted.items()):
-            params, reason = _load_update(svc, entry["blob"], layout)
+            params, reason = _load_update(svc, entry["blob"], layout, agg)
             if params is None:
                 raise CodecError(f"admitted update {entry['key']} became unreadable: {reason}")
             agg.add(client, params.flat(), entry["weight"])
@@ -205,6 +210,9 @@ def _write_model(svc: Services, job: dict[str, Any], r: int, rnd: dict[str, Any]
     out = Params(layout, np.ascontiguousarray(new_flat, dtype=np.float32).view(np.uint8))
     from strato.codec import encode
 
+    download = agg.download_payload(out)  # CS: the sparse model the clients fetch
+    if download is not None:
+        svc.blobs.put(download_key(state.model_key(r)), download)
     svc.blobs.put(state.model_key(r), encode(out, {"round": str(r)}).payload)
     if new_state:
         svc.blobs.put(_strategy_key(r), encode(Params.from_arrays(new_state)).payload)

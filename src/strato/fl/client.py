@@ -6,6 +6,11 @@ uploads its update and then its metadata record, whose arrival in the table's
 stream is what wakes the aggregator. The notice is acknowledged only after the
 upload, so a client that dies mid-round gets the notice again (at-least-once); a
 second upload for the same round is refused by the aggregator as a duplicate.
+
+Under Complement Sparsification (``--strategy cs``) a client fetches, from round 2
+on, the sparse model (``fl.strategies.download_key``) instead of the dense blob and
+uploads only its complement and biases (``strategy.complement.encode_upload``); the
+byte counts in its update record are those payloads' lengths.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from typing import Any
 from strato.codec import decode, encode
 from strato.fl import state
 from strato.fl.app import App, Dataset, TrainContext
+from strato.fl.strategies import download_key, is_complement
 from strato.params import Params
 from strato.services import Services
+from strato.strategy.complement import decode_download, encode_upload
 
 __all__ = ["LocalTrainer", "RoundNotice", "SimClient", "client_seed", "update_record"]
 
@@ -122,9 +129,16 @@ class SimClient:
         if self.already_uploaded(notice.round):
             self.svc.bus.ack(self.queue, notice.receipt)
             return {"round": notice.round, "skipped": "already uploaded"}
-        payload = self.svc.blobs.get(notice.model_key)
-        update, metrics, train_s = self.trainer.train(notice.round, decode(payload))
-        encoded = encode(update)
+        complement = is_complement(self.job["config"]["strategy"]) and notice.round > 1
+        if complement:
+            # CS after round 1: fetch the sparse model, send back only the complement.
+            payload = self.svc.blobs.get(download_key(notice.model_key))
+            received = decode_download(payload)
+        else:
+            payload = self.svc.blobs.get(notice.model_key)
+            received = decode(payload)
+        update, metrics, train_s = self.trainer.train(notice.round, received)
+        encoded = encode_upload(received, update) if complement else encode(update)
         nonce = uuid.uuid4().hex[:8]
         blob = self.svc.blobs.put(
             f"updates/{state.round_key(notice.round)}/{self.client}-{nonce}", encoded.payload

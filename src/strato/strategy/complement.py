@@ -7,10 +7,11 @@ Faithful to the authors' code:
 - The server prunes the aggregate **per layer** by magnitude: in every kernel the
   ``floor(s · numel)`` smallest-magnitude weights become zero (ties go to the lower
   index, so the mask is exact and deterministic). Biases are never pruned. The
-  sparse model ``w_s`` and its keep-mask go to the clients.
+  sparse model ``w_s`` goes to the clients.
 - A client loads ``w_s``, trains every weight, and sends back only the kernel values
-  at the positions that were zero in ``w_s`` (the complement; both sides know the
-  mask, so no indices travel) plus its dense biases.
+  at the positions that are zero in ``w_s`` (the complement) plus its dense biases.
+  Both sides read those positions off ``w_s`` itself (as the authors' client does:
+  ``mask = parameters != 0``), so no mask and no indices travel with the upload.
 - The server averages the complements ``a`` (weighted by examples), sets
   ``w_dense = w_s + η · a`` on kernels and the plain weighted mean on biases, then
   prunes ``w_dense`` again. Kept weights change only by being pruned and regrown.
@@ -25,25 +26,36 @@ Kernel or bias is decided from the layout: a tensor with 2 or more dimensions (c
 and dense kernels, embeddings) is a kernel; a 1-D tensor (biases, norm scales) is a
 bias. Scalars count as biases too. Everything here is pure numpy over the flat
 float32 element space of a ``Params`` (position ``i`` = element ``i`` of ``flat()``).
+The wire halves (``encode_download`` … ``decode_upload``) are pure bytes in, bytes out.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from strato.errors import ConfigError, LayoutError
+from strato import codec
+from strato.errors import CodecError, ConfigError, LayoutError
 from strato.params import Layout, Params
+from strato.wire import MAGIC, WireFormat, decode_values, encode_values
 
 __all__ = [
     "ComplementConfig",
     "ComplementServer",
     "client_complement",
+    "decode_download",
+    "decode_upload",
+    "download_mask",
+    "encode_download",
+    "encode_upload",
     "kernel_positions",
+    "merge",
     "prune",
+    "prune_flat",
     "upload_positions",
 ]
 
@@ -58,17 +70,26 @@ class ComplementConfig:
     kept_rate: float | None = None  # None: faithful CS; else also merge kept-weight changes
 
     def __post_init__(self) -> None:
+        for name in ("sparsity", "eta", "kept_rate"):
+            value: Any = getattr(self, name)
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if value is not None and not number:
+                raise ConfigError(f"cs: option {name} must be a number, got {value!r}")
         if not 0.0 <= self.sparsity < 1.0:
-            raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
+            raise ConfigError(f"cs: option sparsity must be in [0, 1), got {self.sparsity}")
         if not self.eta > 0.0:
-            raise ConfigError(f"eta must be positive, got {self.eta}")
+            raise ConfigError(f"cs: option eta must be positive, got {self.eta}")
         if self.kept_rate is not None and not self.kept_rate > 0.0:
-            raise ConfigError(f"kept_rate must be positive, got {self.kept_rate}")
+            raise ConfigError(f"cs: option kept_rate must be positive, got {self.kept_rate}")
 
 
 def _check_f32(layout: Layout) -> None:
     if layout.tensors and layout.dtype() != "F32":
         raise LayoutError("complement sparsification needs a layout whose tensors are all float32")
+
+
+def _flat(params: Params) -> F32:
+    return params.flat("F32") if params.layout.tensors else np.zeros(0, np.float32)
 
 
 def kernel_positions(layout: Layout) -> Mask:
@@ -81,15 +102,13 @@ def kernel_positions(layout: Layout) -> Mask:
     return out
 
 
-def prune(params: Params, sparsity: float) -> tuple[Params, Mask]:
-    """Per-layer magnitude pruning. Returns ``(w_s, keep)``; ``keep`` is True on biases."""
-    _check_f32(params.layout)
+def prune_flat(flat: F32, layout: Layout, sparsity: float) -> Mask:
+    """Prune ``flat`` in place, per kernel; returns the keep-mask (True on biases)."""
+    _check_f32(layout)
     if not 0.0 <= sparsity < 1.0:
-        raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
-    pruned = params.copy()
-    flat = pruned.flat("F32") if params.layout.tensors else np.zeros(0, np.float32)
+        raise ConfigError(f"cs: option sparsity must be in [0, 1), got {sparsity}")
     keep = np.ones(flat.size, np.bool_)
-    for spec in params.layout.tensors:
+    for spec in layout.tensors:
         if len(spec.shape) < 2:
             continue
         start = spec.offset // 4
@@ -99,27 +118,61 @@ def prune(params: Params, sparsity: float) -> tuple[Params, Mask]:
         order = np.argsort(np.abs(weights), kind="stable")[:n_prune]
         weights[order] = 0.0
         keep[start + order] = False
+    return keep
+
+
+def prune(params: Params, sparsity: float) -> tuple[Params, Mask]:
+    """Per-layer magnitude pruning. Returns ``(w_s, keep)``; ``keep`` is True on biases."""
+    _check_f32(params.layout)
+    pruned = params.copy()
+    keep = prune_flat(_flat(pruned), params.layout, sparsity)
     return pruned, keep
 
 
-def upload_positions(keep: Mask, kernels: Mask) -> Mask:
-    """What a CS client sends: pruned kernel positions plus every bias position."""
-    return ~keep | ~kernels
+def upload_positions(received: Params | F32, kernels: Mask) -> Mask:
+    """What a CS client sends: kernel positions that are zero in the received model,
+    plus every bias position. The server computes the same mask from its ``w_s``."""
+    flat = _flat(received) if isinstance(received, Params) else received
+    if flat.size != kernels.size:
+        raise LayoutError(f"model has {flat.size} positions, the kernel mask {kernels.size}")
+    out: Mask = ~kernels | (flat == 0)
+    return out
 
 
-def client_complement(received_keep: Mask | None, trained: Params) -> F32:
+def download_mask(model: Params | F32, kernels: Mask) -> Mask:
+    """The positions a sparse download carries: nonzero values plus every bias."""
+    flat = _flat(model) if isinstance(model, Params) else model
+    out: Mask = ~kernels | (flat != 0)
+    return out
+
+
+def client_complement(received: Params | None, trained: Params) -> F32:
     """The client half: the trained values a CS client uploads, in layout order.
 
-    ``received_keep`` is the keep-mask of the model the client received (None in
-    the dense first round: then every trained value goes back).
+    ``received`` is the model the client received (None in the dense first round:
+    then every trained value goes back).
     """
     _check_f32(trained.layout)
-    flat = trained.flat("F32")
-    if received_keep is None:
+    flat = _flat(trained)
+    if received is None:
         return flat.copy()
-    if received_keep.size != flat.size:
-        raise LayoutError(f"keep-mask has {received_keep.size} positions, the model {flat.size}")
-    return flat[upload_positions(received_keep, kernel_positions(trained.layout))]
+    if received.layout != trained.layout:
+        raise LayoutError(f"wrong layout: {received.layout.describe_mismatch(trained.layout)}")
+    return flat[upload_positions(received, kernel_positions(trained.layout))]
+
+
+def merge(w_s: F32, mean: npt.NDArray[np.floating[Any]], kernels: Mask, eta: float) -> F32:
+    """``w_dense``: ``w_s + η · a`` on the complement, the mean on biases, kept untouched.
+
+    ``mean`` is the example-weighted mean of the uploads scattered to full length
+    (values at ``upload_positions(w_s)``; what it holds elsewhere is ignored).
+    """
+    grow = kernels & (w_s == 0)
+    dense = np.array(w_s, dtype=np.float32)
+    # w_s is zero on the complement, so w_s + η·a is η·a there; written out as the paper has it.
+    dense[grow] = (w_s[grow] + eta * mean[grow]).astype(np.float32)
+    dense[~kernels] = mean[~kernels]
+    return dense
 
 
 class ComplementServer:
@@ -137,7 +190,7 @@ class ComplementServer:
         """Positions each client uploads this round (None: every position)."""
         if self.keep is None or self.config.kept_rate is not None:
             return None
-        return upload_positions(self.keep, self.kernels)
+        return upload_positions(self.model, self.kernels)
 
     def aggregate(self, uploads: Iterable[tuple[F32, float]]) -> None:
         """Merge ``(values, num_examples)`` uploads of this round, then re-prune.
@@ -159,7 +212,7 @@ class ComplementServer:
             raise ConfigError("a round needs at least one upload to aggregate")
         mean = total / weight
         dense = self.model.copy()
-        flat = dense.flat("F32")
+        flat = _flat(dense)
         if self.keep is None:
             flat[:] = mean  # round 1: plain FedAvg
         elif mask is None:  # kept_rate mode: every position came back
@@ -171,8 +224,56 @@ class ComplementServer:
         else:
             full = np.zeros(flat.size, np.float64)
             full[mask] = mean
-            grow = mask & self.kernels
-            flat[grow] = flat[grow] + self.config.eta * full[grow]  # w_s + η·a; w_s is 0 here
-            flat[~self.kernels] = full[~self.kernels]  # FedAvg on biases
+            flat[:] = merge(flat, full, self.kernels, self.config.eta)
         self.dense = dense
         self.model, self.keep = prune(dense, self.config.sparsity)
+
+
+# --- on the wire -----------------------------------------------------------------------
+
+
+def encode_download(w_s: Params, fmt: WireFormat | None = None, seed: int = 0) -> codec.Encoded:
+    """The sparse model a CS server sends: its nonzero values plus a bitmap of them
+    (biases always carried). Float32 by default, so the client gets ``w_s`` exactly."""
+    fmt = fmt or WireFormat(mask="bitmap")
+    mask = download_mask(w_s, kernel_positions(w_s.layout))
+    return encode_values(w_s.layout, _flat(w_s)[mask], mask, fmt, seed)
+
+
+def decode_download(payload: Any, expect: Layout | None = None) -> Params:
+    """The model a client received: a sparse wire payload, or dense safetensors."""
+    if bytes(memoryview(payload)[:4]) != MAGIC:
+        return codec.decode(payload, expect=expect).copy()
+    return decode_values(payload, expect=expect).to_params()
+
+
+def encode_upload(
+    received: Params, trained: Params, fmt: WireFormat | None = None, seed: int = 0
+) -> codec.Encoded:
+    """A CS client's upload: its complement and biases, values only (``shared`` mask)."""
+    fmt = fmt or WireFormat(mask="shared")
+    if fmt.mask != "shared":
+        raise ConfigError("a complement upload travels against the shared mask")
+    values = client_complement(received, trained)
+    mask = upload_positions(received, kernel_positions(trained.layout))
+    return encode_values(trained.layout, values, mask, fmt, seed)
+
+
+def decode_upload(payload: Any, w_s: Params) -> F32:
+    """A CS upload as a full-length vector: the complement and biases in place, zero
+    on the kept positions. ``w_s`` is the sparse model this round's clients received.
+
+    A dense safetensors upload (a client that knows nothing of CS) is accepted too:
+    the server keeps only its complement and biases, as if the client had sent those.
+    """
+    layout = w_s.layout
+    send = upload_positions(w_s, kernel_positions(layout))
+    out = np.zeros(layout.numel, np.float32)
+    if bytes(memoryview(payload)[:4]) != MAGIC:
+        out[send] = codec.decode(payload, expect=layout).flat("F32")[send]
+        return out
+    d = decode_values(payload, shared_mask=send, expect=layout)
+    if d.mask is None or not np.array_equal(d.mask, send):
+        raise CodecError("complement upload does not carry exactly the complement positions")
+    out[send] = d.values
+    return out

@@ -131,6 +131,11 @@ def encode_values(
         tvals, cursor = vals[cursor : cursor + n], cursor + n
         e = fmt.encoding(spec, kind)
         rng_pair: tuple[float, float] | None = None
+        if e != "f32" and not np.isfinite(tvals).all():
+            # A quantizer range of NaN/Inf would decode to garbage (and is refused by the
+            # decoder): say so at the sender, where the bad values come from.
+            raise CodecError(f"tensor {spec.name!r} holds NaN or Inf values: "
+                             f"they cannot be quantized")
         if e == "f32":
             if kind == "implicit" and n != spec.numel:
                 raise ConfigError(
