@@ -89,7 +89,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     wl = Workload(**cfg["workload"])
     reps = int(cfg.get("reps", 3))
     cores = float(cfg.get("cores", 2))
-    batch = int(cfg.get("batch", 8))
+    batch = int(cfg.get("batch", 4))
     configs: list[Any] = cfg.get("configs", ["auto"])
     bases, weights, schedule = wl.bases(), wl.weights(), wl.schedule()
     reference = wl.reference(bases)

@@ -15,8 +15,9 @@ time from a queue, so none of that state needs a lock. Events:
 Routing: an update goes to a leaf that serves this node and still has quota —
 the least busy local one, else a remote one (its bytes then cross nodes).
 Batching: a leaf waits for ``batch`` pending inputs before it is invoked (one pass
-over memory for the whole batch), except at the end of its quota, where each input
-is taken at once so the work left after the last arrival is a single input.
+over memory for the whole batch), except near the end of its quota (the last
+``TAIL_FRACTION``), where inputs are taken as they come so the work left after the
+last arrival is about that one input.
 Completion: a leaf is done when every input it can still get has been added; its
 partial (the accumulator, left in place) goes to its parent like any other input;
 the root's last invocation also scales by 1 / total weight, and its accumulator is
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = ["Dispatcher"]
 
 BACKLOG_BATCHES = 4  # under a backlog, take up to this many batches in one invocation
+TAIL_FRACTION = 0.1  # of a leaf's inputs: the last ones are added without waiting
 
 
 class _Agg:
@@ -292,11 +294,14 @@ class Dispatcher:
         batch = min(r.setup.batch, max(1, self.node.update_slots(r.setup.nbytes) // 2))
         to_come = agg.to_come()
         if agg.pending:
-            # Wait for a full batch, unless the quota's end is near (take the tail one by
-            # one) or ingest is out of budget (waiting would wait forever).
+            # Wait for a full batch, unless the quota's end is near or ingest is out of
+            # budget (waiting would wait forever). Near the end arrivals thin out: a leaf
+            # that waits there for a full batch is still adding it when the last update
+            # lands, so the last TAIL_FRACTION of its inputs are taken as they come.
+            tail = max(batch, int(agg.upper() * TAIL_FRACTION))
             if (
                 len(agg.pending) >= batch
-                or to_come < batch
+                or to_come < tail
                 or not self.node.has_room(r.setup.nbytes)
             ):
                 take = agg.pending[: r.setup.batch * BACKLOG_BATCHES]

@@ -93,7 +93,7 @@ class Cluster:
         nbytes: int,
         dtype: str = "F32",
         acc_dtype: str = "F32",
-        batch: int = 8,
+        batch: int = 4,
     ) -> RoundHandle:
         """Start aggregating round ``round_no`` of a model of ``nbytes`` bytes of ``dtype``.
 
@@ -104,8 +104,9 @@ class Cluster:
         aggregation time (its accumulator traffic is twice as large; docs/lifl.md).
         ``batch``: a leaf waits for this many inputs before a pass over memory (except
         at the end of its quota, where it takes each input at once, or when the node's
-        ingest budget is full). 8 is the fused kernel's width: measured 0.76-0.89 of
-        the floor in a round against 0.57-0.66 with 4 (docs/lifl.md)."""
+        ingest budget is full; the node caps it at half the budget's slots). Measured
+        at 100 × 10M: 4 gives 0.68-0.77 of the floor with no back-pressure; 8 (capped
+        to 6) gains little and stalls arrivals on the budget (docs/lifl.md)."""
         if self._current is not None and not self._current.finished:
             raise StratoError(f"round {self._current.round} is still running")
         for kind in (dtype, acc_dtype):
