@@ -372,7 +372,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.naive_reps is None:
         args.naive_reps = 1 if (args.quick or args.tiny) else 2
     if args.sweep_reps is None:
-        args.sweep_reps = 2 if args.tiny else (4 if args.quick else 7)
+        args.sweep_reps = 2 if args.tiny else (5 if args.quick else 7)
     if args.max_fixed_leaves is None:
         args.max_fixed_leaves = args.cores if (args.tiny or args.quick) else args.cores + 1
     if args.sweep_medians is None:
