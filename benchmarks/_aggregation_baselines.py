@@ -44,6 +44,7 @@ from _aggregation_common import (
     log,
     max_rel_error,
     median,
+    mem_available,
     peak_rss_kb,
     reset_peak_rss,
     sleep_until,
@@ -55,14 +56,6 @@ ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THRE
 
 
 # ---- flower ----------------------------------------------------------------------------
-
-
-def _mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def run_flower(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -84,7 +77,7 @@ def run_flower(cfg: dict[str, Any]) -> dict[str, Any]:
         results.append((None, fit))
     payload = wl.clients * wl.params * 4
     variants = {"inplace": FedAvg()}
-    if cfg.get("legacy", True) and 3 * payload < 0.6 * _mem_available():
+    if cfg.get("legacy", True) and 3 * payload < 0.6 * mem_available():
         variants["decode_all_then_aggregate"] = FedAvg(inplace=False)
     out: dict[str, Any] = {"variants": {}}
     for name, strategy in variants.items():

@@ -153,6 +153,15 @@ def log(message: str) -> None:
     print(f"[{time.monotonic() - _STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
+def mem_available() -> int:
+    """MemAvailable from /proc/meminfo, in bytes (0 if unknown)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0))
 

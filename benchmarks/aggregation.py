@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _aggregation_common import Workload, cpu_count, log, median
+from _aggregation_common import Workload, cpu_count, log, median, mem_available
 
 HERE = Path(__file__).resolve().parent
 M = 1_000_000
@@ -111,14 +111,6 @@ def resolve_executor(name: str, wl: Workload) -> str:
     if name == "alt":
         return "runtime" if auto == "threads" else "threads"
     return name
-
-
-def mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def measure(wl: Workload, args: argparse.Namespace, systems: list[str]) -> dict[str, Any]:
@@ -200,24 +192,16 @@ def summarize(cfg: dict[str, Any]) -> dict[str, Any]:
             legacy = res["variants"].get("decode_all_then_aggregate")
             if legacy:
                 rows[name]["completion_legacy_s"] = median(legacy["latency_s"])
-        elif name == "serverful":
+        elif name in ("serverful", "naive-serverless"):
             recs = res["records"]
+            # the always-on server reserves its cores; naive functions are billed
+            cost_key, cost_kind = (("reserved_core_s", "reserved core-s") if name == "serverful"
+                                   else ("billed_s", "billed function-s"))
             rows[name] = {
                 "completion_s": median([r["completion_s"] for r in recs]),
                 "total_s": median([r["total_s"] for r in recs]),
-                "cost_s": median([r["reserved_core_s"] for r in recs]),
-                "cost_kind": "reserved core-s",
-                "peak_rss_mb": res["peak_rss_kb"] / 1024,
-                "bytes_copied": res["bytes_copied"],
-                "max_rel_error": res["max_rel_error"],
-            }
-        elif name == "naive-serverless":
-            recs = res["records"]
-            rows[name] = {
-                "completion_s": median([r["completion_s"] for r in recs]),
-                "total_s": median([r["total_s"] for r in recs]),
-                "cost_s": median([r["billed_s"] for r in recs]),
-                "cost_kind": "billed function-s",
+                "cost_s": median([r[cost_key] for r in recs]),
+                "cost_kind": cost_kind,
                 "peak_rss_mb": res["peak_rss_kb"] / 1024,
                 "bytes_copied": res["bytes_copied"],
                 "max_rel_error": res["max_rel_error"],

@@ -129,6 +129,9 @@ def _accumulate32_fused(
     scale: float | None,
 ) -> None:
     """Up to eight inputs per pass over memory; the last pass also scales."""
+    # read-only views: numba then compiles one signature whatever memory comes in
+    from strato.strategy._kernels import _readonly as readonly
+
     if not inputs:  # nothing to add: a fresh accumulator is zero, the root may scale
         if fresh:
             acc[:] = 0
@@ -137,22 +140,13 @@ def _accumulate32_fused(
         return
     groups = [inputs[i : i + MAX_INPUTS] for i in range(0, len(inputs), MAX_INPUTS)]
     for g, group in enumerate(groups):
-        xs = [_readonly(x) for x, _ in group]
+        xs = [readonly(x) for x, _ in group]
         slots = xs + [xs[0]] * (MAX_INPUTS - len(xs))
         coefs = np.zeros(MAX_INPUTS, dtype=np.float64)
         coefs[: len(group)] = [c for _, c in group]
         last = g == len(groups) - 1
         factor = 1.0 if scale is None or not last else float(scale)
         fused(acc, *slots, coefs, len(group), fresh and g == 0, factor)
-
-
-def _readonly(x: Vector) -> Vector:
-    # numba compiles one signature per (dtype, writable) mix: read-only views for
-    # every input keep it at one, whatever memory the caller hands us.
-    if x.flags.writeable:
-        x = x.view()
-        x.flags.writeable = False
-    return x
 
 
 def _accumulate64(
