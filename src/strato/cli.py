@@ -65,7 +65,8 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
 def _strategy_options(
     args: argparse.Namespace, toml_strategy: str, toml_options: dict[str, Any]
 ) -> dict[str, Any] | None:
-    """The strategy options after --sparsity/--eta (None: as strato.toml has them).
+    """The strategy options after --sparsity/--eta/--bits/--zstd/--kept-rate (None: as
+    strato.toml has them).
 
     The options of strato.toml belong to its strategy: a different --strategy starts
     from none.
@@ -74,7 +75,7 @@ def _strategy_options(
         args.strategy.strip().lower() != toml_strategy.strip().lower()
     )
     options = {} if changed else dict(toml_options)
-    for name in ("sparsity", "eta"):
+    for name in ("sparsity", "eta", "bits", "zstd", "kept_rate"):
         value = getattr(args, name, None)
         if value is not None:
             options[name] = value
@@ -129,18 +130,35 @@ def _client(args: argparse.Namespace) -> int:
     )
 
 
+def _number(text: str) -> int | float:
+    """A number option: an int when integral (bits 4, not 4.0); checked by the strategy."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
 def _job_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("app_dir", nargs="?", help="directory holding app.py (and strato.toml)")
     cmd.add_argument("--rounds", type=int)
     cmd.add_argument("--clients", type=int)
     cmd.add_argument("--clients-per-round", type=int)
-    cmd.add_argument("--strategy", help="fedavg (default), fedadam, ..., or cs "
-                     "(Complement Sparsification)")
+    cmd.add_argument("--strategy", help="fedavg (default), fedadam, ..., cs "
+                     "(Complement Sparsification), or cs-combined (CS with 4-bit "
+                     "quantization, zstd and kept-weight updates: docs/sparsity.md)")
     cmd.add_argument("--sparsity", type=float,
                      help="cs: fraction of every kernel the server prunes, in [0, 1) (default 0.5)")
     cmd.add_argument("--eta", type=float,
                      help="cs: aggregation rate of the complements (default 1.5); "
                      "fedadam/fedyogi/fedadagrad/fedavgm: the server learning rate")
+    cmd.add_argument("--bits", type=_number,
+                     help="cs: 32 (float32, default), 8 or 4 (per-layer quantized kernels "
+                     "both ways; cs-combined: 4)")
+    cmd.add_argument("--zstd", type=_number,
+                     help="cs: zstd level 1-22 for every payload, 0 = off (default; "
+                     "cs-combined: 19); needs pip install 'strato[compress]'")
+    cmd.add_argument("--kept-rate", type=_number,
+                     help="cs: kept weights move by this rate times their mean change and "
+                     "uploads are dense deltas (default: frozen, as in faithful CS; "
+                     "cs-combined: 1)")
     cmd.add_argument("--partition", choices=["iid", "dirichlet", "shards"])
     cmd.add_argument("--seed", type=int)
     cmd.add_argument(

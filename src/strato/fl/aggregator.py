@@ -54,7 +54,7 @@ def _reject(svc: Services, meta: dict[str, Any], key: str, reason: str) -> None:
 def _load_update(
     svc: Services, blob: str, layout: Layout, agg: RoundAggregator
 ) -> tuple[Params | None, str]:
-    def previous() -> Params:  # the round's input model (CS decodes complements against it)
+    def previous() -> Params:  # the round's input model (CS decodes its uploads against it)
         return decode(svc.blobs.get(state.model_key(agg.round - 1)), expect=layout)
 
     try:
@@ -78,7 +78,8 @@ def _round_aggregator(job: dict[str, Any], r: int) -> RoundAggregator:
         if isinstance(agg, RoundAggregator):
             agg.reset(r)  # reuse the warm buffers for the next round
         else:
-            agg = RoundAggregator(cfg["strategy"], cfg["strategy_options"], layout, r)
+            agg = RoundAggregator(cfg["strategy"], cfg["strategy_options"], layout, r,
+                                  seed=int(cfg.get("seed", 0)))
         _warm["agg"] = agg
     return agg
 

@@ -10,7 +10,11 @@ second upload for the same round is refused by the aggregator as a duplicate.
 Under Complement Sparsification (``--strategy cs``) a client fetches, from round 2
 on, the sparse model (``fl.strategies.download_key``) instead of the dense blob and
 uploads only its complement and biases (``strategy.complement.encode_upload``); the
-byte counts in its update record are those payloads' lengths.
+byte counts in its update record are those payloads' lengths. The run's CS options
+choose the formats (``strategy.complement_wire``): with ``bits`` < 32 the download is
+quantized (also in round 1) and the upload is a quantized delta against what the
+client decoded, or its quantized complement; stochastic rounding is seeded from
+(run seed, round, client).
 """
 
 from __future__ import annotations
@@ -26,10 +30,10 @@ from typing import Any
 from strato.codec import decode, encode
 from strato.fl import state
 from strato.fl.app import App, Dataset, TrainContext
-from strato.fl.strategies import download_key, is_complement
+from strato.fl.strategies import complement_options, download_key, is_complement, wire_seed
 from strato.params import Params
 from strato.services import Services
-from strato.strategy.complement import decode_download, encode_upload
+from strato.strategy.complement import decode_download
 
 __all__ = ["LocalTrainer", "RoundNotice", "SimClient", "client_seed", "update_record"]
 
@@ -129,16 +133,23 @@ class SimClient:
         if self.already_uploaded(notice.round):
             self.svc.bus.ack(self.queue, notice.receipt)
             return {"round": notice.round, "skipped": "already uploaded"}
-        complement = is_complement(self.job["config"]["strategy"]) and notice.round > 1
-        if complement:
-            # CS after round 1: fetch the sparse model, send back only the complement.
+        cfg = self.job["config"]
+        wire = (complement_options(cfg["strategy_options"], cfg["strategy"]).wire
+                if is_complement(cfg["strategy"]) else None)
+        first = notice.round == 1
+        if wire is not None and wire.fetches_download(first):
+            # CS: the coded download (the sparse model after round 1)
             payload = self.svc.blobs.get(download_key(notice.model_key))
             received = decode_download(payload)
         else:
             payload = self.svc.blobs.get(notice.model_key)
             received = decode(payload)
         update, metrics, train_s = self.trainer.train(notice.round, received)
-        encoded = encode_upload(received, update) if complement else encode(update)
+        if wire is None:
+            encoded = encode(update)
+        else:  # CS: the complement, or a delta against what this client decoded
+            seed = wire_seed(int(cfg["seed"]), notice.round, self.client)
+            encoded = wire.encode_upload(received, update, first, seed)
         nonce = uuid.uuid4().hex[:8]
         blob = self.svc.blobs.put(
             f"updates/{state.round_key(notice.round)}/{self.client}-{nonce}", encoded.payload

@@ -25,6 +25,7 @@ from strato.fl import coordinator, state
 from strato.fl.app import load_app
 from strato.fl.config import JobConfig
 from strato.fl.data import prepare_job_data
+from strato.fl.strategies import download_key, initial_download
 from strato.services import Execution, RuntimeStats, Services, connect, embedded
 from strato.services.triggers import StreamTrigger
 
@@ -98,6 +99,10 @@ def _setup(svc: Services, opts: RunOptions) -> dict[str, Any]:
 
     torch.manual_seed(cfg.seed)
     initial = model_params(app.model_fn(data.info))
+    # CS with a quantized round 1: the run starts from the model its clients decode.
+    initial, download = initial_download(cfg.strategy, cfg.strategy_options, cfg.seed, initial)
+    if download is not None:
+        svc.blobs.put(download_key(state.model_key(0)), download)
     svc.blobs.put(state.model_key(0), encode(initial, {"round": "0"}).payload)
     job = {
         "config": cfg.to_dict(),

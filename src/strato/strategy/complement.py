@@ -54,6 +54,7 @@ __all__ = [
     "encode_upload",
     "kernel_positions",
     "merge",
+    "merge_kept",
     "prune",
     "prune_flat",
     "upload_positions",
@@ -175,6 +176,30 @@ def merge(w_s: F32, mean: npt.NDArray[np.floating[Any]], kernels: Mask, eta: flo
     return dense
 
 
+def merge_kept(
+    w_s: F32,
+    mean: npt.NDArray[np.floating[Any]],
+    kernels: Mask,
+    eta: float,
+    kept_rate: float,
+    keep: Mask | None = None,
+) -> F32:
+    """``w_dense`` when kept weights learn too (``ComplementConfig.kept_rate``).
+
+    ``mean`` is the example-weighted mean of full-length uploads (every position came
+    back). Kept kernel weights move by ``kept_rate`` times their mean change, the
+    complement regrows as ``w_s + η · a``, biases take the mean. ``keep`` is the
+    pruning's keep-mask (default: the nonzero positions of ``w_s``).
+    """
+    flat = np.array(w_s, dtype=np.float32)
+    nonzero = flat != 0 if keep is None else keep
+    kept, grow = nonzero & kernels, ~nonzero & kernels
+    flat[kept] = flat[kept] + kept_rate * (mean[kept] - flat[kept])
+    flat[grow] = flat[grow] + eta * mean[grow]
+    flat[~kernels] = mean[~kernels]
+    return flat
+
+
 class ComplementServer:
     """The server half. ``model``/``keep`` are what goes to the clients this round."""
 
@@ -217,10 +242,8 @@ class ComplementServer:
             flat[:] = mean  # round 1: plain FedAvg
         elif mask is None:  # kept_rate mode: every position came back
             assert self.config.kept_rate is not None
-            kept, grow = self.keep & self.kernels, ~self.keep & self.kernels
-            flat[kept] = flat[kept] + self.config.kept_rate * (mean[kept] - flat[kept])
-            flat[grow] = flat[grow] + self.config.eta * mean[grow]
-            flat[~self.kernels] = mean[~self.kernels]
+            flat[:] = merge_kept(flat, mean, self.kernels, self.config.eta,
+                                 self.config.kept_rate, self.keep)
         else:
             full = np.zeros(flat.size, np.float64)
             full[mask] = mean
