@@ -139,6 +139,8 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 0.05
     momentum: float = 0.0
+    optimizer: str = "sgd"  # or "adam" (fresh per client and round; momentum unused)
+    init: str = "torch"  # or "he": He-uniform kernels, zero biases
     max_steps: int | None = 10  # local steps cap per round (None: full epochs)
     fast_model: bool = False
 
@@ -158,13 +160,24 @@ class Trainer:
 
     def initial(self, seed: int) -> Params:
         torch.manual_seed(seed)
-        return Params.from_state_dict(CNN(self.config.fast_model).state_dict())
+        model = CNN(self.config.fast_model)
+        if self.config.init == "he":
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.kaiming_uniform_(p, nonlinearity="relu")
+        return Params.from_state_dict(model.state_dict())
 
     def train(self, params: Params, indices: npt.NDArray[np.int64], seed: int) -> Params:
         self.model.load_state_dict(params.to_state_dict())
         self.model.train()
         cfg = self.config
-        opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+        opt: torch.optim.Optimizer
+        if cfg.optimizer == "adam":
+            opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        else:
+            opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
         rng = np.random.default_rng(seed)
         x, y = self.data.x_train, torch.from_numpy(self.data.y_train)
         steps = 0

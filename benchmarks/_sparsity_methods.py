@@ -8,22 +8,17 @@ its upload, and the server decodes the uploads. Byte counts are ``len(payload)``
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from strato import codec
 from strato.params import Params
-from strato.strategy.complement import (
-    ComplementConfig,
-    ComplementServer,
-    decode_download,
-    encode_download,
-    encode_upload,
-)
+from strato.strategy.complement import ComplementConfig, ComplementServer, decode_download
+from strato.strategy.complement_wire import ComplementWire
 from strato.strategy.topk import TopKCompressor, apply_sparse_updates
-from strato.wire import MAGIC, WireFormat, decode_values, encode_params, encode_values
+from strato.wire import WireFormat, decode_values, encode_values
 
 Mask = npt.NDArray[np.bool_]
 
@@ -92,37 +87,27 @@ class TopK(FedAvg):
         self.global_model = apply_sparse_updates(self.global_model, rows)
 
 
-@dataclass(frozen=True)
-class Formats:
-    """Wire formats of a CS run. The faithful CS uses the defaults (float32, no zstd)."""
-
-    first_down: WireFormat | None = None  # None: dense safetensors
-    first_up: WireFormat | None = None  # None: dense safetensors weights; else a coded delta
-    down: WireFormat = field(default_factory=lambda: WireFormat(mask="bitmap"))
-    up: WireFormat = field(default_factory=lambda: WireFormat(mask="shared"))
-
-
 class Complement:
-    """Complement Sparsification; ``Formats`` and ``kept_rate`` turn it into the combined mode."""
+    """Complement Sparsification; a ``ComplementWire`` and ``kept_rate`` turn it into the
+    combined mode. The wire formats and their encode/decode are the library's, the same
+    code ``strato run --strategy cs`` uses."""
 
     def __init__(self, initial: Params, seed: int, sparsity: float = 0.5, eta: float = 1.5,
-                 formats: Formats | None = None, kept_rate: float | None = None) -> None:
+                 wire: ComplementWire | None = None, kept_rate: float | None = None) -> None:
         self.seed = seed
-        self.formats = formats or Formats()
+        self.wire = wire or ComplementWire()
         self.server = ComplementServer(initial, ComplementConfig(sparsity, eta, kept_rate))
         self.base = initial.copy()  # the exact model behind this round's download
 
     def download(self, rnd: int) -> bytes:
-        f, server = self.formats, self.server
-        if server.keep is None and f.first_down is None:
-            payload = codec.encode(server.model).payload
-        elif server.keep is None:
-            payload = encode_params(server.model, None, f.first_down, _seed(self.seed, rnd)).payload
+        server, seed = self.server, _seed(self.seed, rnd)
+        first = server.keep is None
+        if first and self.wire.lossy_first:
             # The server adopts exactly what its clients decode, so the first round's
             # deltas apply to the model they were computed from.
-            server.model = decode_values(payload).to_params()
+            server.model, payload = self.wire.adopt(server.model, seed)
         else:
-            payload = encode_download(server.model, f.down, _seed(self.seed, rnd)).payload
+            payload = self.wire.encode_download(server.model, first, seed).payload
         self.base = server.model.copy()
         return payload
 
@@ -130,29 +115,16 @@ class Complement:
         return Received(decode_download(payload), sparse=self.server.keep is not None)
 
     def upload(self, client: int, rnd: int, got: Received, trained: Params) -> bytes:
-        f, layout = self.formats, trained.layout
         seed = _seed(self.seed, rnd, client)
-        first = not got.sparse
-        if first and f.first_up is None:
-            return codec.encode(trained).payload
-        if first or self.server.config.kept_rate is not None:
-            # a dense delta against what this client decoded
-            fmt = f.first_up if first else f.up
-            delta = trained.flat() - got.params.flat()
-            return encode_values(layout, delta, None, fmt, seed).payload
-        # faithful CS: the trained kernel values where the received model is zero, and biases
-        return encode_upload(got.params, trained, f.up, seed).payload
+        return self.wire.encode_upload(got.params, trained, not got.sparse, seed).payload
 
     def aggregate(self, rnd: int, uploads: list[tuple[bytes, int]]) -> None:
-        server, layout = self.server, self.server.model.layout
+        server = self.server
+        first, mask = server.keep is None, server.upload_mask()
         rows = []
         for payload, n in uploads:
-            if payload[:4] != MAGIC:
-                values = codec.decode(payload, expect=layout).flat().copy()
-            else:
-                d = decode_values(payload, shared_mask=server.upload_mask(), expect=layout)
-                values = d.values if d.mask is not None else self.base.flat() + d.values
-            rows.append((values, float(n)))
+            values = self.wire.decode_upload(payload, self.base, first)  # full length
+            rows.append((values if mask is None else values[mask], float(n)))
         server.aggregate(rows)
 
     def model(self) -> Params:
@@ -166,12 +138,13 @@ def combined(initial: Params, seed: int, sparsity: float = 0.5, eta: float = 1.5
     kept-weight updates (``kept`` = their rate; 0 = faithful CS uploads), per-layer
     4-bit quantization both ways, an implicit download mask, and zstd."""
     level = zstd or None
-    return Complement(initial, seed, sparsity, eta, Formats(
+    return Complement(initial, seed, sparsity, eta, ComplementWire(
         first_down=WireFormat(bits=first, zstd_level=level),
         first_up=WireFormat(bits=first, zstd_level=level),
         down=WireFormat(bits=down, mask="implicit", zstd_level=level) if down < 32
         else WireFormat(mask="bitmap", zstd_level=level),
         up=WireFormat(bits=up, mask="shared", zstd_level=level),
+        deltas=bool(kept),
     ), kept_rate=kept or None)
 
 
@@ -190,13 +163,14 @@ METHODS: dict[str, Callable[..., Method]] = {
 def make_method(spec: str, initial: Params, seed: int, eta: float | None = None) -> Method:
     """``name`` or ``name:key=value,...`` (numbers only), e.g. ``combined:down=8,sparsity=0.7``.
 
-    ``eta`` is the default aggregation rate of the CS-based methods (a spec may override it).
+    ``eta`` is the aggregation rate of the faithful CS methods (``cs50`` ...; a spec may
+    override it). The combined mode keeps its own default, 1.5, unless its spec sets one.
     """
     name, _, rest = spec.partition(":")
     if name not in METHODS:
         raise SystemExit(f"unknown method {name!r} (known: {', '.join(METHODS)})")
     kwargs: dict[str, float | int] = {}
-    if eta is not None and (name.startswith("cs") or name == "combined"):
+    if eta is not None and name.startswith("cs"):
         kwargs["eta"] = eta
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
