@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from strato.params import Params
+
 REPO = Path(__file__).resolve().parents[1]
 MNIST_APP = REPO / "examples" / "mnist"
 
@@ -28,13 +32,43 @@ lr = 0.05
 """
 
 
-def make_tiny_app(tmp_path: Path) -> Path:
+# The Complement Sparsification run tests' job: two clients a round out of four.
+CS_TOML = """
+[job]
+rounds = {rounds}
+clients = 4
+clients_per_round = 2
+seed = {seed}
+client_concurrency = 2
+
+[round]
+round_deadline_s = 60
+
+[train]
+epochs = 1
+batch_size = 16
+lr = 0.05
+"""
+
+
+def make_tiny_app(tmp_path: Path, toml: str = TINY_TOML) -> Path:
     """The MNIST example's code with a small job (runs on the digits in seconds)."""
     app = tmp_path / "app"
     app.mkdir()
     (app / "app.py").write_text((MNIST_APP / "app.py").read_text())
-    (app / "strato.toml").write_text(TINY_TOML)
+    (app / "strato.toml").write_text(toml)
     return app
+
+
+def toy_params(seed: int) -> Params:
+    """A four-tensor model (two kernels, two biases) with seeded normal values."""
+    rng = np.random.default_rng(seed)
+    return Params.from_arrays({
+        "conv.weight": rng.normal(size=(4, 1, 3, 3)).astype(np.float32),
+        "conv.bias": rng.normal(size=4).astype(np.float32),
+        "fc.weight": rng.normal(size=(3, 8)).astype(np.float32),
+        "fc.bias": rng.normal(size=3).astype(np.float32),
+    })
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fltools import toy_params
 from strato import codec
 from strato.errors import CodecError, ConfigError
 from strato.fl.strategies import RoundAggregator, check_strategy, download_key
@@ -19,24 +20,14 @@ from strato.strategy.complement import (
 )
 
 
-def model(seed: int) -> Params:
-    rng = np.random.default_rng(seed)
-    return Params.from_arrays({
-        "conv.weight": rng.normal(size=(4, 1, 3, 3)).astype(np.float32),
-        "conv.bias": rng.normal(size=4).astype(np.float32),
-        "fc.weight": rng.normal(size=(3, 8)).astype(np.float32),
-        "fc.bias": rng.normal(size=3).astype(np.float32),
-    })
-
-
 def test_round_one_is_fedavg_then_pruned_and_round_two_merges_complements() -> None:
-    layout = model(0).layout
+    layout = toy_params(0).layout
     opts = {"sparsity": 0.5, "eta": 1.5}
     agg = RoundAggregator("cs", opts, layout, 1)
-    a, b = model(1), model(2)
+    a, b = toy_params(1), toy_params(2)
     for name, p, n in (("a", a, 10.0), ("b", b, 30.0)):
-        agg.add(name, agg.decode_update(codec.encode(p).payload, lambda: model(0)).flat(), n)
-    w1, state = agg.finish(model(0).flat(), {})
+        agg.add(name, agg.decode_update(codec.encode(p).payload, lambda: toy_params(0)).flat(), n)
+    w1, state = agg.finish(toy_params(0).flat(), {})
     assert state == {}
     fedavg = ((10 * a.flat().astype(np.float64) + 30 * b.flat()) / 40).astype(np.float32)
     ref, _ = prune(Params(layout, fedavg.view(np.uint8)), 0.5)
@@ -54,7 +45,7 @@ def test_round_one_is_fedavg_then_pruned_and_round_two_merges_complements() -> N
         loads.append(1)
         return w_s
 
-    c, d = model(3), model(4)
+    c, d = toy_params(3), toy_params(4)
     for name, p, n in (("c", c, 1.0), ("d", d, 3.0)):
         flat = agg.decode_update(encode_upload(w_s, p).payload, previous).flat()
         agg.add(name, flat, n)
@@ -69,21 +60,21 @@ def test_round_one_is_fedavg_then_pruned_and_round_two_merges_complements() -> N
 
 
 def test_a_round_two_upload_that_is_not_a_complement_is_refused() -> None:
-    layout = model(0).layout
-    w_s, _ = prune(model(1), 0.5)
+    layout = toy_params(0).layout
+    w_s, _ = prune(toy_params(1), 0.5)
     agg = RoundAggregator("cs", {}, layout, 2)
-    other, _ = prune(model(1), 0.2)
+    other, _ = prune(toy_params(1), 0.2)
     with pytest.raises(CodecError):
-        agg.decode_update(encode_upload(other, model(2)).payload, lambda: w_s)
+        agg.decode_update(encode_upload(other, toy_params(2)).payload, lambda: w_s)
     # a dense model (a client that knows nothing of CS) is reduced to its complement
-    full = agg.decode_update(codec.encode(model(2)).payload, lambda: w_s).flat()
+    full = agg.decode_update(codec.encode(toy_params(2)).payload, lambda: w_s).flat()
     send = upload_positions(w_s, kernel_positions(layout))
-    assert np.array_equal(full[send], model(2).flat()[send]) and not full[~send].any()
+    assert np.array_equal(full[send], toy_params(2).flat()[send]) and not full[~send].any()
 
 
 def test_other_strategies_write_no_sparse_download() -> None:
-    agg = RoundAggregator("fedavg", {}, model(0).layout, 1)
-    assert agg.download_payload(model(0)) is None
+    agg = RoundAggregator("fedavg", {}, toy_params(0).layout, 1)
+    assert agg.download_payload(toy_params(0)) is None
     assert download_key("models/round-00003.safetensors") != "models/round-00003.safetensors"
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fltools import strato
+from fltools import CS_TOML, make_tiny_app, strato, toy_params
 from strato import codec
 from strato.cli import main
 from strato.errors import CodecError, ConfigError
@@ -31,7 +31,6 @@ from strato.fl.strategies import (
     download_key,
     wire_seed,
 )
-from strato.params import Params
 from strato.services import embedded
 from strato.strategy.complement import (
     encode_download,
@@ -43,31 +42,12 @@ from strato.strategy.complement import (
 )
 from strato.wire import WireFormat, decode_values, encode_values
 
-TOML = """
-[job]
-rounds = 3
-clients = 4
-clients_per_round = 2
-seed = 5
-client_concurrency = 2
-
-[round]
-round_deadline_s = 60
-
-[train]
-epochs = 1
-batch_size = 16
-lr = 0.05
-"""
+TOML = CS_TOML.format(rounds=3, seed=5)
 
 
 @pytest.fixture
 def app(tmp_path: Path) -> Path:
-    app = tmp_path / "app"
-    app.mkdir()
-    (app / "app.py").write_text((Path(__file__).parents[2] / "examples/mnist/app.py").read_text())
-    (app / "strato.toml").write_text(TOML)
-    return app
+    return make_tiny_app(tmp_path, TOML)
 
 
 def header(payload: bytes) -> dict[str, Any]:
@@ -184,23 +164,13 @@ def test_cs_combined_run_moves_coded_payloads_and_merges_them(app: Path, tmp_pat
 # --- the aggregator's half, without services --------------------------------------------
 
 
-def model(seed: int) -> Params:
-    rng = np.random.default_rng(seed)
-    return Params.from_arrays({
-        "conv.weight": rng.normal(size=(4, 1, 3, 3)).astype(np.float32),
-        "conv.bias": rng.normal(size=4).astype(np.float32),
-        "fc.weight": rng.normal(size=(3, 8)).astype(np.float32),
-        "fc.bias": rng.normal(size=3).astype(np.float32),
-    })
-
-
 def test_a_dense_client_still_works_and_a_sparse_delta_is_refused() -> None:
     """A client that knows nothing of the codec (dense weights) is merged as weights."""
-    w_s, _ = prune(model(1), 0.5)
+    w_s, _ = prune(toy_params(1), 0.5)
     layout = w_s.layout
     opts = complement_options({}, "cs-combined")
     agg = RoundAggregator("cs-combined", {}, layout, 2, seed=7)
-    trained = model(2)
+    trained = toy_params(2)
     dense = agg.decode_update(codec.encode(trained).payload, lambda: w_s).flat()
     coded = agg.decode_update(
         opts.wire.encode_upload(w_s, trained, first=False, seed=1).payload, lambda: w_s
@@ -220,17 +190,17 @@ def test_a_dense_client_still_works_and_a_sparse_delta_is_refused() -> None:
 
 def test_quantized_faithful_cs_uploads_the_quantized_complement() -> None:
     """bits 8 without kept_rate: the faithful structure, quantized (kernels 8-bit)."""
-    w_s, _ = prune(model(1), 0.5)
+    w_s, _ = prune(toy_params(1), 0.5)
     wire = complement_options({"bits": 8}).wire
     received = decode_values(wire.encode_download(w_s, first=False, seed=3).payload).to_params()
     send = upload_positions(w_s, kernel_positions(w_s.layout))
     assert np.array_equal(upload_positions(received, kernel_positions(w_s.layout)), send)
-    payload = wire.encode_upload(received, model(2), first=False, seed=4).payload
+    payload = wire.encode_upload(received, toy_params(2), first=False, seed=4).payload
     assert header(payload)["mask"] == "shared"
     agg = RoundAggregator("cs", {"bits": 8}, w_s.layout, 2)
     full = agg.decode_update(payload, lambda: w_s).flat()
     assert not full[~send].any()
-    assert np.allclose(full[send], model(2).flat()[send], atol=0.05)
+    assert np.allclose(full[send], toy_params(2).flat()[send], atol=0.05)
 
 
 # --- options ------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fltools import strato
+from fltools import CS_TOML, make_tiny_app, strato
 from strato import codec
 from strato.fl import state
 from strato.fl.strategies import download_key
@@ -29,31 +29,12 @@ from strato.strategy.complement import (
 )
 from strato.wire import WireFormat, decode_values, encode_values
 
-TOML = """
-[job]
-rounds = 2
-clients = 4
-clients_per_round = 2
-seed = 3
-client_concurrency = 2
-
-[round]
-round_deadline_s = 60
-
-[train]
-epochs = 1
-batch_size = 16
-lr = 0.05
-"""
+TOML = CS_TOML.format(rounds=2, seed=3)
 
 
 @pytest.fixture
 def cs_app(tmp_path: Path) -> Path:
-    app = tmp_path / "app"
-    app.mkdir()
-    (app / "app.py").write_text((Path(__file__).parents[2] / "examples/mnist/app.py").read_text())
-    (app / "strato.toml").write_text(TOML)
-    return app
+    return make_tiny_app(tmp_path, TOML)
 
 
 @pytest.mark.slow

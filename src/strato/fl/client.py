@@ -118,6 +118,10 @@ class SimClient:
         self.svc, self.client, self.app, self.data, self.job = svc, client, app, data, job
         self.queue = state.client_queue(client)
         self.trainer = LocalTrainer(app, data, client, job["config"])
+        cfg = job["config"]
+        # CS: the run's wire formats, the same every round
+        self.wire = (complement_options(cfg["strategy_options"], cfg["strategy"]).wire
+                     if is_complement(cfg["strategy"]) else None)
 
     def next_notice(self, wait_s: float, visibility_timeout_s: float = 30.0) -> RoundNotice | None:
         for msg in self.svc.bus.receive(self.queue, 1, wait_s, visibility_timeout_s):
@@ -133,10 +137,7 @@ class SimClient:
         if self.already_uploaded(notice.round):
             self.svc.bus.ack(self.queue, notice.receipt)
             return {"round": notice.round, "skipped": "already uploaded"}
-        cfg = self.job["config"]
-        wire = (complement_options(cfg["strategy_options"], cfg["strategy"]).wire
-                if is_complement(cfg["strategy"]) else None)
-        first = notice.round == 1
+        wire, first = self.wire, notice.round == 1
         if wire is not None and wire.fetches_download(first):
             # CS: the coded download (the sparse model after round 1)
             payload = self.svc.blobs.get(download_key(notice.model_key))
@@ -148,7 +149,7 @@ class SimClient:
         if wire is None:
             encoded = encode(update)
         else:  # CS: the complement, or a delta against what this client decoded
-            seed = wire_seed(int(cfg["seed"]), notice.round, self.client)
+            seed = wire_seed(int(self.job["config"]["seed"]), notice.round, self.client)
             encoded = wire.encode_upload(received, update, first, seed)
         nonce = uuid.uuid4().hex[:8]
         blob = self.svc.blobs.put(

@@ -51,7 +51,6 @@ __all__ = [
     "ComplementOptions",
     "RoundAggregator",
     "check_strategy",
-    "complement_config",
     "complement_options",
     "download_key",
     "initial_download",
@@ -137,11 +136,6 @@ def complement_options(options: dict[str, Any], name: str = "cs") -> ComplementO
         raise ConfigError(f"strategy cs: option zstd needs the optional 'zstandard' "
                           f"package: {_INSTALL}")
     return ComplementOptions(config, ComplementWire.build(bits, level or None, config.kept_rate))
-
-
-def complement_config(options: dict[str, Any], name: str = "cs") -> ComplementConfig:
-    """The CS algorithm's options, checked; ConfigError (one line) otherwise."""
-    return complement_options(options, name).config
 
 
 def wire_seed(seed: int, round_: int, who: str) -> int:
