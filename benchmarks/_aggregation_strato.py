@@ -27,7 +27,7 @@ from _aggregation_common import (
     status_kb,
 )
 from strato.control import AutoscalerState, TreeShape, decide
-from strato.lifl import Cluster, RoundStats
+from strato.aggregation import Cluster, RoundStats
 
 
 def _round(

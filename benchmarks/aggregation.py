@@ -103,7 +103,7 @@ def flower_available() -> bool:
 
 def resolve_executor(name: str, wl: Workload) -> str:
     """``auto`` as a node would resolve it for this model; ``alt``: the other one."""
-    from strato.lifl.node import THREADS_BELOW_BYTES
+    from strato.aggregation.node import THREADS_BELOW_BYTES
 
     auto = "threads" if wl.params * 4 < THREADS_BELOW_BYTES else "runtime"
     if name == "auto":

@@ -8,12 +8,12 @@ global model. The tree's shape comes from ``strato.control.autoscaler`` and wher
 each aggregator runs from ``strato.control.placement``.
 """
 
-from strato.lifl._executor import RuntimeExecutor, ThreadExecutor
-from strato.lifl._kernels import accumulate
-from strato.lifl._messages import AggregatorStats
-from strato.lifl._round import RoundPlan, RoundResult, RoundStats
-from strato.lifl.cluster import Cluster, RoundHandle
-from strato.lifl.node import Node, UpdateLease
+from strato.aggregation._executor import RuntimeExecutor, ThreadExecutor
+from strato.aggregation._kernels import accumulate
+from strato.aggregation._messages import AggregatorStats
+from strato.aggregation._round import RoundPlan, RoundResult, RoundStats
+from strato.aggregation.cluster import Cluster, RoundHandle
+from strato.aggregation.node import Node, UpdateLease
 
 __all__ = [
     "AggregatorStats",

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from strato.control import TreeShape, build_tree, cross_node_bytes
 from strato.errors import ConfigError, StratoError
-from strato.lifl import Cluster, Node
+from strato.aggregation import Cluster, Node
 
 F32 = np.float32
 
@@ -293,7 +293,7 @@ def test_mistakes_get_clear_errors(three_nodes: Cluster) -> None:
 
 
 def test_the_descriptor_that_travels_is_a_few_bytes() -> None:
-    from strato.lifl._messages import Arrived
+    from strato.aggregation._messages import Arrived
     from strato.services.shm import ShmRef
 
     ref = ShmRef("strato-123-abcdef01-7", 0, 40_000_000)
@@ -304,7 +304,7 @@ def test_the_descriptor_that_travels_is_a_few_bytes() -> None:
 
 
 def test_auto_runs_small_models_on_threads_and_large_ones_in_functions() -> None:
-    from strato.lifl.node import THREADS_BELOW_BYTES
+    from strato.aggregation.node import THREADS_BELOW_BYTES
 
     node = Node("n0")
     try:

@@ -30,10 +30,10 @@ import numpy as np
 from strato.control.autoscaler import TreeShape
 from strato.control.placement import NodeCapacity, build_tree, place_best_fit, place_round_robin
 from strato.errors import ConfigError, StratoError
-from strato.lifl._kernels import DTYPES
-from strato.lifl._messages import AggregatorStats, Arrived
-from strato.lifl._round import RoundPlan, RoundResult, RoundSetup, RoundStats
-from strato.lifl.node import Node, UpdateLease
+from strato.aggregation._kernels import DTYPES
+from strato.aggregation._messages import AggregatorStats, Arrived
+from strato.aggregation._round import RoundPlan, RoundResult, RoundSetup, RoundStats
+from strato.aggregation.node import Node, UpdateLease
 from strato.services.shm import ShmLease
 
 __all__ = ["Cluster", "RoundHandle"]

@@ -34,12 +34,12 @@ from typing import TYPE_CHECKING, Any
 
 from strato.control.placement import AggregatorSpec
 from strato.errors import StratoError
-from strato.lifl._messages import AggregatorStats, Arrived, Input
+from strato.aggregation._messages import AggregatorStats, Arrived, Input
 from strato.services.shm import ShmLease
 
 if TYPE_CHECKING:
-    from strato.lifl._round import RoundSetup
-    from strato.lifl.node import Node, UpdateLease
+    from strato.aggregation._round import RoundSetup
+    from strato.aggregation.node import Node, UpdateLease
 
 __all__ = ["Dispatcher"]
 

@@ -87,7 +87,7 @@ def _fused32() -> Any:
     if "fused" not in _FUSED:
         kernel: Any = None
         try:
-            from strato.lifl._numba_kernels import add_f32
+            from strato.aggregation._numba_kernels import add_f32
 
             kernel = add_f32
         except ImportError:

@@ -1,6 +1,6 @@
 """The aggregator function: one handler for leaves, middles and the root.
 
-Runs as a Runtime function (``strato.lifl._handler:aggregate``) in a warm worker
+Runs as a Runtime function (``strato.aggregation._handler:aggregate``) in a warm worker
 process, or called directly on a warm thread of the node (``ThreadExecutor``).
 Everything it works on lives in the node's shared memory and is named in the event;
 the function keeps no state of its own, so any warm worker can serve any
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from strato.errors import LayoutError
-from strato.lifl._kernels import DTYPES, accumulate, warm_up
+from strato.aggregation._kernels import DTYPES, accumulate, warm_up
 
 __all__ = ["WARM_UP_ENV", "aggregate", "peak_rss_kb"]
 

@@ -21,10 +21,10 @@ from typing import Any
 
 from strato.control.placement import NodeCapacity
 from strato.errors import ConfigError
-from strato.lifl._dispatcher import Dispatcher
-from strato.lifl._executor import Executor, RuntimeExecutor, ThreadExecutor
-from strato.lifl._messages import Input
-from strato.lifl._transport import Endpoint
+from strato.aggregation._dispatcher import Dispatcher
+from strato.aggregation._executor import Executor, RuntimeExecutor, ThreadExecutor
+from strato.aggregation._messages import Input
+from strato.aggregation._transport import Endpoint
 from strato.services.runtime import Runtime
 from strato.services.shm import ShmLease, ShmPool
 

@@ -10,7 +10,7 @@ import numpy.typing as npt
 
 from strato.control.autoscaler import AutoscalerContext, TreeShape
 from strato.control.placement import Placement, Tree
-from strato.lifl._messages import AggregatorStats
+from strato.aggregation._messages import AggregatorStats
 from strato.services.shm import ShmLease
 
 __all__ = ["RoundPlan", "RoundResult", "RoundSetup", "RoundStats", "peak_arrival_rate"]

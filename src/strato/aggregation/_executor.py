@@ -24,13 +24,13 @@ from collections.abc import Mapping
 from concurrent.futures import Future
 from typing import Any, Protocol
 
-from strato.lifl import _handler, _kernels
+from strato.aggregation import _handler, _kernels
 from strato.services import shm
 from strato.services.runtime import FunctionSpec, Runtime
 
 __all__ = ["Executor", "RuntimeExecutor", "ThreadExecutor", "single_threaded_blas"]
 
-HANDLER = "strato.lifl._handler:aggregate"
+HANDLER = "strato.aggregation._handler:aggregate"
 # Parallelism comes from aggregators, never from BLAS threads inside one of them.
 BLAS_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from strato.errors import LayoutError
-from strato.lifl import _kernels, accumulate
+from strato.aggregation import _kernels, accumulate
 
 
 @contextlib.contextmanager
