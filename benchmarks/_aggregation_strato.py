@@ -26,8 +26,8 @@ from _aggregation_common import (
     sleep_until,
     status_kb,
 )
-from strato.control import AutoscalerState, TreeShape, decide
 from strato.aggregation import Cluster, RoundStats
+from strato.control import AutoscalerState, TreeShape, decide
 
 
 def _round(

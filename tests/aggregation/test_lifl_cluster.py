@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from strato.aggregation import Cluster, Node
 from strato.control import TreeShape, build_tree, cross_node_bytes
 from strato.errors import ConfigError, StratoError
-from strato.aggregation import Cluster, Node
 
 F32 = np.float32
 

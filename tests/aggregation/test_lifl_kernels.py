@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from strato.errors import LayoutError
 from strato.aggregation import _kernels, accumulate
+from strato.errors import LayoutError
 
 
 @contextlib.contextmanager

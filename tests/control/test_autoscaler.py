@@ -16,6 +16,7 @@ from strato.control import (
     decide,
     estimate,
 )
+from strato.control.autoscaler import choose_shards
 from strato.errors import ConfigError
 
 
@@ -181,3 +182,55 @@ def test_a_load_that_never_lets_up_gets_enough_leaves_to_drain() -> None:
     c = ctx(1.0, service=2.5, cores=8, updates=100, arrival_offsets=trace)
     assert decide(c, AutoscalerState())[0].leaves == 3
     assert decide(dataclasses.replace(c, cores=2), AutoscalerState())[0].leaves == 2
+
+
+# ---- choose_shards: coordinate shards of a robust aggregation under a memory cap ------
+
+MiB = 1 << 20
+
+
+def shard_peak(updates: int, update_bytes: int, shards: int, overhead_mb: int = 64,
+               scratch_mb: int = 16) -> int:
+    """The model choose_shards budgets: process + scratch + (rows held + 1 read) × slice."""
+    coordinates = -(-update_bytes // 4)
+    columns = -(-coordinates // shards)
+    return (overhead_mb + scratch_mb) * MiB + 4 * (updates + 1) * columns
+
+
+def test_choose_shards_is_the_fewest_that_fit() -> None:
+    assert choose_shards(1, 4, 1024) == 1
+    assert choose_shards(64, 100_000_000, 1024) == 7  # 64 × 25M float32 in 1 GiB functions
+    for updates, nbytes, mb in [(64, 100_000_000, 1024), (16, 8_000_000, 100),
+                                (10, 4 * 1001, 81), (1000, 4 * 10**6, 256), (2, 400 * MiB, 128)]:
+        m = choose_shards(updates, nbytes, mb)
+        assert shard_peak(updates, nbytes, m) <= mb * MiB
+        if m > 1:
+            assert shard_peak(updates, nbytes, m - 1) > mb * MiB
+
+
+def test_choose_shards_budget_edges() -> None:
+    assert choose_shards(10, 4 * 7, 81, overhead_mb=64, scratch_mb=16) == 1
+    assert choose_shards(3, 4 * 5, 1, overhead_mb=0, scratch_mb=0) == 1
+    # columns of 3 updates (+1 read) that fit in 1 MiB beside one column's float64 scratch
+    tight = (MiB - 16 * 4) // (4 * 4)
+    assert choose_shards(3, 4 * tight, 1, overhead_mb=0, scratch_mb=0) == 1
+    assert choose_shards(3, 4 * (tight + 1), 1, overhead_mb=0, scratch_mb=0) == 2
+    assert choose_shards(3, 4 * (2 * tight + 1), 1, overhead_mb=0, scratch_mb=0) == 3
+    assert choose_shards(1, 4 * 10**6, 100) == 1
+    # more memory never needs more shards, more updates never fewer
+    for mb in range(100, 2000, 97):
+        assert choose_shards(64, 10**8, mb + 97) <= choose_shards(64, 10**8, mb)
+        assert choose_shards(65, 10**8, mb) >= choose_shards(64, 10**8, mb)
+
+
+def test_choose_shards_refuses_what_cannot_fit() -> None:
+    with pytest.raises(ConfigError, match="even for one coordinate"):
+        choose_shards(16, 10**6, 80)  # the 64 MiB process and 16 MiB scratch fill it
+    with pytest.raises(ConfigError, match="even for one coordinate"):
+        choose_shards(10**7, 4, 100)  # ten million rows of one coordinate: 80 MB + 160 MB
+    with pytest.raises(ConfigError, match="updates"):
+        choose_shards(0, 4, 100)
+    with pytest.raises(ConfigError, match="no float32"):
+        choose_shards(1, 3, 100)
+    with pytest.raises(ConfigError, match="function_memory_mb"):
+        choose_shards(1, 4, 0)

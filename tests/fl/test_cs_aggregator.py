@@ -20,14 +20,22 @@ from strato.strategy.complement import (
 )
 
 
+def _mean(pairs: list[tuple[np.ndarray, float]]) -> np.ndarray:
+    """The weighted mean the aggregation engine hands the server step."""
+    total = sum(w for _, w in pairs)
+    return sum(w * x.astype(np.float64) for x, w in pairs) / total  # type: ignore[no-any-return]
+
+
 def test_round_one_is_fedavg_then_pruned_and_round_two_merges_complements() -> None:
     layout = toy_params(0).layout
     opts = {"sparsity": 0.5, "eta": 1.5}
     agg = RoundAggregator("cs", opts, layout, 1)
     a, b = toy_params(1), toy_params(2)
-    for name, p, n in (("a", a, 10.0), ("b", b, 30.0)):
-        agg.add(name, agg.decode_update(codec.encode(p).payload, lambda: toy_params(0)).flat(), n)
-    w1, state = agg.finish(toy_params(0).flat(), {})
+    decoded = [
+        (agg.decode_update(codec.encode(p).payload, lambda: toy_params(0)).flat(), n)
+        for p, n in ((a, 10.0), (b, 30.0))
+    ]
+    w1, state = agg.step(toy_params(0).flat(), _mean(decoded), {})
     assert state == {}
     fedavg = ((10 * a.flat().astype(np.float64) + 30 * b.flat()) / 40).astype(np.float32)
     ref, _ = prune(Params(layout, fedavg.view(np.uint8)), 0.5)
@@ -46,11 +54,12 @@ def test_round_one_is_fedavg_then_pruned_and_round_two_merges_complements() -> N
         return w_s
 
     c, d = toy_params(3), toy_params(4)
-    for name, p, n in (("c", c, 1.0), ("d", d, 3.0)):
-        flat = agg.decode_update(encode_upload(w_s, p).payload, previous).flat()
-        agg.add(name, flat, n)
+    decoded = [
+        (np.array(agg.decode_update(encode_upload(w_s, p).payload, previous).flat()), n)
+        for p, n in ((c, 1.0), (d, 3.0))
+    ]
     assert loads == [1]  # the round's input model is loaded once, then kept warm
-    w2, _ = agg.finish(w1, {})
+    w2, _ = agg.step(w1, _mean(decoded), {})
     kernels = kernel_positions(layout)
     send = upload_positions(w_s, kernels)
     mean = np.zeros(layout.numel)

@@ -257,7 +257,7 @@ def test_poll_download_and_upload_store_the_update_like_the_sim_client(harness: 
     assert h.svc.bus.receive(state.client_queue(alice), 1, 0.0) == []
     # A second upload for the round is refused before its body is read.
     dup = h.http.put(body["upload"], content=update, headers=headers)
-    assert dup.status_code == 409 and "already uploaded" in dup.json()["error"]
+    assert dup.status_code == 409 and "already has an update" in dup.json()["error"]
     assert h.stored_updates() == (blobs, records)
 
     h.svc.table.put(state.METRICS, state.round_key(2), {"round": 2})  # the last round is done

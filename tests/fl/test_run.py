@@ -61,12 +61,14 @@ def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _rounds_table(out: Path) -> dict[int, dict]:  # type: ignore[type-arg]
+def _accepted(out: Path, r: int) -> dict[str, str]:
+    """Round r's accepted updates: client -> update record key."""
     from strato.fl import state
     from strato.services import embedded
 
     with embedded(out / "services") as svc:
-        return {i.value["round"]: i.value for i in svc.table.query(state.ROUNDS)}
+        items = svc.table.query(state.ACCEPTED, state.round_key(r) + "/")
+        return {i.value["client"]: i.value["key"] for i in items}
 
 
 def test_resume_after_sigkill_mid_round(tiny_app: Path, tmp_path: Path) -> None:
@@ -91,15 +93,10 @@ def test_resume_after_sigkill_mid_round(tiny_app: Path, tmp_path: Path) -> None:
     metrics = out / "metrics.jsonl"
     # Kill once round 1 is evaluated and round 2 has at least one accepted update.
     _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, 120, "round 1")
-    _wait_for(
-        lambda: len(_rounds_table(out).get(2, {}).get("accepted", {})) >= 1,
-        120,
-        "an accepted update in round 2",
-    )
+    _wait_for(lambda: len(_accepted(out, 2)) >= 1, 120, "an accepted update in round 2")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    rounds_before = _rounds_table(out)
-    accepted_before = dict(rounds_before[2]["accepted"])
+    accepted_before = _accepted(out, 2)
     model1 = out / "services" / "blobs" / "models" / "round-00001.safetensors"
     model1_stat = model1.stat()
     _wait_for(lambda: strato_workers(out) == [], 10, "workers of the killed run to exit")
@@ -111,9 +108,9 @@ def test_resume_after_sigkill_mid_round(tiny_app: Path, tmp_path: Path) -> None:
     assert [r["round"] for r in summary["per_round"]] == [1, 2, 3, 4]
     rows = [json.loads(x)["round"] for x in metrics.read_text().splitlines()]
     assert sorted(rows) == [1, 2, 3, 4]  # each round reported exactly once
-    after = _rounds_table(out)
-    for client, entry in accepted_before.items():  # no accepted update was lost
-        assert after[2]["accepted"][client]["key"] == entry["key"]
+    after = _accepted(out, 2)
+    for client, key in accepted_before.items():  # no accepted update was lost
+        assert after[client] == key
     assert model1.stat().st_mtime_ns == model1_stat.st_mtime_ns  # round 1 not recomputed
     assert strato_workers(out) == []
 

@@ -13,6 +13,7 @@ from strato.strategy.robust import (
     _BLOCK,
     coordinate_median,
     krum_select,
+    krum_select_from_distances,
     pairwise_sq_distances,
     trimmed_mean,
 )
@@ -92,3 +93,20 @@ def test_robust_options_and_minimum_updates() -> None:
         krum.reduce(np.zeros((6, 3), np.float32), np.ones(6))
     single = make_strategy("fedmedian").reduce(np.ones((1, 3), np.float32), [1.0])
     assert single.tolist() == [1, 1, 1]
+
+
+def test_krum_select_from_distances_matches_krum_select() -> None:
+    rng = np.random.default_rng(4)
+    stack = rng.standard_normal((9, 300)).astype(np.float32)
+    dist = pairwise_sq_distances(stack)
+    before = dist.copy()
+    for f, m in ((1, 1), (2, 3), (3, 6)):
+        assert krum_select_from_distances(dist, f, m).tolist() == krum_select(stack, f, m).tolist()
+    np.testing.assert_array_equal(dist, before)  # the caller's matrix is left alone
+    # distances add over coordinates: partial matrices of column slices sum to the whole
+    parts = sum(pairwise_sq_distances(stack[:, lo : lo + 100]) for lo in (0, 100, 200))
+    assert krum_select_from_distances(parts, 2, 3).tolist() == krum_select(stack, 2, 3).tolist()
+    with pytest.raises(ValueError, match="square"):
+        krum_select_from_distances(np.zeros((3, 4)), 0)
+    with pytest.raises(ConfigError, match="neighbours"):
+        krum_select_from_distances(np.zeros((4, 4)), 2)

@@ -9,6 +9,7 @@ time from a queue, so none of that state needs a lock. Events:
     empty   a child finished with nothing to send
     count   after close: how many updates a landing node sent to one of our leaves
     close   no more arrivals this round (quorum or deadline)
+    flush   add what is pending now, without waiting for full batches
     done    an aggregator invocation returned
     abort   forget the round (it failed somewhere)
 
@@ -32,9 +33,9 @@ import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+from strato.aggregation._messages import AggregatorStats, Arrived, Input
 from strato.control.placement import AggregatorSpec
 from strato.errors import StratoError
-from strato.aggregation._messages import AggregatorStats, Arrived, Input
 from strato.services.shm import ShmLease
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ class _Agg:
         self.updates = 0
         self.reported: dict[str, int] = {}  # leaves: landing node -> final count
         self.empties = 0  # parents: children that finished empty
+        self.flush = False  # take what is pending as soon as the batch in flight returns
         self.done = False
         self.stats = AggregatorStats(spec.name, node, spec.level)
 
@@ -89,6 +91,7 @@ class _Round:
         self.refused = 0
         self.ingested_bytes = 0
         self.ready_at: float | None = None
+        self.bad: list[str] = []  # clients whose update a leaf found non-finite
 
 
 class Dispatcher:
@@ -161,7 +164,7 @@ class Dispatcher:
         r.quota[leaf] -= 1
         r.sent[leaf] += 1
         ref = {**desc.ref.to_dict(), "dtype": r.setup.dtype}
-        item = Input(ref, desc.weight, desc.weight, 1, lease.release)
+        item = Input(ref, desc.weight, desc.weight, 1, lease.release, desc.client)
         self._deliver(r, leaf, item, "update", payload=lease.buffer)
 
     def _on_input(self, round_no: int, to: str, item: Input) -> None:
@@ -211,9 +214,13 @@ class Dispatcher:
                 if item.release is not None:
                     item.release()
             raise  # an invocation error fails the round (see _loop)
-        for item in batch:
-            agg.weight += item.weight
-            agg.updates += item.updates
+        bad = set(result.get("bad", ()))
+        for k, item in enumerate(batch):
+            if k in bad:  # left out by the leaf's check: no weight, no update
+                r.bad.append(item.client)
+            else:
+                agg.weight += item.weight
+                agg.updates += item.updates
             if item.release is not None:
                 item.release()
         agg.consumed += len(batch)
@@ -229,8 +236,25 @@ class Dispatcher:
         s.batches.append(len(batch))
         if agg.inflight_final:
             self._finish(r, agg, finished)
+        elif agg.flush and agg.pending:
+            agg.flush = False
+            self._on_flush(round_no)
         else:
             self._pump(r, agg)
+
+    def _on_flush(self, round_no: int) -> None:
+        """Add what is pending now, without waiting for full batches (the caller waits
+        for these inputs: e.g. a function whose billed time must cover their adds)."""
+        r = self._current(round_no)
+        if r is None:
+            return
+        for agg in r.aggs.values():
+            if agg.spec.is_leaf and agg.pending and agg.inflight is None and not agg.done:
+                take = agg.pending[: r.setup.batch * BACKLOG_BATCHES]
+                final = agg.to_come() == 0 and len(take) == len(agg.pending)
+                self._invoke(r, agg, take, final)
+            elif agg.spec.is_leaf and agg.pending:
+                agg.flush = True  # when the batch in flight returns
 
     def _on_fail(self, exc: Exception) -> None:
         self._fail(exc)
@@ -326,6 +350,7 @@ class Dispatcher:
             "scale": 1.0 / total if root_final and total > 0 else None,
             "out": agg.out.ref.to_dict() if root_final and agg.out is not None else None,
             "report": final,
+            "check": agg.spec.is_leaf,  # a leaf's inputs are updates: validate them
         }
         agg.fresh = False
         agg.inflight = take

@@ -10,10 +10,18 @@ aggregator and a retried invocation needs nothing restored:
      "inputs": [{"shm", "offset", "nbytes", "dtype", "coef"}, ...],  # updates, partials
      "scale": null | 1/W,          # the root's last call...
      "out": null | ShmRef,         # ...writes the model here (else scales acc in place)
-     "report": false}              # add peak RSS to the reply
+     "report": false,              # add peak RSS to the reply
+     "check": false}               # leaves: leave out inputs with NaN/Inf, name them
 
-Each input is mapped where it lies (``ctx.attach``: the worker keeps one mapping per
-segment, so a warm worker maps nothing new) and read in place by the kernel.
+Each input is mapped where it lies and read in place by the kernel: a shared-memory
+segment (``ctx.attach``: the worker keeps one mapping per segment, so a warm worker
+maps nothing new) or a file, such as a blob the update was written to
+(``{"path", "offset", "nbytes"}``, mapped read-only by ``_inputs.attach_input``).
+
+A leaf validates its updates in the pass that adds them (``check``): an update holding
+NaN or ±Inf is left out, the reply names it (``"bad": [input indices]``), and when the
+call also applies the root's final scale (1 / total weight, counted with the bad
+updates by the dispatcher) the scale is corrected to the clean updates' total.
 """
 
 from __future__ import annotations
@@ -25,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from strato.errors import LayoutError
 from strato.aggregation._kernels import DTYPES, accumulate, warm_up
+from strato.errors import LayoutError
 
 __all__ = ["WARM_UP_ENV", "aggregate", "peak_rss_kb"]
 
@@ -51,6 +59,10 @@ def _vector(ctx: Any, ref: Mapping[str, Any], dtype: str) -> Any:
     kind = DTYPES.get(dtype)
     if kind is None:
         raise LayoutError(f"LIFL aggregates F32 or F64 buffers, not {dtype!r}")
+    if "path" in ref:
+        from strato.aggregation._inputs import attach_input
+
+        return np.frombuffer(attach_input(ref), dtype=kind)
     return np.frombuffer(ctx.attach(ref), dtype=kind)
 
 
@@ -66,15 +78,25 @@ def aggregate(event: Mapping[str, Any], ctx: Any) -> dict[str, Any]:
     out = event.get("out")
     scale = event.get("scale")
     started = time.perf_counter()
-    accumulate(
+    out_vector = None if out is None else _vector(ctx, out, str(event.get("dtype", "F32")))
+    bad = accumulate(
         acc,
         inputs,
         fresh=bool(event.get("fresh")),
         scale=None if scale is None else float(scale),
-        out=None if out is None else _vector(ctx, out, str(event.get("dtype", "F32"))),
+        out=out_vector,
+        check=bool(event.get("check")),
     )
+    if bad and scale is not None:
+        # The scale was 1 / the batch's total weight with the bad updates (coef = weight).
+        total = 1.0 / float(scale)
+        clean = total - sum(inputs[i][1] for i in bad)
+        target = out_vector if out_vector is not None else acc
+        target *= target.dtype.type(total / clean if clean > 0 else 0.0)
     busy = time.perf_counter() - started
     reply: dict[str, Any] = {"n": len(inputs), "busy_s": busy, "pid": os.getpid()}
+    if bad:
+        reply["bad"] = bad
     if event.get("report"):
         reply["hwm_kb"] = peak_rss_kb()
     return reply

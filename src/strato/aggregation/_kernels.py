@@ -28,6 +28,7 @@ more than they save on these 2-core machines (measured: 10× slower).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,13 +74,90 @@ def accumulate(
     scale: float | None = None,
     out: Vector | None = None,
     chunk: int | None = None,
-) -> None:
-    """``acc = (0 if fresh else acc) + Σ c·x``; then ``out = acc·scale`` (or ``acc *= scale``)."""
+    check: bool = False,
+) -> list[int]:
+    """``acc = (0 if fresh else acc) + Σ c·x``; then ``out = acc·scale`` (or ``acc *= scale``).
+
+    With ``check``, inputs holding NaN or ±Inf are left out of the sum (found in the same
+    pass that adds, by ``add_f32_checked``); returns their indices (empty: all clean)."""
     _check(acc, inputs, out)
+    if check and inputs and all(x.dtype == np.float32 for x, _ in inputs):
+        kernel = _checked()
+        if kernel is not None:
+            return _accumulate_checked(kernel, acc, inputs, fresh, scale, out)
+    bad: list[int] = []
+    if check:  # the fallbacks look at each input first: a second pass, numba-less only
+        bad = [i for i, (x, _) in enumerate(inputs) if not np.isfinite(x).all()]
+        inputs = [pair for i, pair in enumerate(inputs) if i not in bad]
     if acc.dtype == np.float32:
         _accumulate32(acc, inputs, fresh, scale, out, chunk or CHUNK)
     else:
         _accumulate64(acc, inputs, fresh, scale, out, chunk or CHUNK64)
+    return bad
+
+
+BLOCK_CHECKED = 1 << 14  # values per block of the checked kernel: 64-128 KiB, in L2
+
+
+def _checked() -> Any:
+    if "checked" not in _FUSED:
+        kernel: Any = None
+        try:
+            from strato.aggregation._numba_kernels import add_checked
+
+            kernel = add_checked
+        except ImportError:
+            pass
+        _FUSED["checked"] = kernel
+    return _FUSED["checked"]
+
+
+def _accumulate_checked(
+    kernel: Any, acc: Vector, inputs: Sequence[tuple[Vector, float]], fresh: bool,
+    scale: float | None, out: Vector | None,
+) -> list[int]:
+    from strato.strategy._kernels import _readonly as readonly
+
+    key = acc.dtype.str
+    scratch: Vector | None = getattr(_SCRATCH, key, None)
+    if scratch is None:  # one per thread: a node runs several aggregators on threads
+        scratch = np.empty(BLOCK_CHECKED, dtype=acc.dtype)
+        setattr(_SCRATCH, key, scratch)
+    first_bad = np.empty(MAX_INPUTS, dtype=np.int64)
+    bad: list[int] = []
+    groups = [list(range(i, min(i + MAX_INPUTS, len(inputs))))
+              for i in range(0, len(inputs), MAX_INPUTS)]
+    for g, group in enumerate(groups):
+        xs = [readonly(inputs[i][0]) for i in group]
+        slots = tuple(xs + [xs[0]] * (MAX_INPUTS - len(xs)))
+        coefs = np.zeros(MAX_INPUTS, dtype=np.float64)
+        coefs[: len(group)] = [inputs[i][1] for i in group]
+        last = g == len(groups) - 1
+        factor = 1.0 if scale is None or not last else float(scale)
+        write_out = out is not None and last
+        bits = tuple(x.view(np.uint32) for x in slots)
+        target = out if out is not None else acc
+        if kernel(acc, slots, bits, coefs, len(group), fresh and g == 0, factor, scratch,
+                  first_bad, target, write_out):
+            for k, i in enumerate(group):
+                if first_bad[k] < 0:
+                    continue
+                bad.append(i)
+                stop = int(first_bad[k])
+                if not stop:
+                    continue
+                # take back what it added before its first bad block
+                x, coef = inputs[i]
+                if write_out:
+                    assert out is not None
+                    acc[:stop] -= acc.dtype.type(coef) * x[:stop]
+                    np.multiply(acc[:stop], factor, out=out[:stop], casting="same_kind")
+                else:
+                    acc[:stop] -= acc.dtype.type(factor * coef) * x[:stop]
+    return bad
+
+
+_SCRATCH = threading.local()
 
 
 def _fused32() -> Any:

@@ -42,11 +42,12 @@ class Arrived:
 class Input:
     """Something to add: where it lies in this node's memory, and its coefficient."""
 
-    ref: dict[str, Any]  # ShmRef fields plus "dtype"
+    ref: dict[str, Any]  # ShmRef (or file ref) fields plus "dtype"
     coef: float
     weight: float
     updates: int
     release: Callable[[], None] | None = None
+    client: str = ""  # an update's client ("" for a partial)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Any
 import numba
 import numpy as np
 
-__all__ = ["MAX_INPUTS", "add_f32"]
+__all__ = ["MAX_INPUTS", "add_checked", "add_f32"]
 
 MAX_INPUTS = 8  # inputs per call: unused slots are never read
 
@@ -56,3 +56,69 @@ def add_f32(acc: Any, x0: Any, x1: Any, x2: Any, x3: Any, x4: Any, x5: Any, x6: 
         # × 1.0 is exact (NaN and ±Inf included) and free in a memory-bound loop; the
         # root's last call scales in this same pass, on the round's critical path.
         acc[i] = s * sc
+
+
+_EXP = np.uint32(0x7F800000)  # float32 exponent bits: all ones for NaN and ±Inf
+_ONE = np.uint32(0x00800000)  # exponent + 1 carries into bit 31 only from all ones
+_CARRY = np.uint32(0x80000000)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, fastmath={"contract"})
+def add_checked(acc: Any, xs: Any, bits: Any, w: Any, count: int, fresh: bool,
+                scale: float, scratch: Any, first_bad: Any, out: Any, write_out: bool) -> int:
+    """``acc = (0 if fresh else acc) + Σ w[j]·x_j`` over float32 updates, validating them in
+    the same pass over memory; then ``acc *= scale``, or with ``write_out`` (the root's
+    float32 model beside a float64 accumulator) ``out = acc · scale``.
+
+    ``acc`` and ``scratch`` are float32 or float64 (numba compiles each). The model is
+    cut into blocks of ``scratch.shape[0]`` values (in L2). For each block, each
+    input's block is checked for NaN/±Inf as it comes from memory, then added from
+    cache into the scratch sum; the block is written once. An input found non-finite
+    is skipped from that block on and ``first_bad[j]`` gets the offset of its first
+    bad block (-1 for a clean input): the caller takes its contribution to the earlier
+    blocks back out (``_kernels``). Returns the number of bad inputs. ``xs`` is a
+    tuple of eight float32 arrays (unused slots are never read) and ``bits`` the same
+    arrays viewed as uint32: the check is an integer OR over the exponent bits, which
+    vectorizes (a float test would not without reassociation). Measured at 10M
+    values, batch 4, one thread, float32: 13 ms against 7 ms for ``add_f32`` (which
+    checks nothing)."""
+    n = acc.shape[0]
+    block = scratch.shape[0]
+    sc = scratch.dtype.type(scale)
+    bad_inputs = 0
+    for j in range(first_bad.shape[0]):
+        first_bad[j] = -1
+    for start in range(0, n, block):
+        m = min(block, n - start)
+        s = scratch[:m]
+        a = acc[start : start + m]
+        if fresh:
+            for i in range(m):
+                s[i] = 0.0
+        else:
+            for i in range(m):
+                s[i] = a[i]
+        for j in range(count):
+            if first_bad[j] >= 0:
+                continue
+            b = bits[j][start : start + m]
+            seen = np.uint32(0)
+            for i in range(m):
+                seen |= ((b[i] & _EXP) + _ONE) & _CARRY  # bit 31 set only for e = 0xff
+            if seen:
+                first_bad[j] = start
+                bad_inputs += 1
+                continue
+            x = xs[j][start : start + m]
+            wj = scratch.dtype.type(w[j])
+            for i in range(m):
+                s[i] += wj * x[i]
+        if write_out:
+            o = out[start : start + m]
+            for i in range(m):
+                a[i] = s[i]
+                o[i] = s[i] * sc
+        else:
+            for i in range(m):
+                a[i] = s[i] * sc
+    return bad_inputs

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy.typing as npt
 
+from strato.aggregation._messages import AggregatorStats
 from strato.control.autoscaler import AutoscalerContext, TreeShape
 from strato.control.placement import Placement, Tree
-from strato.aggregation._messages import AggregatorStats
 from strato.services.shm import ShmLease
 
 __all__ = ["RoundPlan", "RoundResult", "RoundSetup", "RoundStats", "peak_arrival_rate"]
@@ -83,6 +83,7 @@ class RoundResult:
     updates: int
     ready_at: float  # time.monotonic() when the root's last invocation returned
     _release: Callable[[], None] = field(repr=False)
+    bad: tuple[str, ...] = ()  # clients whose update a leaf left out (NaN or ±Inf)
 
     def release(self) -> None:
         """Give the buffer back for the next round (drop views of ``array`` first)."""

@@ -12,7 +12,8 @@
 
 The coordinator decides when a round stops taking updates (quorum or deadline) and
 calls ``close()``; a round whose expected updates all arrived completes by itself.
-A client arriving twice in a round is counted once (every channel is at-least-once).
+A client arriving twice in a round is counted once (every channel is at-least-once),
+unless a leaf left its first update out as non-finite.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from strato.control.autoscaler import TreeShape
-from strato.control.placement import NodeCapacity, build_tree, place_best_fit, place_round_robin
-from strato.errors import ConfigError, StratoError
 from strato.aggregation._kernels import DTYPES
 from strato.aggregation._messages import AggregatorStats, Arrived
 from strato.aggregation._round import RoundPlan, RoundResult, RoundSetup, RoundStats
 from strato.aggregation.node import Node, UpdateLease
+from strato.control.autoscaler import TreeShape
+from strato.control.placement import NodeCapacity, build_tree, place_best_fit, place_round_robin
+from strato.errors import ConfigError, StratoError
 from strato.services.shm import ShmLease
 
 __all__ = ["Cluster", "RoundHandle"]
@@ -193,7 +194,8 @@ class RoundHandle:
                 f"client {client!r}: update of {lease.nbytes} bytes, the model has {self.nbytes}"
             )
         with self._lock:
-            if client in self._clients:
+            # a client whose update a leaf found bad may send again
+            if client in self._clients and client not in self.bad_clients():
                 lease.release()
                 return False
             self._clients.add(client)
@@ -226,6 +228,19 @@ class RoundHandle:
         np.copyto(np.frombuffer(lease.buffer, dtype=np.uint8), source)
         return self.arrive(node, lease, client=client, weight=weight)
 
+    def flush(self) -> None:
+        """Have the leaves add what they hold now, without waiting for full batches."""
+        for node in self.cluster.nodes.values():
+            node.dispatcher.post("flush", self.round)
+
+    def bad_clients(self) -> list[str]:
+        """Clients whose update a leaf left out so far (NaN or ±Inf)."""
+        bad: list[str] = []
+        for node in self.cluster.nodes.values():
+            r = node.dispatcher.history.get(self.round)
+            bad.extend(r.bad if r is not None else ())
+        return bad
+
     def close(self) -> None:
         """No more arrivals: aggregate what came and finish."""
         for node in self.cluster.nodes.values():
@@ -249,7 +264,9 @@ class RoundHandle:
                 released.set()
                 node.take_back(key, model)
 
-        result = RoundResult(self.round, array, weight, updates, at, give_back)
+        result = RoundResult(
+            self.round, array, weight, updates, at, give_back, tuple(self.bad_clients())
+        )
         with self._lock:
             if not self._future.done():
                 self._future.set_result(result)

@@ -19,12 +19,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from strato.control.placement import NodeCapacity
-from strato.errors import ConfigError
 from strato.aggregation._dispatcher import Dispatcher
 from strato.aggregation._executor import Executor, RuntimeExecutor, ThreadExecutor
 from strato.aggregation._messages import Input
 from strato.aggregation._transport import Endpoint
+from strato.control.placement import NodeCapacity
+from strato.errors import ConfigError
 from strato.services.runtime import Runtime
 from strato.services.shm import ShmLease, ShmPool
 

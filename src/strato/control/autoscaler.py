@@ -39,11 +39,14 @@ from dataclasses import dataclass, field, replace
 from strato.errors import ConfigError
 
 __all__ = [
+    "SHARD_OVERHEAD_MB",
+    "SHARD_SCRATCH_MB",
     "AutoscalerContext",
     "AutoscalerState",
     "Estimate",
     "TreeShape",
     "aggregator_names",
+    "choose_shards",
     "decide",
     "estimate",
     "levels_for",
@@ -309,3 +312,59 @@ def record_used(
         used[name] = ctx.now
     warm = tuple(sorted(used.items()))
     return replace(state, warm=warm, decisions=state.decisions + 1)
+
+
+# A shard aggregator's fixed memory: a runtime worker that imported numpy and the shard
+# handler sits at ~35 MiB here (VmHWM, measured); after a small round ~38 MiB, ~41 MiB
+# with Krum (BLAS's buffers for the Gram matrices). 64 MiB covers it with malloc slack.
+SHARD_OVERHEAD_MB = 64
+# The reduction's working memory: a shard reduces its slice in column chunks sized so
+# that the chunk's copies (median: a transposed float32 copy; trimmed mean and Krum:
+# float64 copies) stay under this, whatever the slice. See ``aggregation.sharded``.
+SHARD_SCRATCH_MB = 16
+
+
+def choose_shards(
+    updates: int,
+    update_bytes: int,
+    function_memory_mb: int,
+    *,
+    overhead_mb: int = SHARD_OVERHEAD_MB,
+    scratch_mb: int = SHARD_SCRATCH_MB,
+) -> int:
+    """The fewest coordinate shards ``M`` whose aggregator fits in ``function_memory_mb``.
+
+    A shard owns ``ceil(n / M)`` of the model's ``n = update_bytes / 4`` float32
+    coordinates and holds ``updates`` rows of them (the round's ``K`` updates for the
+    median, trimmed mean and Krum; a float64 running sum counts as 2 rows). Its peak is
+
+        overhead_mb + scratch + (updates + 1) × 4 × ceil(n / M)   bytes (MiB = 2**20)
+
+    where the one extra row is the slice being read (an arriving update's pages, or the
+    output's, before they are dropped from the process) and the scratch is the larger
+    of ``scratch_mb`` and one column's float64 copies (``16 × (updates + 1)`` bytes).
+    ConfigError when not even one coordinate per shard fits.
+    """
+    if updates < 1:
+        raise ConfigError(f"choose_shards: updates must be ≥ 1, got {updates}")
+    if update_bytes < 4:
+        raise ConfigError(f"choose_shards: an update of {update_bytes} bytes has no float32")
+    if function_memory_mb < 1 or overhead_mb < 0 or scratch_mb < 0:
+        raise ConfigError(
+            f"choose_shards: function_memory_mb must be ≥ 1 and overhead_mb, scratch_mb "
+            f"≥ 0, got {function_memory_mb}, {overhead_mb}, {scratch_mb}"
+        )
+    coordinates = -(-update_bytes // 4)
+    row_bytes = 4 * (updates + 1)  # one coordinate of every row held, plus the one read
+    scratch = max(scratch_mb << 20, 16 * (updates + 1))
+    budget = (function_memory_mb << 20) - (overhead_mb << 20) - scratch
+    max_columns = budget // row_bytes if budget > 0 else 0
+    if max_columns < 1:
+        need = ((overhead_mb << 20) + scratch + row_bytes) / (1 << 20)
+        raise ConfigError(
+            f"a shard aggregator needs {need:.1f} MiB even for one coordinate of {updates} "
+            f"updates ({overhead_mb} MiB process, {scratch / (1 << 20):.1f} MiB scratch), "
+            f"over function_memory_mb={function_memory_mb}: raise the function memory or "
+            "take fewer updates per round"
+        )
+    return max(1, -(-coordinates // max_columns))

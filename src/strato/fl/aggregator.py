@@ -1,48 +1,532 @@
-"""The aggregator function: admits updates as they arrive and closes rounds.
+"""The aggregator function: the run's node agent in front of the aggregation engine.
 
-Invoked with batches of the ``updates`` table's stream records. Each update is
-checked (round open, client selected, not a duplicate, decodable, right layout,
-finite values, positive weight), admitted into the round record with a
-compare-and-set, and added at once into a warm accumulator (eager aggregation).
-When the round's quorum is in, the first invocation to flip the round to
-``closed`` computes the new global model, writes it, and calls back the workflow's
-task token. Every step is idempotent: stream records may arrive twice, a cold
-worker rebuilds its accumulator from the admitted updates' blobs, and a round
-whose closer died is finished by the deadline path (``close_round``).
+Invoked with batches of the ``updates`` table's stream records (and with ``warm`` and
+``close`` events). It is one warm function (``max_concurrency=1``): the per-node
+dispatcher of LIFL. For each record it applies the round rules
+(``strato.control.round``), and for an admitted update it
+
+1. records the admission durably: one ``accepted`` item per update
+   (``state.accepted_key``) and a counter in the round record, never a growing map;
+2. hands the update to the engine (``strato.aggregation``) *where it lies*: a dense
+   update is the blob file the client wrote, mapped read-only (no copy, no checksum
+   pass); a CS upload is decoded once into a node shared-memory lease;
+3. the engine's leaves add it eagerly and validate it (NaN/±Inf) in that same pass.
+
+Each round's tree is chosen by the autoscaler from what the previous round measured
+(``control.autoscaler.decide``) and placed by ``control.placement.place_best_fit``;
+aggregators stay warm across rounds and scale to zero when idle. At quorum (or the
+deadline) the engine's root gives the weighted mean, the strategy's server step turns
+it into the new global model, and the round's task token is called back.
+
+An invocation returns only once every update it admitted has been added, so the
+function's billed time covers the aggregation. Nothing is lost to a crash: an admitted
+update's blob and item are durable before the engine sees it, and a cold worker (or a
+resumed run) rebuilds the open round from those items before it takes new records.
+Duplicated stream deliveries are recognised by their record key and change nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
+import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from strato.codec import decode
-from strato.errors import CodecError, ConditionFailed, InvalidToken, LayoutError, NotFound
+from strato.aggregation import Cluster, RoundHandle, UpdateLease
+from strato.aggregation._inputs import attach_input, file_ref
+from strato.aggregation.sharded import ShardedRound
+from strato.codec import decode, encode, read_header
+from strato.control import round as rules
+from strato.control.autoscaler import AutoscalerContext, AutoscalerState, TreeShape, decide
+from strato.errors import (
+    CodecError,
+    ConditionFailed,
+    CorruptBlob,
+    InvalidToken,
+    LayoutError,
+    NotFound,
+    StratoError,
+)
 from strato.fl import state
 from strato.fl.strategies import RoundAggregator, download_key
 from strato.params import Layout, Params
 from strato.services import Services
-from strato.strategy import all_finite
 
 __all__ = ["admit_batch", "close_round", "warm_up"]
 
-# Warm state of this worker: the accumulator of the round being aggregated. It is an
-# optimisation only; the round record and the blobs are the truth.
+BATCH = 4  # inputs a leaf adds per pass over memory (see aggregation.Cluster.begin_round)
+KEEP_ALIVE_S = 120.0  # an aggregator idle this long ends (scale to zero)
+ROUND_TIMEOUT_S = 600.0
+NONFINITE = "update holds NaN or Inf values"
+
+# Warm state of this worker: the agent (engine, autoscaler state, the open round).
+# An optimisation only: the table and the blobs are the truth.
 _warm: dict[str, Any] = {}
 
 
-def _job(svc: Services) -> dict[str, Any]:
-    if "job" not in _warm:
-        item = svc.table.get(state.JOB, "config")
+@dataclass
+class _Open:
+    """A round this worker aggregates."""
+
+    rules: rules.RoundState
+    strategy: RoundAggregator
+    handle: RoundHandle | None = None
+    shape: TreeShape | None = None
+    decision: dict[str, Any] = field(default_factory=dict)
+    # robust strategies: the coordinate-sharded aggregators, and what they were given
+    sharded: ShardedRound | None = None
+    shard_inputs: list[tuple[str, dict[str, Any], float]] = field(default_factory=list)
+    leases: list[Any] = field(default_factory=list)  # node memory they read (AWS)
+    added: list[threading.Event] = field(default_factory=list)  # this invocation's inputs
+    handed: int = 0  # updates handed to the engine this round (its quota: the selection)
+    found_bad: int = 0  # of the engine's bad clients, how many were already refused
+
+
+class _Landed:
+    """An update that lies in memory the engine's leaves can map: a blob file
+    (read-only) or a node lease. Released once the leaf has added it. It is its own
+    ``ref`` (the engine reads ``ref.to_dict()`` and ``ref.nbytes``)."""
+
+    def __init__(self, ref: dict[str, Any], buffer: memoryview, done: threading.Event,
+                 lease: UpdateLease | None = None) -> None:
+        self._ref, self.buffer, self.nbytes = ref, buffer, len(buffer)
+        self.requested_at = time.monotonic()
+        self._done, self._lease = done, lease
+
+    @property
+    def ref(self) -> _Landed:
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._ref
+
+    def release(self) -> None:
+        if self._lease is not None:
+            self._lease.release()
+        self._done.set()
+
+
+class _Agent:
+    def __init__(self, svc: Services, job: dict[str, Any]) -> None:
+        self.svc, self.job = svc, job
+        self.layout = Layout.from_json(job["layout"])
+        if any(t.dtype != "F32" for t in self.layout.tensors):
+            raise LayoutError("the aggregation engine works on float32 models")
+        self.cores = float(os.cpu_count() or 1)
+        self.cluster = Cluster.local(1, cores=self.cores, executor="threads",
+                                     keep_alive_s=KEEP_ALIVE_S)
+        self.autoscale = AutoscalerState()
+        self.measured: AutoscalerContext | None = None
+        self.shard_runtime: Any = None  # robust strategies' shard functions
+        self.open: _Open | None = None
+        self.closed: set[int] = set()
+
+    # ---- rounds ---------------------------------------------------------------------
+
+    def round(self, r: int) -> _Open | None:
+        """Round r as this worker aggregates it (rebuilt from its items when cold), or
+        None when it does not exist or is closed."""
+        if self.open is not None and self.open.rules.round == r:
+            return self.open
+        if r in self.closed:
+            return None
+        item = self.svc.table.get(state.ROUNDS, state.round_key(r))
         if item is None:
-            raise NotFound("the run has no job record")
-        _warm["job"] = item.value
-        _warm["layout"] = Layout.from_json(item.value["layout"])
-    return _warm["job"]  # type: ignore[no-any-return]
+            return None
+        rec = item.value
+        if rec["status"] != "open":
+            self.closed.add(r)
+            return None
+        self._abandon()
+        cfg = self.job["config"]
+        strategy = RoundAggregator(cfg["strategy"], cfg["strategy_options"], self.layout, r,
+                                   seed=int(cfg.get("seed", 0)))
+        opened = _Open(rules.RoundState.open(r, rec["selected"], int(rec["quorum"])), strategy)
+        self.open = opened
+        if strategy.streaming:
+            self._begin(opened)
+        else:
+            self._begin_sharded(opened)
+        # A cold worker (or a resumed run): what was admitted before goes in again.
+        for acc in self.svc.table.query(state.ACCEPTED, state.round_key(r) + "/"):
+            a = acc.value
+            opened.rules = rules.RoundState(
+                r, rules.OPEN, opened.rules.selected, opened.rules.quorum,
+                {**opened.rules.admitted, a["client"]: a["key"]},
+            )
+            self._land(opened, a["client"], a["blob"], float(a["weight"]))
+        return opened
+
+    def _begin(self, opened: _Open) -> None:
+        """The round's tree: the autoscaler's choice, placed on this node's cores. The
+        rules close it (at quorum or the deadline), not its leaves' quota."""
+        expected = len(opened.rules.selected) or 1
+        if self.measured is None:  # nothing measured yet: as many leaves as cores
+            shape = TreeShape.of(max(1, min(int(self.cores), expected)))
+            inputs: dict[str, Any] = {"measured": False}
+        else:
+            ctx = dataclasses.replace(self.measured, expected_updates=expected,
+                                      now=time.monotonic())
+            shape, self.autoscale = decide(ctx, self.autoscale)
+            inputs = {
+                "measured": True,
+                "arrival_rate": round(ctx.arrival_rate, 3),
+                "service_s": round(ctx.service_s, 6),
+                "update_bytes": ctx.update_bytes,
+                "cores": ctx.cores,
+            }
+        # Room for every selected client to send again after an update found bad.
+        plan = self.cluster.plan(shape, {"n0": _quota(opened)})
+        # float64 sums: any tree, any arrival order gives the same model (to float32
+        # rounding of one exact sum), so a rerun or a resumed run reproduces a run.
+        opened.handle = self.cluster.begin_round(
+            opened.rules.round, plan, nbytes=self.layout.nbytes, batch=BATCH, acc_dtype="F64"
+        )
+        opened.shape = shape
+        opened.decision = {
+            "tree": {**shape.to_dict(), "shards": 1},
+            "placement": plan.placement.as_dict(),
+            "autoscaler": {"expected_updates": expected, **inputs},
+        }
+
+    def _begin_sharded(self, opened: _Open) -> None:
+        """Median, trimmed mean, Krum: M shard functions, each holding K × |θ|/M values;
+        M is the fewest whose rows fit ``function_memory_mb``."""
+        if self.shard_runtime is None:
+            from strato.services._runtime_process import ProcessRuntime
+
+            self.shard_runtime = ProcessRuntime()
+        cfg = self.job["config"]
+        memory = int(cfg.get("function_memory_mb", 1024))
+        opened.sharded = ShardedRound(
+            self.shard_runtime, cfg["strategy"], cfg["strategy_options"], self.layout.numel,
+            _quota(opened), function_memory_mb=memory,
+        )
+        m = opened.sharded.shards
+        opened.decision = {
+            "tree": {"leaves": m, "levels": 1, "shards": m},
+            "autoscaler": {"expected_updates": len(opened.rules.selected),
+                           "function_memory_mb": memory},
+        }
+
+    def _abandon(self) -> None:
+        """Forget a round left open here (another worker or the deadline closed it)."""
+        opened, self.open = self.open, None
+        if opened is not None and opened.sharded is not None:
+            opened.sharded.close()
+            for held in opened.leases:
+                held.release()
+        if opened is not None and opened.handle is not None and not opened.handle.finished:
+            opened.handle.close()
+            with contextlib.suppress(Exception):
+                opened.handle.result(timeout=60).release()
+
+    # ---- updates --------------------------------------------------------------------
+
+    def _land(self, opened: _Open, client: str, blob: str, weight: float) -> str:
+        """Hand an admitted update to the engine; '' or why it cannot be read."""
+        strategy = opened.strategy
+        try:
+            if strategy.coded:
+                params = strategy.decode_update(self.svc.blobs.get(blob), self._previous)
+                return self._land_array(opened, client, params.flat(), weight)
+            where = getattr(self.svc.blobs, "locate", None)
+            if where is None:  # not on this machine: one read, into node memory
+                params = decode(self.svc.blobs.get(blob), expect=self.layout)
+                return self._land_array(opened, client, params.flat(), weight)
+            path, offset, length = where(blob)
+            view = attach_input(file_ref(path, offset, length))
+            layout, _meta, start = read_header(view)
+        except NotFound:
+            return "update blob is missing"
+        except CorruptBlob as exc:
+            return f"update blob is unreadable: {exc}"
+        except LayoutError as exc:
+            return str(exc)
+        except CodecError as exc:
+            return f"not decodable: {exc}"
+        if layout != self.layout:
+            return f"wrong layout: {self.layout.describe_mismatch(layout)}"
+        ref = file_ref(path, offset + start, self.layout.nbytes)
+        if opened.sharded is not None:
+            # The shards copy their slices; they do not check values: look first.
+            if not np.isfinite(np.frombuffer(view[start:], dtype=np.float32)).all():
+                return NONFINITE
+            return self._add_sharded(opened, client, ref, weight)
+        assert opened.handle is not None
+        if opened.handed >= _quota(opened):
+            return f"round {opened.rules.round} has taken all the updates it can"
+        opened.handed += 1
+        done = threading.Event()
+        landed = _Landed(ref, view[start:], done)
+        opened.added.append(done)
+        opened.handle.arrive("n0", landed, client=client, weight=weight)  # type: ignore[arg-type]
+        return ""
+
+    def _land_array(self, opened: _Open, client: str, flat: Any, weight: float) -> str:
+        if opened.sharded is not None:  # robust: the shards read it until the round closes
+            if not np.isfinite(flat).all():
+                return NONFINITE
+            held = self.cluster.node("n0").pool.lease(self.layout.nbytes)
+            np.copyto(np.frombuffer(held.buffer, dtype=np.float32), flat, casting="unsafe")
+            opened.leases.append(held)
+            return self._add_sharded(opened, client, held.ref.to_dict(), weight)
+        assert opened.handle is not None
+        if opened.handed >= _quota(opened):
+            return f"round {opened.rules.round} has taken all the updates it can"
+        opened.handed += 1
+        node = self.cluster.node("n0")
+        lease = node.lease_update(self.layout.nbytes, timeout=ROUND_TIMEOUT_S)
+        np.copyto(np.frombuffer(lease.buffer, dtype=np.float32), flat, casting="unsafe")
+        done = threading.Event()
+        landed = _Landed({**lease.ref.to_dict()}, lease.buffer, done, lease)
+        opened.added.append(done)
+        opened.handle.arrive("n0", landed, client=client, weight=weight)  # type: ignore[arg-type]
+        return ""
+
+    def _add_sharded(self, opened: _Open, client: str, ref: dict[str, Any], weight: float) -> str:
+        assert opened.sharded is not None
+        if not opened.sharded.add(client, ref, weight):
+            return f"round {opened.rules.round} has taken all the updates it can"
+        opened.shard_inputs.append((client, ref, weight))
+        return ""
+
+    def _previous(self) -> Params:
+        assert self.open is not None
+        return decode(self.svc.blobs.get(state.model_key(self.open.rules.round - 1)),
+                      expect=self.layout)
+
+    def admit(self, rec: dict[str, Any], counts: dict[str, int]) -> None:
+        meta = rec.get("new")
+        if rec.get("kind") != "INSERT" or rec.get("table") != state.UPDATES or not meta:
+            counts["ignored"] += 1
+            return
+        key, r, client = rec["key"], int(meta.get("round", -1)), str(meta.get("client", ""))
+        opened = self.round(r)
+        if opened is not None and len(opened.rules.admitted) >= opened.rules.quorum:
+            self.close(r, "quorum")  # a cold rebuild of a round whose quorum was in
+            opened = None
+        if opened is None:
+            for k, v in self._refuse_closed(key, r, client, meta).items():
+                counts[k] += v
+            return
+        new_rules, actions = rules.step(
+            opened.rules, rules.Arrival(client, key, meta.get("num_examples"))
+        )
+        for action in actions:
+            if isinstance(action, rules.Seen):
+                counts["ignored"] += 1
+            elif isinstance(action, rules.Refuse):
+                _reject(self.svc, meta, key, action.reason)
+                counts["rejected"] += 1
+            elif isinstance(action, rules.Admit):
+                reason = self._admit(opened, key, meta, action)
+                if reason:
+                    _reject(self.svc, meta, key, reason)
+                    counts["rejected"] += 1
+                    return  # the rules' state stays as it was: not admitted
+                opened.rules = new_rules
+                counts["accepted"] += 1
+            elif isinstance(action, rules.Close):
+                # an update found bad now does not count towards the quorum
+                refused = self.settle()
+                counts["accepted"] -= refused
+                counts["rejected"] += refused
+                if len(opened.rules.admitted) >= opened.rules.quorum:
+                    self.close(r, action.cause)
+                else:
+                    opened.rules = dataclasses.replace(opened.rules, status=rules.OPEN,
+                                                       closed_by=None)
+
+    def _refuse_closed(self, key: str, r: int, client: str, meta: dict[str, Any]) -> dict[str, int]:
+        item = self.svc.table.get(state.ACCEPTED, state.accepted_key(r, client))
+        if item is not None and item.value.get("key") == key:
+            return {"ignored": 1}
+        exists = self.svc.table.get(state.ROUNDS, state.round_key(r)) is not None
+        reason = f"late: round {r} is already closed" if exists else f"round {r} does not exist"
+        _reject(self.svc, meta, key, reason)
+        return {"rejected": 1}
+
+    def _admit(self, opened: _Open, key: str, meta: dict[str, Any], act: rules.Admit) -> str:
+        r = opened.rules.round
+        entry: dict[str, Any] = {
+            "key": key,
+            "client": act.client,
+            "blob": str(meta.get("blob", "")),
+            "weight": act.weight,
+            "bytes_up": int(meta.get("bytes_up", 0)),
+            "bytes_down": int(meta.get("bytes_down", 0)),
+            "uploaded_at": float(meta.get("uploaded_at", time.time())),
+        }
+        # Durable first (the blob already is): from here the update cannot be lost.
+        try:
+            self.svc.table.put(state.ACCEPTED, state.accepted_key(r, act.client), entry,
+                               if_absent=True)
+        except ConditionFailed:
+            return f"duplicate: client {act.client} already has an update in round {r}"
+        reason = self._land(opened, act.client, entry["blob"], act.weight)
+        if reason:
+            self.svc.table.delete(state.ACCEPTED, state.accepted_key(r, act.client))
+            return reason
+        state.cas_update(self.svc.table, state.ROUNDS, state.round_key(r),
+                         lambda v: {**v, "accepted_count": int(v.get("accepted_count", 0)) + 1})
+        return ""
+
+    def settle(self) -> int:
+        """Wait until every update this invocation handed over has been added, and refuse
+        those the leaves found non-finite (their clients may send again); returns how
+        many were refused."""
+        opened = self.open
+        if opened is None or opened.handle is None:
+            return 0
+        if opened.added:
+            opened.handle.flush()
+        for done in opened.added:
+            if not done.wait(ROUND_TIMEOUT_S):
+                raise StratoError("the aggregation engine did not add an update in time")
+        opened.added.clear()
+        bad = opened.handle.bad_clients()
+        for client in bad[opened.found_bad :]:
+            opened.rules, actions = rules.step(opened.rules, rules.Invalid(client, NONFINITE))
+            for action in actions:
+                if isinstance(action, rules.Refuse):
+                    self._unadmit(opened.rules.round, client, action.key)
+        refused, opened.found_bad = len(bad) - opened.found_bad, len(bad)
+        return refused
+
+    # ---- closing --------------------------------------------------------------------
+
+    def close(self, r: int, cause: str) -> dict[str, Any]:
+        item = self.svc.table.get(state.ROUNDS, state.round_key(r))
+        if item is None:
+            raise NotFound(f"round {r} does not exist")
+        if "model" in item.value:
+            return item.value
+        opened = self.round(r) if item.value["status"] == "open" else None
+        if opened is None:  # closed but no model: a closer died; rebuild from its items
+            self.closed.discard(r)
+            state.cas_update(self.svc.table, state.ROUNDS, state.round_key(r),
+                             lambda v: {**v, "status": "open"})
+            opened = self.round(r)
+            assert opened is not None
+        self.open = None
+        self.closed.add(r)
+        previous = decode(self.svc.blobs.get(state.model_key(r - 1)), expect=self.layout)
+        strategy_state = _load_strategy_state(self.svc, r - 1)
+        new, new_state, bad = self._result(opened, previous, strategy_state)
+        for client in bad[opened.found_bad :]:
+            opened.rules, actions = rules.step(opened.rules, rules.Invalid(client, NONFINITE))
+            for action in actions:
+                if isinstance(action, rules.Refuse):
+                    self._unadmit(r, client, action.key)
+        out = Params(self.layout, np.ascontiguousarray(new, dtype=np.float32).view(np.uint8))
+        opened.strategy.round = r
+        download = opened.strategy.download_payload(out)  # CS: what the clients fetch
+        if download is not None:
+            self.svc.blobs.put(download_key(state.model_key(r)), download)
+        self.svc.blobs.put(state.model_key(r), encode(out, {"round": str(r)}).payload)
+        if new_state:
+            self.svc.blobs.put(_strategy_key(r), encode(Params.from_arrays(new_state)).payload)
+        accepted = len(self.svc.table.query(state.ACCEPTED, state.round_key(r) + "/"))
+
+        def done(value: dict[str, Any]) -> dict[str, Any] | None:
+            if "model" in value:
+                return None
+            return {**value, "status": "closed", "closed_at": value.get("closed_at", time.time()),
+                    "closed_by": cause, "accepted_count": accepted, **opened.decision,
+                    "model": state.model_key(r), "model_ready_at": time.time()}
+
+        state.cas_update(self.svc.table, state.ROUNDS, state.round_key(r), done)
+        final = self.svc.table.get(state.ROUNDS, state.round_key(r))
+        assert final is not None
+        # InvalidToken: the round was already called back (or timed out into the deadline).
+        with contextlib.suppress(InvalidToken):
+            self.svc.workflow.send_task_success(final.value["token"],
+                                                {"round": r, "model": state.model_key(r)})
+        return final.value
+
+    def _result(
+        self, opened: _Open, previous: Params, strategy_state: dict[str, npt.NDArray[Any]]
+    ) -> tuple[npt.NDArray[np.float32], dict[str, npt.NDArray[Any]], list[str]]:
+        strategy, flat = opened.strategy, previous.flat()
+        if opened.sharded is not None:
+            reduced = self._sharded_result(opened) if opened.shard_inputs else None
+            new, st = strategy.robust_step(flat, reduced, len(opened.shard_inputs),
+                                           strategy_state)
+            return new, st, []
+        handle = opened.handle
+        assert handle is not None
+        if not opened.rules.admitted:  # nothing came: the model stays
+            self._abandon_handle(handle)
+            return np.array(flat), strategy_state, []
+        handle.close()
+        result = handle.result(timeout=ROUND_TIMEOUT_S)
+        try:
+            stats = handle.stats()
+            self.measured = stats.autoscaler_context(
+                expected_updates=opened.rules.quorum, cores=self.cores, now=time.monotonic()
+            )
+            bad = list(result.bad)
+            if result.updates == 0:  # every update was bad
+                return np.array(flat), strategy_state, bad
+            new, st = strategy.step(flat, result.array, strategy_state)
+            return np.array(new, dtype=np.float32), st, bad
+        finally:
+            result.release()
+
+    def _sharded_result(self, opened: _Open) -> npt.NDArray[np.float32] | None:
+        """The shards' reduction; a shard worker lost mid-round lost its rows, so the
+        round is given to fresh shards once more from the updates' references."""
+        assert opened.sharded is not None
+        if len(opened.shard_inputs) < max(1, opened.strategy.min_updates):
+            opened.sharded.close()
+            return None
+        try:
+            try:
+                return np.array(opened.sharded.result(timeout=ROUND_TIMEOUT_S))
+            except Exception:  # a lane's error, whatever its type: rebuild once
+                opened.sharded.close()
+                self._begin_sharded(opened)
+                assert opened.sharded is not None
+                for client, ref, weight in opened.shard_inputs:
+                    opened.sharded.add(client, ref, weight)
+                return np.array(opened.sharded.result(timeout=ROUND_TIMEOUT_S))
+        finally:
+            for held in opened.leases:
+                held.release()
+            opened.leases.clear()
+
+    @staticmethod
+    def _abandon_handle(handle: RoundHandle) -> None:
+        handle.close()
+        with contextlib.suppress(Exception):
+            handle.result(timeout=5).release()
+
+    def _unadmit(self, r: int, client: str, key: str) -> None:
+        item = self.svc.table.get(state.ACCEPTED, state.accepted_key(r, client))
+        if item is None:
+            return
+        _reject(self.svc, {**item.value, "round": r}, key, NONFINITE)
+        self.svc.table.delete(state.ACCEPTED, state.accepted_key(r, client))
+        state.cas_update(self.svc.table, state.ROUNDS, state.round_key(r),
+                         lambda v: {**v, "accepted_count": int(v.get("accepted_count", 0)) - 1})
+
+    def shutdown(self) -> None:
+        self._abandon()
+        self.cluster.close()
+        if self.shard_runtime is not None:
+            self.shard_runtime.close()
+
+
+def _quota(opened: _Open) -> int:
+    """Updates the engine takes in a round: each selected client, and once more each."""
+    return 2 * max(1, len(opened.rules.selected))
 
 
 def _reject(svc: Services, meta: dict[str, Any], key: str, reason: str) -> None:
@@ -51,182 +535,51 @@ def _reject(svc: Services, meta: dict[str, Any], key: str, reason: str) -> None:
         svc.table.put(state.REJECTIONS, key, {**meta, "reason": reason}, if_absent=True)
 
 
-def _load_update(
-    svc: Services, blob: str, layout: Layout, agg: RoundAggregator
-) -> tuple[Params | None, str]:
-    def previous() -> Params:  # the round's input model (CS decodes its uploads against it)
-        return decode(svc.blobs.get(state.model_key(agg.round - 1)), expect=layout)
-
-    try:
-        params = agg.decode_update(svc.blobs.get(blob), previous)
-    except NotFound:
-        return None, "update blob is missing"
-    except LayoutError as exc:
-        return None, str(exc)
-    except CodecError as exc:
-        return None, f"not decodable: {exc}"
-    if not all_finite(params.flat()):
-        return None, "update holds NaN or Inf values"
-    return params, ""
+def _agent(svc: Services) -> _Agent:
+    agent = _warm.get("agent")
+    if not isinstance(agent, _Agent) or agent.svc is not svc:
+        if isinstance(agent, _Agent):
+            agent.shutdown()
+        item = svc.table.get(state.JOB, "config")
+        if item is None:
+            raise NotFound("the run has no job record")
+        agent = _warm["agent"] = _Agent(svc, item.value)
+    return agent
 
 
-def _round_aggregator(job: dict[str, Any], r: int) -> RoundAggregator:
-    agg = _warm.get("agg")
-    if not isinstance(agg, RoundAggregator) or agg.round != r:
-        cfg = job["config"]
-        layout: Layout = _warm["layout"]
-        if isinstance(agg, RoundAggregator):
-            agg.reset(r)  # reuse the warm buffers for the next round
-        else:
-            agg = RoundAggregator(cfg["strategy"], cfg["strategy_options"], layout, r,
-                                  seed=int(cfg.get("seed", 0)))
-        _warm["agg"] = agg
-    return agg
+def reset() -> None:
+    """Drop this worker's warm state (tests: a cold worker)."""
+    agent = _warm.pop("agent", None)
+    if isinstance(agent, _Agent):
+        agent.shutdown()
 
 
 def warm_up(svc: Services, r: int) -> dict[str, int]:
-    """Load the job and size round r's accumulator before its first update arrives."""
-    _round_aggregator(_job(svc), r)
+    """Set round r's tree up before its first update arrives."""
+    _agent(svc).round(r)
     return {"accepted": 0, "rejected": 0, "ignored": 0}
 
 
 def admit_batch(svc: Services, records: list[dict[str, Any]]) -> dict[str, int]:
     """Handle stream records of the updates table; returns counts for this batch."""
-    job = _job(svc)
-    layout: Layout = _warm["layout"]
+    agent = _agent(svc)
     counts = {"accepted": 0, "rejected": 0, "ignored": 0}
-    touched: set[int] = set()
-    for rec in records:
-        meta = rec.get("new")
-        if rec.get("kind") != "INSERT" or rec.get("table") != state.UPDATES or not meta:
-            counts["ignored"] += 1
-            continue
-        key, r, client = rec["key"], int(meta.get("round", -1)), str(meta.get("client", ""))
-        verdict = _admit_one(svc, job, layout, key, r, client, meta)
-        if verdict == "":
-            counts["accepted"] += 1
-            touched.add(r)
-        elif verdict == "seen":
-            counts["ignored"] += 1
-            touched.add(r)
-        else:
-            _reject(svc, meta, key, verdict)
-            counts["rejected"] += 1
-    for r in sorted(touched):
-        item = svc.table.get(state.ROUNDS, state.round_key(r))
-        rnd = item.value if item else None
-        if rnd and rnd["status"] == "open" and len(rnd["accepted"]) >= int(rnd["quorum"]):
-            close_round(svc, r)
+    try:
+        for rec in records:
+            agent.admit(rec, counts)
+    finally:
+        refused = agent.settle()
+    counts["accepted"] -= refused
+    counts["rejected"] += refused
     return counts
 
 
-def _admit_one(
-    svc: Services,
-    job: dict[str, Any],
-    layout: Layout,
-    key: str,
-    r: int,
-    client: str,
-    meta: dict[str, Any],
-) -> str:
-    """'' when admitted, 'seen' for a redelivered record, else the rejection reason."""
-    item = svc.table.get(state.ROUNDS, state.round_key(r))
-    if item is None:
-        return f"round {r} does not exist"
-    rnd = item.value
-    if rnd["accepted"].get(client, {}).get("key") == key:
-        return "seen"
-    if rnd["status"] != "open":
-        return f"late: round {r} is already closed"
-    if client not in rnd["selected"]:
-        return f"client {client} was not selected for round {r}"
-    if client in rnd["accepted"]:
-        return f"duplicate: client {client} already has an update in round {r}"
-    weight = meta.get("num_examples")
-    if not isinstance(weight, int | float) or not weight > 0:
-        return f"num_examples must be a positive number, got {weight!r}"
-    params, reason = _load_update(svc, str(meta.get("blob", "")), layout, _round_aggregator(job, r))
-    if params is None:
-        return reason
-    entry = {
-        "key": key,
-        "blob": meta["blob"],
-        "weight": float(weight),
-        "bytes_up": int(meta.get("bytes_up", 0)),
-        "bytes_down": int(meta.get("bytes_down", 0)),
-        "uploaded_at": float(meta.get("uploaded_at", time.time())),
-    }
-
-    def add(value: dict[str, Any]) -> dict[str, Any] | None:
-        if value["status"] != "open" or client in value["accepted"]:
-            return None
-        value["accepted"] = {**value["accepted"], client: entry}
-        return value
-
-    if state.cas_update(svc.table, state.ROUNDS, state.round_key(r), add) is None:
-        again = svc.table.get(state.ROUNDS, state.round_key(r))
-        if again is not None and again.value["accepted"].get(client, {}).get("key") == key:
-            return "seen"
-        return f"late: round {r} closed while the update was checked"
-    _round_aggregator(job, r).add(client, params.flat(), float(weight))
-    return ""
-
-
-def close_round(svc: Services, r: int) -> dict[str, Any]:
+def close_round(svc: Services, r: int, cause: str = "deadline") -> dict[str, Any]:
     """Close round ``r`` (if still open), write its global model, call back its token."""
-    job = _job(svc)
-    key = state.round_key(r)
-
-    def freeze(value: dict[str, Any]) -> dict[str, Any] | None:
-        if value["status"] != "open":
-            return None
-        return {**value, "status": "closed", "closed_at": time.time()}
-
-    state.cas_update(svc.table, state.ROUNDS, key, freeze)
-    item = svc.table.get(state.ROUNDS, key)
-    assert item is not None
-    rnd = item.value
-    if "model" not in rnd:
-        rnd = _write_model(svc, job, r, rnd)
-    # InvalidToken: the round was already called back (or timed out into the deadline path).
-    with contextlib.suppress(InvalidToken):
-        svc.workflow.send_task_success(rnd["token"], {"round": r, "model": rnd["model"]})
-    return {"round": r, "model": rnd["model"], "accepted": len(rnd["accepted"])}
-
-
-def _write_model(svc: Services, job: dict[str, Any], r: int, rnd: dict[str, Any]) -> dict[str, Any]:
-    layout: Layout = _warm["layout"]
-    previous = decode(svc.blobs.get(state.model_key(r - 1)), expect=layout)
-    accepted: dict[str, dict[str, Any]] = rnd["accepted"]
-    agg = _round_aggregator(job, r)
-    if agg.clients != set(accepted):  # cold worker or another closer: rebuild from blobs
-        agg.reset(r)
-        for client, entry in sorted(accepted.items()):
-            params, reason = _load_update(svc, entry["blob"], layout, agg)
-            if params is None:
-                raise CodecError(f"admitted update {entry['key']} became unreadable: {reason}")
-            agg.add(client, params.flat(), entry["weight"])
-    strategy_state = _load_strategy_state(svc, r - 1)
-    new_flat, new_state = agg.finish(previous.flat(), strategy_state)
-    out = Params(layout, np.ascontiguousarray(new_flat, dtype=np.float32).view(np.uint8))
-    from strato.codec import encode
-
-    download = agg.download_payload(out)  # CS: the sparse model the clients fetch
-    if download is not None:
-        svc.blobs.put(download_key(state.model_key(r)), download)
-    svc.blobs.put(state.model_key(r), encode(out, {"round": str(r)}).payload)
-    if new_state:
-        svc.blobs.put(_strategy_key(r), encode(Params.from_arrays(new_state)).payload)
-
-    def done(value: dict[str, Any]) -> dict[str, Any] | None:
-        if "model" in value:
-            return None
-        return {**value, "model": state.model_key(r), "model_ready_at": time.time()}
-
-    state.cas_update(svc.table, state.ROUNDS, state.round_key(r), done)
-    item = svc.table.get(state.ROUNDS, state.round_key(r))
-    assert item is not None
-    return item.value
+    agent = _agent(svc)
+    rnd = agent.close(r, cause)
+    accepted = int(rnd.get("accepted_count", 0))
+    return {"round": r, "model": rnd["model"], "accepted": accepted}
 
 
 def _strategy_key(r: int) -> str:

@@ -29,6 +29,9 @@ class JobConfig:
     seed: int = 0
     train: dict[str, Any] = field(default_factory=dict)  # handed to the app's train()
     client_concurrency: int = 2  # simulated clients training at once on this machine
+    # the memory of one aggregator function: robust strategies shard the model so that
+    # each shard's K × |θ|/M rows fit it
+    function_memory_mb: int = 1024
 
     def validate(self) -> JobConfig:
         def positive(name: str, value: float) -> None:
@@ -40,6 +43,7 @@ class JobConfig:
         positive("clients_per_round", self.clients_per_round)
         positive("round_deadline_s", self.round_deadline_s)
         positive("client_concurrency", self.client_concurrency)
+        positive("function_memory_mb", self.function_memory_mb)
         if self.clients_per_round > self.clients:
             raise ConfigError(
                 f"clients_per_round ({self.clients_per_round}) exceeds clients ({self.clients})"
@@ -79,11 +83,13 @@ _SECTIONS = {
     "job": ("rounds", "clients", "clients_per_round", "seed", "client_concurrency"),
     "round": ("quorum", "round_deadline_s"),
     "data": ("partition", "dirichlet_alpha"),
+    "aggregation": ("function_memory_mb",),
 }
 
 
 def load_job_config(path: Path) -> JobConfig:
-    """Read ``strato.toml``: [job], [round], [data], [strategy] (name + options), [train]."""
+    """Read ``strato.toml``: [job], [round], [data], [aggregation], [strategy] (name +
+    options), [train]."""
     if not path.exists():
         return JobConfig().validate()
     try:

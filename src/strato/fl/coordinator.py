@@ -110,7 +110,14 @@ def function_specs(cfg: JobConfig) -> list[FunctionSpec]:
             env=single,
         ),
         FunctionSpec(
-            "aggregate", handlers + "aggregate", timeout_s=300, max_concurrency=1, keep_alive_s=120
+            # The node agent of the aggregation engine: one warm instance serialises a
+            # round's admissions and its close; the engine's leaves add in parallel.
+            "aggregate",
+            handlers + "aggregate",
+            timeout_s=300,
+            max_concurrency=1,
+            keep_alive_s=120,
+            env={**single, "OPENBLAS_NUM_THREADS": "1", "STRATO_FUNCTION": "aggregate"},
         ),
         FunctionSpec(
             "close_round",

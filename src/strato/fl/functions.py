@@ -68,7 +68,7 @@ def start_round(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
         "quorum": min(int(job["quorum_count"]), max(1, k)),
         "model_in": state.model_key(r - 1),
         "opened_at": time.time(),
-        "accepted": {},
+        "accepted_count": 0,
     }
     try:
         svc.table.put(state.ROUNDS, state.round_key(r), record, if_absent=True)
@@ -112,15 +112,31 @@ def client(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
 
 
 def aggregate(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
-    """Triggered by the updates table's stream: eager, idempotent aggregation."""
+    """Triggered by the updates table's stream: eager, idempotent aggregation (and the
+    round's warm-up and deadline close, so one worker serialises everything a round sees)."""
     if "warm_round" in event:
         return aggregator.warm_up(_svc(), int(event["warm_round"]))
+    if "close" in event:
+        return aggregator.close_round(_svc(), int(event["close"]))
     return aggregator.admit_batch(_svc(), list(event.get("records", [])))
 
 
 def close_round(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
-    """The round deadline passed: close it with the updates admitted so far."""
-    return aggregator.close_round(_svc(), int(event["round"]))
+    """The round deadline passed: have the aggregator close it with the updates admitted
+    so far, and return once its model is written."""
+    svc, r = _svc(), int(event["round"])
+    ctx.invoke_async("aggregate", {"close": r})
+    wait = 0.01
+    while ctx.remaining_s() > 1.0:
+        item = svc.table.get(state.ROUNDS, state.round_key(r))
+        if item is None:
+            raise NotFound(f"round {r} does not exist")
+        if "model" in item.value:
+            accepted = int(item.value.get("accepted_count", 0))
+            return {"round": r, "model": item.value["model"], "accepted": accepted}
+        time.sleep(wait)
+        wait = min(0.5, wait * 2)
+    raise TimeoutError(f"round {r}: the aggregator did not close it in time")
 
 
 def evaluate(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
@@ -145,21 +161,24 @@ def evaluate(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     evaluate_fn = _app().evaluate_fn
     assert evaluate_fn is not None
     scores = evaluate_fn(_warm["model"], test)
-    accepted = rnd["accepted"].values()
+    accepted = [a.value for a in svc.table.query(state.ACCEPTED, state.round_key(r) + "/")]
     uploads = [u.value for u in svc.table.query(state.UPDATES, state.round_key(r) + "/")]
     last = max((a["uploaded_at"] for a in accepted), default=rnd["closed_at"])
     metrics = {
         "round": r,
         "accuracy": float(scores.get("accuracy", float("nan"))),
         "loss": float(scores.get("loss", float("nan"))),
-        "accepted": len(rnd["accepted"]),
+        "accepted": len(accepted),
         "rejected": len(svc.table.query(state.REJECTIONS, state.round_key(r) + "/")),
         "selected": len(rnd["selected"]),
         "bytes_up": sum(int(u.get("bytes_up", 0)) for u in uploads),
         "bytes_down": sum(int(u.get("bytes_down", 0)) for u in uploads),
         "aggregation_latency_s": max(0.0, float(rnd["model_ready_at"]) - float(last)),
         "round_s": float(rnd["model_ready_at"]) - float(rnd["opened_at"]),
-        "closed_by": "quorum" if len(rnd["accepted"]) >= int(rnd["quorum"]) else "deadline",
+        "closed_by": rnd.get("closed_by", "quorum"),
+        # the aggregation tree the autoscaler chose for this round, and its inputs
+        "tree": rnd.get("tree", {}),
+        "autoscaler": rnd.get("autoscaler", {}),
     }
     try:
         svc.table.put(state.METRICS, state.round_key(r), metrics, if_absent=True)

@@ -29,6 +29,7 @@ runs in a worker thread, so one slow or failing request never stalls the others.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -49,6 +50,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from strato.codec import decode, header_bytes
+from strato.control import round as rules
 from strato.errors import CodecError, LayoutError, NotFound, StratoError
 from strato.fl import state
 from strato.fl._upload import (
@@ -299,17 +301,19 @@ class Gateway:
         return None
 
     def _refusal(self, r: int, client: str) -> str | None:
-        """Why ``client`` may not upload for round ``r`` now (None: it may)."""
+        """Why ``client`` may not upload for round ``r`` now (None: it may): the round
+        rules' own answer (``control.round.may_upload``), asked before any byte is read."""
         item = self.svc.table.get(state.ROUNDS, state.round_key(r))
         if item is None:
-            return f"round {r} does not exist"
-        if item.value["status"] != "open":
-            return f"round {r} is closed"
-        if client not in item.value["selected"]:
-            return f"client {client} was not selected for round {r}"
-        if self.svc.table.query(state.UPDATES, f"{state.round_key(r)}/{client}/"):
-            return f"client {client} already uploaded an update for round {r}"
-        return None
+            return rules.may_upload(None, r, client)
+        rnd = item.value
+        view = rules.RoundState.open(r, rnd["selected"], int(rnd["quorum"]))
+        if rnd["status"] != "open" or "model" in rnd:
+            view = dataclasses.replace(view, status="closed")
+        uploads = self.svc.table.query(state.UPDATES, f"{state.round_key(r)}/{client}/")
+        if uploads:
+            view = dataclasses.replace(view, admitted={client: uploads[0].key})
+        return rules.may_upload(view, r, client)
 
     async def model(self, request: Request) -> Response:
         self._token(request)

@@ -15,6 +15,7 @@ from strato.errors import ConditionFailed, NotFound
 from strato.services.table import Item, Table
 
 __all__ = [
+    "ACCEPTED",
     "CLIENTS",
     "JOB",
     "METRICS",
@@ -22,6 +23,7 @@ __all__ = [
     "ROUNDS",
     "TOPIC",
     "UPDATES",
+    "accepted_key",
     "cas_update",
     "client_queue",
     "model_key",
@@ -30,13 +32,14 @@ __all__ = [
 ]
 
 JOB = "job"  # "config": the job, app and data description
-ROUNDS = "rounds"  # one record per round: selection, token, status, accepted
+ROUNDS = "rounds"  # one record per round: selection, token, status, counters, tree
 UPDATES = "updates"  # one record per uploaded update: its stream triggers aggregation
+ACCEPTED = "accepted"  # one item per admitted update ("round/client"): what the model sums
 REJECTIONS = "rejections"  # one record per refused update, with the reason
 METRICS = "metrics"  # one record per evaluated round: the checkpoint
 CLIENTS = "clients"  # remote clients registered through the gateway
 TOPIC = "global-model-ready"
-TABLES = (JOB, ROUNDS, UPDATES, REJECTIONS, METRICS, CLIENTS)
+TABLES = (JOB, ROUNDS, UPDATES, ACCEPTED, REJECTIONS, METRICS, CLIENTS)
 
 
 def round_key(r: int) -> str:
@@ -45,6 +48,10 @@ def round_key(r: int) -> str:
 
 def update_key(r: int, client: str, nonce: str) -> str:
     return f"{r:05d}/{client}/{nonce}"
+
+
+def accepted_key(r: int, client: str) -> str:
+    return f"{r:05d}/{client}"
 
 
 def model_key(r: int) -> str:

@@ -1,8 +1,10 @@
-"""A round's aggregation state inside the aggregator function, for any strategy.
+"""A round's strategy inside the aggregator function: decoding uploads and the server step.
 
-Streaming strategies (FedAvg and the server optimisers built on its mean) add each
-update into a warm ``Accumulator`` as it arrives; robust ones (median, trimmed
-mean, Krum) need every update at once and keep them until the round closes.
+The sums themselves are the aggregation engine's (``strato.aggregation``): streaming
+strategies (FedAvg, FedAvgM/FedOpt, FedProx, CS) get the weighted mean of the round's
+updates from the engine's tree and apply their server step to it here
+(``RoundAggregator.step``); robust ones (median, trimmed mean, Krum) are reduced by
+the engine's coordinate-sharded aggregators and stepped here (``robust_step``).
 
 Complement Sparsification (``cs``, ``strato.strategy.complement``) is streaming too,
 but its updates and models travel differently: from round 2 on a client uploads only
@@ -43,7 +45,6 @@ from strato.strategy.complement import (
     prune_flat,
 )
 from strato.strategy.complement_wire import ComplementWire, is_wire_payload
-from strato.strategy.fedavg import Accumulator
 
 __all__ = [
     "COMBINED_DEFAULTS",
@@ -182,22 +183,22 @@ class RoundAggregator:
         self.complement = None if cs is None else cs.config
         self.wire = None if cs is None else cs.wire
         self.strategy = None if self.complement else make_strategy(name, **options)
-        self.clients: set[str] = set()
-        streaming = self.strategy is None or self.strategy.streaming
-        self._acc = Accumulator(layout.numel) if streaming else None
-        self._kept: list[F32] = []
-        self._weights: list[float] = []
         self._w_s: Params | None = None  # CS: the sparse model this round's clients received
         self._kernels = kernel_positions(layout) if self.complement else None
 
+    @property
+    def streaming(self) -> bool:
+        """The server step needs only the weighted mean of the updates."""
+        return self.strategy is None or self.strategy.streaming
+
+    @property
+    def coded(self) -> bool:
+        """Uploads are CS wire payloads that need decoding (not plain safetensors)."""
+        return self.wire is not None
+
     def reset(self, round_: int) -> None:
-        """Start another round, keeping the warm accumulator buffer."""
+        """Start another round (the next round's CS input model is loaded afresh)."""
         self.round = round_
-        self.clients.clear()
-        if self._acc is not None:
-            self._acc.reset()
-        self._kept.clear()
-        self._weights.clear()
         self._w_s = None
 
     def decode_update(self, payload: Any, previous: Callable[[], Params]) -> Params:
@@ -216,47 +217,43 @@ class RoundAggregator:
         flat = self.wire.decode_upload(payload, self._w_s, first)
         return Params(self.layout, flat.view(np.uint8))
 
-    def add(self, client: str, flat: F32, weight: float) -> None:
-        if client in self.clients:
-            return
-        if self._acc is not None:
-            self._acc.add(flat, weight)  # eager: the update is not kept
-        else:
-            self._kept.append(np.array(flat, dtype=np.float32))
-            self._weights.append(weight)
-        self.clients.add(client)
-
     @property
     def min_updates(self) -> int:
         return 1 if self.strategy is None else self.strategy.min_updates
 
-    def finish(
-        self, global_flat: F32, state: dict[str, npt.NDArray[Any]]
+    def step(
+        self, global_flat: F32, mean: npt.NDArray[Any], state: dict[str, npt.NDArray[Any]]
     ) -> tuple[F32, dict[str, npt.NDArray[Any]]]:
-        """The new global model and the strategy's new state.
-
-        With fewer updates than the strategy needs (none at all, or too few for
-        Krum's guarantee), the global model stays as it was.
-        """
-        if len(self.clients) < max(1, self.min_updates):
-            return np.array(global_flat, dtype=np.float32), state
+        """A streaming strategy's new global model from the round's weighted ``mean``, and
+        the strategy's new state."""
         if self.complement is not None:
-            return self._complement_step(global_flat), {}
+            return self._complement_step(global_flat, mean), {}
         assert self.strategy is not None
         self.strategy.load_state_dict(state)
-        if self._acc is not None:
-            reduced = self._acc.result()
-        else:
-            reduced = self.strategy.reduce(np.stack(self._kept), np.asarray(self._weights))
-        new = self.strategy.step(np.array(global_flat, dtype=np.float32), reduced)
+        new = self.strategy.step(np.array(global_flat, dtype=np.float32),
+                                 np.asarray(mean, dtype=np.float32))
         return new, self.strategy.state_dict()
 
-    def _complement_step(self, w_s: F32) -> F32:
+    def robust_step(
+        self, global_flat: F32, reduced: npt.NDArray[Any] | None, updates: int,
+        state: dict[str, npt.NDArray[Any]],
+    ) -> tuple[F32, dict[str, npt.NDArray[Any]]]:
+        """A robust strategy's new global model from its reduction of the round's
+        updates (the sharded aggregators' result). With fewer updates than it needs
+        (none, or too few for Krum's guarantee), the model stays."""
+        assert self.strategy is not None
+        if reduced is None or updates < max(1, self.min_updates):
+            return np.array(global_flat, dtype=np.float32), state
+        self.strategy.load_state_dict(state)
+        new = self.strategy.step(np.array(global_flat, dtype=np.float32),
+                                 np.asarray(reduced, dtype=np.float32))
+        return new, self.strategy.state_dict()
+
+    def _complement_step(self, w_s: F32, mean: npt.NDArray[Any]) -> F32:
         """Round 1: FedAvg of dense models; later: ``w_s + η·a`` (and, with kept_rate,
         kept weights move by kept_rate times their mean change); then prune per layer."""
         cfg = self.complement
-        assert cfg is not None and self._acc is not None and self._kernels is not None
-        mean = self._acc.result()
+        assert cfg is not None and self._kernels is not None
         w_s = np.asarray(w_s, dtype=np.float32)
         if self.round == 1:
             dense = np.array(mean, dtype=np.float32)

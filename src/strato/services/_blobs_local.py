@@ -86,6 +86,24 @@ class LocalBlobStore:
             raise CorruptBlob(f"blob {key!r} is corrupt: content does not match its address")
         return data
 
+    def locate(self, key: str) -> tuple[str, int, int]:
+        """Where the blob's data lies on this machine: (file path, offset, length), for a
+        reader that maps it in place (the aggregation engine's leaves). No checksum pass:
+        the write was atomic and the header's length is checked. NotFound, CorruptBlob."""
+        path = self._path(key)
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                head = f.read(_HEADER.size)
+        except FileNotFoundError:
+            raise NotFound(f"no blob {key!r}") from None
+        if len(head) < _HEADER.size:
+            raise CorruptBlob(f"blob {key!r} is truncated ({size} bytes)")
+        magic, length, _digest = _HEADER.unpack(head)
+        if magic != _MAGIC or length != size - _HEADER.size:
+            raise CorruptBlob(f"blob {key!r} is corrupt: bad header or length")
+        return str(path.resolve()), _HEADER.size, int(length)
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 

@@ -12,7 +12,10 @@ extra memory is ``O(K × block)``, not another copy of the stack.
   squared distances to its ``K − f − 2`` nearest other updates and keeps the ``m``
   best; ``m = 1`` is Krum, ``m > 1`` multi-Krum, whose kept updates are averaged
   with their weights (as Flower does). Its guarantee needs ``K > 2f + 2``, which
-  ``Krum.min_updates`` enforces.
+  ``Krum.min_updates`` enforces. ``krum_select_from_distances`` is the same choice
+  from a precomputed ``K × K`` distance matrix: squared distances add up over
+  coordinates, so aggregators that each hold a slice of the coordinates can sum
+  their partial matrices and choose without ever holding a whole update.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ __all__ = [
     "TrimmedMean",
     "coordinate_median",
     "krum_select",
+    "krum_select_from_distances",
     "pairwise_sq_distances",
     "trimmed_mean",
 ]
@@ -93,17 +97,30 @@ def pairwise_sq_distances(stack: Stack) -> npt.NDArray[np.float64]:
 
 def krum_select(stack: Stack, f: int, m: int = 1) -> npt.NDArray[np.int64]:
     """Indices of the ``m`` updates with the lowest Krum scores (best first)."""
-    k = stack.shape[0]
-    nearest = k - f - 2
-    if nearest < 1:
+    _check_krum(stack.shape[0], f, m)
+    return krum_select_from_distances(pairwise_sq_distances(stack), f, m)
+
+
+def krum_select_from_distances(
+    dist: npt.ArrayLike, f: int, m: int = 1
+) -> npt.NDArray[np.int64]:
+    """``krum_select`` given ``D[i, j] = ‖x_i − x_j‖²`` (``K × K``) instead of the stack."""
+    d = np.array(dist, dtype=np.float64)  # a copy: its diagonal is overwritten below
+    if d.ndim != 2 or d.shape[0] != d.shape[1]:
+        raise ValueError(f"krum: distances must be a square matrix, got shape {d.shape}")
+    k = d.shape[0]
+    _check_krum(k, f, m)
+    np.fill_diagonal(d, np.inf)  # never count an update as its own neighbour
+    closest = np.sort(d, axis=1)[:, : k - f - 2]
+    scores = closest.sum(axis=1)
+    return np.argsort(scores, kind="stable")[:m].astype(np.int64)
+
+
+def _check_krum(k: int, f: int, m: int) -> None:
+    if k - f - 2 < 1:
         raise ConfigError(f"krum: f={f} leaves no neighbours to score among {k} updates")
     if not 1 <= m <= k - f:
         raise ConfigError(f"krum: m={m} must be between 1 and K − f = {k - f}")
-    dist = pairwise_sq_distances(stack)
-    np.fill_diagonal(dist, np.inf)  # never count an update as its own neighbour
-    closest = np.sort(dist, axis=1)[:, :nearest]
-    scores = closest.sum(axis=1)
-    return np.argsort(scores, kind="stable")[:m].astype(np.int64)
 
 
 class FedMedian(Strategy):

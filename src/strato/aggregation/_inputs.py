@@ -1,0 +1,119 @@
+"""Inputs by reference: a buffer in node shared memory, or a range of a blob file.
+
+An aggregator is told *where* an update lies, never given its bytes. Two kinds of
+reference, both small JSON dicts:
+
+- shared memory: ``{"shm": name, "offset": o, "nbytes": n}`` (``services.shm.ShmRef``),
+  mapped by ``shm.attach`` (writable view);
+- a file: ``{"path": "/abs/path", "offset": o, "nbytes": n}`` (``file_ref``), e.g. a
+  blob of the local blob store; mapped read-only with ``mmap`` (read-only view).
+
+``attach_input(ref)`` maps either one and returns a ``memoryview`` of exactly ``n``
+bytes (no copy: pages are read where they lie). Like ``shm.attach``, a process keeps
+one mapping per file and reuses it, so a warm worker maps nothing new for a file it
+has seen. A mapping is checked against the file on every attach (device, inode,
+size, mtime): a file replaced under the same path is mapped afresh. At most
+``_MAX_FILES`` mappings are kept (each holds a file descriptor); the least recently
+used go first, and mappings of deleted files are dropped whenever a new file is
+mapped, so their disk space is freed once the last view goes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+from strato.errors import LayoutError, NotFound
+from strato.services import shm
+
+__all__ = ["attach_input", "file_ref"]
+
+_MAX_FILES = 256
+
+_Key = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
+_FILES: OrderedDict[str, tuple[_Key, mmap.mmap | None]] = OrderedDict()
+_LOCK = threading.Lock()
+
+
+def file_ref(path: str | os.PathLike[str], offset: int, nbytes: int) -> dict[str, Any]:
+    """A reference to ``nbytes`` bytes at ``offset`` of the file at ``path`` (made absolute)."""
+    offset, nbytes = int(offset), int(nbytes)
+    if offset < 0 or nbytes < 0:
+        raise LayoutError(f"negative offset or length in a file reference: {offset}, {nbytes}")
+    return {"path": os.path.abspath(os.fspath(path)), "offset": offset, "nbytes": nbytes}
+
+
+def attach_input(ref: Mapping[str, Any]) -> memoryview:
+    """Map an input by reference (shared memory or file) and return a view of its bytes."""
+    if "shm" in ref:
+        return shm.attach(ref)
+    if "path" not in ref:
+        raise LayoutError(f"an input reference names 'shm' or 'path', got {dict(ref)!r}")
+    try:
+        path, offset, nbytes = str(ref["path"]), int(ref["offset"]), int(ref["nbytes"])
+    except (KeyError, TypeError, ValueError):
+        raise LayoutError(f"not a file reference: {dict(ref)!r}") from None
+    if not os.path.isabs(path):
+        raise LayoutError(f"a file reference needs an absolute path, got {path!r}")
+    if offset < 0 or nbytes < 0:
+        raise LayoutError(f"negative offset or length in file reference {dict(ref)!r}")
+    mapping, size = _map_file(path)
+    if offset + nbytes > size:
+        raise LayoutError(f"{dict(ref)!r} reaches past the end of its {size}-byte file")
+    if mapping is None:  # an empty file cannot be mapped; only an empty range fits in it
+        return memoryview(b"")
+    return memoryview(mapping)[offset : offset + nbytes]
+
+
+def _map_file(path: str) -> tuple[mmap.mmap | None, int]:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise NotFound(f"input file {path} does not exist") from None
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    with _LOCK:
+        cached = _FILES.get(path)
+        if cached is not None and cached[0] == key:
+            _FILES.move_to_end(path)
+            return cached[1], _length(cached[1])
+        if cached is not None:  # replaced under the same path: this mapping is stale
+            _close(_FILES.pop(path)[1])
+        _forget_deleted()
+        mapping = _open(path) if st.st_size else None
+        _FILES[path] = (key, mapping)
+        while len(_FILES) > _MAX_FILES:
+            _close(_FILES.popitem(last=False)[1][1])
+        return mapping, _length(mapping)
+
+
+def _length(mapping: mmap.mmap | None) -> int:
+    # The mapping's own length, not the stat's: the file may have changed in between.
+    return 0 if mapping is None else len(mapping)
+
+
+def _open(path: str) -> mmap.mmap:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise NotFound(f"input file {path} does not exist") from None
+    try:
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)  # the mapping keeps its own descriptor
+
+
+def _forget_deleted() -> None:
+    for path in [p for p in _FILES if not os.path.exists(p)]:
+        _close(_FILES.pop(path)[1])
+
+
+def _close(mapping: mmap.mmap | None) -> None:
+    # A view still held keeps the mapping alive; it is closed when that view goes.
+    if mapping is not None:
+        with contextlib.suppress(BufferError):
+            mapping.close()

@@ -1,0 +1,125 @@
+"""SIGKILL the run process or the aggregator's worker mid-round: nothing accepted is lost.
+
+Each case kills at one of three moments of round 2 (opened with nothing accepted yet,
+one update accepted, half the quorum accepted). A killed run is resumed with
+``--resume``; a killed aggregator worker is replaced by the runtime (the stream
+trigger delivers its batch again and a cold worker rebuilds the round from its
+accepted items). Either way the final model equals an uninterrupted run's (same
+seed) and ``updates_accepted`` is the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fltools import cli_env, strato, strato_workers
+from strato.codec import decode
+
+ROUNDS = 3
+
+
+def _run(app: Path, out: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "strato.cli", "run", str(app), "--out", str(out),
+         "--rounds", str(ROUNDS)],
+        env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if cond():
+                return
+        except Exception:  # the run's files are being written: try again
+            pass
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _accepted(out: Path, r: int) -> int:
+    from strato.fl import state
+    from strato.services import embedded
+
+    with embedded(out / "services") as svc:
+        if svc.table.get(state.ROUNDS, state.round_key(r)) is None:
+            return -1
+        return len(svc.table.query(state.ACCEPTED, state.round_key(r) + "/"))
+
+
+def _aggregator_pid(out: Path) -> int | None:
+    for pid in strato_workers(out):
+        try:
+            if b"STRATO_FUNCTION=aggregate" in Path(f"/proc/{pid}/environ").read_bytes():
+                return pid
+        except OSError:
+            continue
+    return None
+
+
+def _final(out: Path) -> tuple[np.ndarray, int]:
+    model = out / "services" / "blobs" / "models" / f"round-{ROUNDS:05d}.safetensors"
+    data = model.read_bytes()[64:]  # the blob store's header, then safetensors
+    summary = json.loads((out / "summary.json").read_text())
+    return np.array(decode(data).flat()), int(summary["updates_accepted"])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, int]:
+    from fltools import make_tiny_app
+
+    root = tmp_path_factory.mktemp("reference")
+    app = make_tiny_app(root)
+    res = strato("run", str(app), "--out", str(root / "out"), "--rounds", str(ROUNDS))
+    assert res.returncode == 0, res.stderr
+    model, accepted = _final(root / "out")
+    return app, model, accepted
+
+
+MOMENTS = {"opened": 0, "one-accepted": 1, "half-accepted": 2}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["run", "aggregator"])
+@pytest.mark.parametrize("moment", list(MOMENTS))
+def test_sigkill_mid_round_then_resume_equals_an_uninterrupted_run(
+    reference: tuple[Path, np.ndarray, int], tmp_path: Path, victim: str, moment: str
+) -> None:
+    app, model_ref, accepted_ref = reference
+    out = tmp_path / "out"
+    proc = _run(app, out)
+    try:
+        need = MOMENTS[moment]
+        _wait_for(lambda: _accepted(out, 2) >= need, 180, f"round 2 with {need} accepted")
+        if victim == "run":
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            _wait_for(lambda: strato_workers(out) == [], 15, "the killed run's workers to exit")
+            res = strato("run", "--resume", str(out))
+            assert res.returncode == 0, res.stderr
+        else:
+            pid = _aggregator_pid(out)
+            assert pid is not None, "the aggregator should be warm mid-round"
+            os.kill(pid, signal.SIGKILL)
+            _, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err.decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    model, accepted = _final(out)
+    assert accepted == accepted_ref
+    assert np.abs(model - model_ref).max() <= 1e-6
+    assert strato_workers(out) == []
