@@ -24,8 +24,21 @@ def round_line(m: dict[str, Any], total_rounds: int) -> str:
         f"round {m['round']:>3}/{total_rounds}  acc {m['accuracy']:.4f}  loss {m['loss']:.4f}  "
         f"updates {m['accepted']} ok/{m['rejected']} rejected  "
         f"up {format_bytes(m['bytes_up'])}  down {format_bytes(m['bytes_down'])}  "
-        f"agg {1000 * m['aggregation_latency_s']:.1f} ms  cold starts {m['cold_starts']}"
+        f"agg {1000 * m['aggregation_latency_s']:.1f} ms{_tree(m)}  "
+        f"cold starts {m['cold_starts']}"
     )
+
+
+def _tree(m: dict[str, Any]) -> str:
+    """The aggregation tree of the round: leaves, levels, and shards when sharded."""
+    tree = m.get("tree") or {}
+    if not tree:
+        return ""
+    shards = int(tree.get("shards", 1))
+    if shards > 1:
+        return f" ({shards} shards)"
+    leaves = int(tree.get("leaves", 1))
+    return f" ({leaves} leaf{'s' if leaves != 1 else ''}, {int(tree.get('levels', 1))} levels)"
 
 
 class Progress:

@@ -6,6 +6,7 @@ from strato.control.autoscaler import (
     Estimate,
     TreeShape,
     aggregator_names,
+    choose_shards,
     decide,
     estimate,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "TreeShape",
     "aggregator_names",
     "build_tree",
+    "choose_shards",
     "cross_node_bytes",
     "decide",
     "estimate",

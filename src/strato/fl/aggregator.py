@@ -38,9 +38,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from strato.aggregation import Cluster, RoundHandle, UpdateLease
-from strato.aggregation._inputs import attach_input, file_ref
-from strato.aggregation.sharded import ShardedRound
+from strato.aggregation import (
+    Cluster,
+    RoundHandle,
+    ShardedRound,
+    UpdateLease,
+    attach_input,
+    file_ref,
+)
 from strato.codec import decode, encode, read_header
 from strato.control import round as rules
 from strato.control.autoscaler import AutoscalerContext, AutoscalerState, TreeShape, decide
