@@ -22,6 +22,7 @@ import pytest
 from fltools import CS_TOML, make_tiny_app, strato, toy_params
 from strato import codec
 from strato.cli import main
+from strato.codec import WireFormat, decode_values, encode_values
 from strato.errors import CodecError, ConfigError
 from strato.fl import state
 from strato.fl.strategies import (
@@ -40,7 +41,6 @@ from strato.strategy.complement import (
     prune_flat,
     upload_positions,
 )
-from strato.wire import WireFormat, decode_values, encode_values
 
 TOML = CS_TOML.format(rounds=3, seed=5)
 
@@ -51,7 +51,7 @@ def app(tmp_path: Path) -> Path:
 
 
 def header(payload: bytes) -> dict[str, Any]:
-    """The JSON header of a ``strato.wire`` frame (b"STW1", u32 length, JSON)."""
+    """The JSON header of a ``strato.codec`` masked frame (b"STW1", u32 length, JSON)."""
     assert payload[:4] == b"STW1"
     (n,) = struct.unpack("<I", payload[4:8])
     head: dict[str, Any] = json.loads(payload[8 : 8 + n])

@@ -17,6 +17,7 @@ import pytest
 
 from fltools import CS_TOML, make_tiny_app, strato
 from strato import codec
+from strato.codec import WireFormat, decode_values, encode_values
 from strato.fl import state
 from strato.fl.strategies import download_key
 from strato.services import embedded
@@ -27,7 +28,6 @@ from strato.strategy.complement import (
     prune_flat,
     upload_positions,
 )
-from strato.wire import WireFormat, decode_values, encode_values
 
 TOML = CS_TOML.format(rounds=2, seed=3)
 

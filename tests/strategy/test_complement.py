@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from strato import codec
+from strato.codec import WireFormat, decode_values, encode_values
 from strato.errors import CodecError, ConfigError, LayoutError
 from strato.params import Params
 from strato.strategy.complement import (
@@ -21,7 +22,6 @@ from strato.strategy.complement import (
     prune,
     upload_positions,
 )
-from strato.wire import WireFormat, decode_values, encode_values
 
 
 def model(seed: int = 0, scale_fc: float = 1.0) -> Params:

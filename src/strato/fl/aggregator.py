@@ -46,7 +46,7 @@ from strato.aggregation import (
     attach_input,
     file_ref,
 )
-from strato.codec import decode, encode, read_header
+from strato.codec import decode, encode, encode_into, encoded_size, read_header
 from strato.control import round as rules
 from strato.control.autoscaler import AutoscalerContext, AutoscalerState, TreeShape, decide
 from strato.errors import (
@@ -129,6 +129,9 @@ class _Agent:
         self.autoscale = AutoscalerState()
         self.measured: AutoscalerContext | None = None
         self.shard_runtime: Any = None  # robust strategies' shard functions
+        # the last two models written, encoded (round r's input is round r - 1's output)
+        self._model_bufs: list[tuple[npt.NDArray[np.uint8] | None, int]] = [(None, 0)] * 2
+        self._last_model = -1
         self.open: _Open | None = None
         self.closed: set[int] = set()
 
@@ -422,23 +425,23 @@ class _Agent:
             assert opened is not None
         self.open = None
         self.closed.add(r)
-        previous = decode(self.svc.blobs.get(state.model_key(r - 1)), expect=self.layout)
+        previous = self._previous_model(r)
         strategy_state = _load_strategy_state(self.svc, r - 1)
-        new, new_state, bad = self._result(opened, previous, strategy_state)
+        (out, payload), new_state, bad = self._result(opened, previous, strategy_state)
         for client in bad[opened.found_bad :]:
             opened.rules, actions = rules.step(opened.rules, rules.Invalid(client, NONFINITE))
             for action in actions:
                 if isinstance(action, rules.Refuse):
                     self._unadmit(r, client, action.key)
-        out = Params(self.layout, np.ascontiguousarray(new, dtype=np.float32).view(np.uint8))
         opened.strategy.round = r
         download = opened.strategy.download_payload(out)  # CS: what the clients fetch
         if download is not None:
             self.svc.blobs.put(download_key(state.model_key(r)), download)
-        self.svc.blobs.put(state.model_key(r), encode(out, {"round": str(r)}).payload)
+        self.svc.blobs.put(state.model_key(r), payload)
+        self._last_model = r
         if new_state:
             self.svc.blobs.put(_strategy_key(r), encode(Params.from_arrays(new_state)).payload)
-        accepted = len(self.svc.table.query(state.ACCEPTED, state.round_key(r) + "/"))
+        accepted = len(opened.rules.admitted)
 
         def done(value: dict[str, Any]) -> dict[str, Any] | None:
             if "model" in value:
@@ -456,32 +459,57 @@ class _Agent:
                                                 {"round": r, "model": state.model_key(r)})
         return final.value
 
+    def _previous_model(self, r: int) -> Params:
+        """Round r's input model: the one this worker wrote last round (still in its
+        buffer), or read back from its blob (a cold worker)."""
+        if self._last_model == r - 1:
+            buf, n = self._model_bufs[(r - 1) % 2]
+            assert buf is not None
+            return Params(self.layout, buf[n - self.layout.nbytes : n])
+        return decode(self.svc.blobs.get(state.model_key(r - 1)), expect=self.layout)
+
+    def _encode(self, r: int, flat: npt.NDArray[Any]) -> tuple[Params, memoryview]:
+        """Round r's model as its blob's payload, in one of two warm buffers (the other
+        holds round r - 1's, the input of this round's step)."""
+        model = Params(self.layout, np.ascontiguousarray(flat, dtype=np.float32).view(np.uint8))
+        meta = {"round": str(r)}
+        size = encoded_size(model, meta)
+        buf, _ = self._model_bufs[r % 2]
+        if buf is None or len(buf) < size:
+            buf = np.empty(size + 64, dtype=np.uint8)  # room for a longer round number
+        n = encode_into(model, buf, meta)
+        self._model_bufs[r % 2] = (buf, n)
+        return Params(self.layout, buf[n - self.layout.nbytes : n]), buf.data[:n]
+
     def _result(
         self, opened: _Open, previous: Params, strategy_state: dict[str, npt.NDArray[Any]]
-    ) -> tuple[npt.NDArray[np.float32], dict[str, npt.NDArray[Any]], list[str]]:
-        strategy, flat = opened.strategy, previous.flat()
+    ) -> tuple[tuple[Params, memoryview], dict[str, npt.NDArray[Any]], list[str]]:
+        """The round's new model (encoded), the strategy's new state, and the clients
+        whose update the leaves found bad at the end."""
+        r, strategy, flat = opened.rules.round, opened.strategy, previous.flat()
         if opened.sharded is not None:
             reduced = self._sharded_result(opened) if opened.shard_inputs else None
             new, st = strategy.robust_step(flat, reduced, len(opened.shard_inputs),
                                            strategy_state)
-            return new, st, []
+            return self._encode(r, new), st, []
         handle = opened.handle
         assert handle is not None
         if not opened.rules.admitted:  # nothing came: the model stays
             self._abandon_handle(handle)
-            return np.array(flat), strategy_state, []
+            return self._encode(r, np.array(flat)), strategy_state, []
         handle.close()
         result = handle.result(timeout=ROUND_TIMEOUT_S)
         try:
             stats = handle.stats()
             self.measured = stats.autoscaler_context(
-                expected_updates=opened.rules.quorum, cores=self.cores, now=time.monotonic()
+                expected_updates=len(opened.rules.selected), cores=self.cores,
+                now=time.monotonic(),
             )
             bad = list(result.bad)
             if result.updates == 0:  # every update was bad
-                return np.array(flat), strategy_state, bad
+                return self._encode(r, np.array(flat)), strategy_state, bad
             new, st = strategy.step(flat, result.array, strategy_state)
-            return np.array(new, dtype=np.float32), st, bad
+            return self._encode(r, new), st, bad  # encoded before the buffer goes back
         finally:
             result.release()
 

@@ -37,8 +37,9 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from strato.codec.rows import block_layout
 from strato.inference import _numba_rows as nr
-from strato.inference._wire import block_layout, pack_block
+from strato.inference._wire import pack_block
 from strato.inference.channels import (
     NOTICE_BYTES,
     bus_groups,

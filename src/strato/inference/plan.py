@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from strato.codec.rows import load_arrays, save_arrays
 from strato.inference import _numba_rows as nr
-from strato.inference._wire import load_arrays, save_arrays
 from strato.inference.partition import Partition, send_lists
 
 __all__ = ["WorkerPlan", "build_plans", "twin_classes"]

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from strato.codec.rows import save_arrays
 from strato.errors import FunctionError, StratoError
-from strato.inference._wire import save_arrays
 from strato.inference.channels import bus_filter, bus_groups, queue_name, topic_name
 from strato.inference.partition import Partition
 from strato.inference.plan import build_plans

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from strato.inference._wire import assemble_rows, decode_rows, encode_rows, load_arrays
+from strato.codec.rows import load_arrays
+from strato.inference._wire import assemble_rows, decode_rows, encode_rows
 from strato.inference.channels import BlobChannel, BusChannel
 from strato.inference.kernel import apply_layer, release_scratch
 from strato.inference.plan import WorkerPlan

@@ -18,7 +18,7 @@ Faithful to the authors' code:
 
 Beyond the paper (off by default): with ``kept_rate`` set, clients also send what
 training did to the kept weights (the upload becomes dense, which pays off only with
-a low-bit codec, see ``strato.wire``) and the server moves kept weights by
+a low-bit codec, see ``strato.codec``) and the server moves kept weights by
 ``kept_rate`` times their mean change. Faithful CS freezes kept weights between
 prunings; on short runs that caps accuracy (docs/sparsity.md has the numbers).
 
@@ -39,9 +39,9 @@ import numpy as np
 import numpy.typing as npt
 
 from strato import codec
+from strato.codec import MAGIC, WireFormat, decode_values, encode_values
 from strato.errors import CodecError, ConfigError, LayoutError
 from strato.params import Layout, Params
-from strato.wire import MAGIC, WireFormat, decode_values, encode_values
 
 __all__ = [
     "ComplementConfig",

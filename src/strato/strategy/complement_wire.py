@@ -21,6 +21,11 @@ example-weighted mean is what the server merges (``merge`` / ``merge_kept``): a 
 comes back as ``base + delta`` (``base`` = the exact model the server sent), a
 complement as its values in place and zero elsewhere, a dense safetensors model (a
 client that knows nothing of the codec) as itself. Biases travel as float32.
+
+This module only composes: every byte layout it sends is defined in ``strato.codec``
+(dense safetensors, the masked/quantized/zstd ``STW1`` frame); it lives in
+``strategy/`` because it pairs those formats with the CS math of ``complement``.
+``is_wire_payload`` is ``strato.codec.masked``'s, re-exported for its callers.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import numpy as np
 import numpy.typing as npt
 
 from strato import codec
+from strato.codec import WireFormat, decode_values, encode_params, encode_values
+from strato.codec.masked import is_wire_payload
 from strato.errors import CodecError
 from strato.params import Params
 from strato.strategy.complement import (
@@ -39,16 +46,10 @@ from strato.strategy.complement import (
     encode_download,
     encode_upload,
 )
-from strato.wire import MAGIC, WireFormat, decode_values, encode_params, encode_values
 
 __all__ = ["ComplementWire", "is_wire_payload"]
 
 F32 = npt.NDArray[np.float32]
-
-
-def is_wire_payload(payload: Any) -> bool:
-    """A ``strato.wire`` frame (not dense safetensors)."""
-    return bytes(memoryview(payload)[:4]) == MAGIC
 
 
 @dataclass(frozen=True)

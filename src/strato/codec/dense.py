@@ -1,4 +1,4 @@
-"""Wire formats for parameters. Dense payloads are safetensors files.
+"""The dense wire format of parameters: a safetensors file.
 
 A safetensors file is an 8-byte little-endian header length, a JSON header, then
 the tensors' bytes back to back. A ``Params`` buffer already *is* that data section,

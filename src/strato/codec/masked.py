@@ -9,22 +9,34 @@ mask is part of the format:
 - ``bitmap``: the mask travels as a packed bitmap (1 bit per position);
 - ``shared``: the receiver already has the mask (CS uploads: both sides know it);
 - ``implicit``: zero-code quantization; the mask is read back from the codes.
+
+Payloads travel in the ``b"STW1"`` frame of ``_format``; ``quantized`` holds the
+quantizers and ``zstd`` the optional body compression.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from strato.codec import Encoded
+from strato.codec import quantized as _quant
+from strato.codec import zstd as _zstd
+from strato.codec._format import MAGIC, Header, frame, unframe
+from strato.codec.dense import Encoded
 from strato.errors import CodecError, ConfigError, LayoutError
 from strato.params import Layout, Params, TensorSpec
-from strato.wire import _quant, _zstd
-from strato.wire._format import Header, frame, unframe
 
-__all__ = ["Decoded", "WireFormat", "decode_values", "encode_params", "encode_values"]
+__all__ = [
+    "Decoded",
+    "WireFormat",
+    "decode_values",
+    "encode_params",
+    "encode_values",
+    "is_wire_payload",
+]
 
 F32 = npt.NDArray[np.float32]
 Mask = npt.NDArray[np.bool_]
@@ -82,6 +94,11 @@ class Decoded:
         else:
             flat[self.mask] = self.values
         return out
+
+
+def is_wire_payload(payload: Any) -> bool:
+    """A ``b"STW1"`` frame of this codec (not a dense safetensors file)."""
+    return bytes(memoryview(payload)[:4]) == MAGIC
 
 
 def _bits_bytes(n: int, enc: str) -> int:

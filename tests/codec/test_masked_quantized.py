@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from strato import codec
+from strato.codec import MAGIC, WireFormat, decode_values, encode_params, encode_values
+from strato.codec import zstd as zstd_module
 from strato.errors import CodecError, ConfigError, LayoutError
 from strato.params import Layout, Params
-from strato.wire import MAGIC, WireFormat, decode_values, encode_params, encode_values
-from strato.wire import _zstd as zstd_module
 
 
 def model(seed: int = 0) -> Params:

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from strato import codec
+from strato.codec import WireFormat, decode_values, encode_params
 from strato.errors import CodecError
 from strato.params import Params
-from strato.wire import WireFormat, decode_values, encode_params
 
 try:
     import zstandard  # noqa: F401  # only probing whether the optional codec can run
