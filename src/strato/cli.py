@@ -1,8 +1,17 @@
-"""The ``strato`` command. Every user mistake is one line on stderr and exit code 2."""
+"""The ``strato`` command. Every user mistake is one line on stderr and exit code 2.
+
+This is where a backend is picked: the command knows the backends (``BACKENDS``) and
+imports a backend's package to parse its options or to run on it (``--backend aws``,
+or a resumed run that was started on it); importing it registers the backend with
+``strato.services``. The layers below never name a backend.
+The process-wide settings that come from the environment are read here too
+(``STRATO_KERNELS``), so that the libraries below read none.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -13,18 +22,61 @@ from strato.errors import StratoError
 
 if TYPE_CHECKING:
     from strato.fl.run import RunOptions
+    from strato.services import AppResources
 
 __all__ = ["main"]
 
+BACKENDS = ("embedded", "aws")
+
+
+def _import_backend(name: str) -> None:
+    """Register the backend ``name`` with ``strato.services`` (its package does, on import)."""
+    if name == "aws":
+        import strato.backends.aws  # noqa: F401 - imported to register the backend
+    elif name != "embedded":
+        raise StratoError(f"unknown backend {name!r} ({', '.join(BACKENDS)})")
+
+
+def _configure_kernels() -> None:
+    """``STRATO_KERNELS=numpy`` forces the numpy fallback of the aggregation kernels."""
+    if os.environ.get("STRATO_KERNELS", "").strip().lower() == "numpy":
+        from strato.strategy import _kernels  # the one switch of the kernels' backend
+
+        _kernels.set_backend("numpy")
+
 
 def _run(args: argparse.Namespace) -> int:
-    from strato.backends.aws.cli import apply_run_backend
     from strato.fl.run import run_job
 
     opts = _run_options(args)
-    apply_run_backend(opts, args)  # --backend aws: the run's services on AWS
+    _apply_backend(opts, args)
     run_job(opts)
     return 0
+
+
+def _apply_backend(opts: RunOptions, args: argparse.Namespace) -> None:
+    """Point ``opts`` at the backend the arguments name (``strato run --backend``)."""
+    from strato.backends.aws import cli as aws_cli
+
+    given = aws_cli.given_flags(args)
+    if args.remote_clients is not None:
+        given.append("--remote-clients")
+    if args.backend != "aws":
+        if given:
+            raise StratoError(f"{', '.join(given)} only apply with --backend aws")
+        return
+    if args.resume:
+        return  # run.json names the backend the run was started on
+    opts.services = aws_cli.services_config_of(args, opts.out / "services")
+    if args.remote_clients is not None:
+        if args.remote_clients < 1:
+            raise StratoError(f"--remote-clients must be at least 1, got {args.remote_clients}")
+        from strato.fl.direct import wait_for_clients
+
+        opts.simulate = False
+        opts.attach = wait_for_clients(
+            args.remote_clients, quiet=opts.quiet, how=aws_cli.join_command(opts.services)
+        )
 
 
 def _run_options(args: argparse.Namespace) -> RunOptions:
@@ -35,12 +87,12 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
     app_dir = Path(args.app_dir) if args.app_dir else None
     if args.resume:
         out = Path(args.resume)
-        import json
-
         run_file = out / "run.json"
         if not run_file.exists():
             raise StratoError(f"{out} holds no run to resume (no run.json)")
-        app_dir = app_dir or Path(json.loads(run_file.read_text())["app_dir"])
+        recorded = json.loads(run_file.read_text())
+        app_dir = app_dir or Path(recorded["app_dir"])
+        _import_backend((recorded.get("services") or {}).get("backend", "embedded"))
     if app_dir is None:
         raise StratoError("give an APP_DIR (or --resume OUT)")
     cfg = load_job_config(app_dir / "strato.toml")
@@ -112,6 +164,71 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wants_backend(argv: list[str]) -> str | None:
+    """The ``--backend`` a ``strato client`` command line asks for (None: HTTP)."""
+    for i, arg in enumerate(argv):
+        if arg == "--backend" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--backend="):
+            return arg.partition("=")[2]
+    return None
+
+
+def _client_direct(argv: list[str]) -> int:
+    """``strato client APP_DIR --backend aws``: join a run through its services."""
+    from strato.backends.aws import cli as aws_cli
+
+    p = argparse.ArgumentParser(
+        prog="strato client",
+        description="Join a run on AWS directly (started with `strato run APP_DIR --backend "
+        "aws --remote-clients N`): register, then train on each round's notice.",
+    )
+    p.add_argument("app_dir", help="directory holding app.py")
+    p.add_argument("--backend", choices=["aws"], required=True)
+    aws_cli.add_where_arguments(p)
+    p.add_argument("--client-id", help="this client's name (default: a random one)")
+    p.add_argument(
+        "--data-dir", help="MNIST IDX directory (default: $STRATO_DATA_DIR, else digits)"
+    )
+    p.add_argument("--rounds-max", type=int, help="leave after training this many rounds")
+    p.add_argument("--partition-index", type=int, help="train on this partition")
+    p.add_argument("--wait-s", type=float, default=10.0, help="seconds of one long poll")
+    p.add_argument("--root", default=".strato/client", help="local scratch directory")
+    args = p.parse_args(argv)
+    if args.rounds_max is not None and args.rounds_max < 1:
+        raise StratoError(f"--rounds-max must be at least 1, got {args.rounds_max}")
+    config = aws_cli.services_config_of(args, args.root)
+    from strato.fl.direct import DirectClientOptions, run_direct_client
+
+    run_direct_client(
+        DirectClientOptions(
+            app_dir=args.app_dir,
+            services=config,
+            client_id=args.client_id,
+            data_dir=args.data_dir,
+            rounds_max=args.rounds_max,
+            partition_index=args.partition_index,
+            wait_s=args.wait_s,
+        )
+    )
+    return 0
+
+
+def _fl_resources(app_dir: Path | None) -> AppResources:
+    """What an FL deployment holds; an app's strato.toml sets deadline and concurrency."""
+    from strato.fl.config import JobConfig, load_job_config
+    from strato.fl.run import app_resources
+
+    cfg = load_job_config(app_dir / "strato.toml") if app_dir else JobConfig()
+    return app_resources(cfg)
+
+
+def _deploy(argv: list[str]) -> int:
+    from strato.backends.aws import cli as aws_cli
+
+    return aws_cli.main_deploy(argv, _fl_resources)
+
+
 def _client(args: argparse.Namespace) -> int:
     from strato.fl.remote import ClientOptions, run_client
 
@@ -177,9 +294,18 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a federated learning app")
     _job_arguments(run)
-    from strato.backends.aws.cli import add_run_arguments
+    run.add_argument(
+        "--backend", choices=BACKENDS, default="embedded",
+        help="where the services run (default: embedded, on this machine)",
+    )  # fmt: skip
+    from strato.backends.aws import cli as aws_cli
 
-    add_run_arguments(run)  # --backend, --endpoint-url, --region, --prefix, --remote-clients
+    aws_cli.add_where_arguments(run)  # --endpoint-url, --region, --prefix
+    run.add_argument(
+        "--remote-clients", type=int, metavar="N",
+        help="aws: clients join with `strato client --backend aws`; round 1 starts once N "
+        "have registered, and each round selects among the registered clients",
+    )  # fmt: skip
     run.set_defaults(func=_run)
     serve = sub.add_parser(
         "serve",
@@ -229,18 +355,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra: dict[str, Callable[[list[str]], int]] = {}
+    _configure_kernels()
+    extra: dict[str, Callable[[list[str]], int]] = {"deploy": _deploy}
     try:
         from strato.inference.cli import main_infer
 
         extra["infer"] = main_infer
     except ImportError:
         pass
-    from strato.backends.aws import cli as aws_cli
-
-    extra["deploy"] = aws_cli.main_deploy
-    if argv[:1] == ["client"] and aws_cli.wants_aws(argv[1:]):
-        return _guard(lambda: aws_cli.main_client(argv[1:]))
+    if argv[:1] == ["client"] and _wants_backend(argv[1:]) is not None:
+        return _guard(lambda: _client_direct(argv[1:]))
     if argv and argv[0] in extra:
         return _guard(lambda: extra[argv[0]](argv[1:]))
     parser = _parser()

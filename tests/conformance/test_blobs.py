@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from other_process import PRELUDE
 
 from strato.errors import CorruptBlob, NotFound
 from strato.services import Services, connect
@@ -61,10 +62,8 @@ def test_corrupt_blob_is_reported_not_returned(services: Services) -> None:
         services.blobs.get(key)
 
 
-_WRITER = """
-import json, sys
-from strato.services import connect
-blobs = connect(json.loads(sys.argv[1])).blobs
+_WRITER = PRELUDE + """
+blobs = svc.blobs
 payload = bytes([int(sys.argv[2])]) * (64 * 1024 * 1024)
 print("ready", flush=True)
 while True:

@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from other_process import PRELUDE
 
 from strato.errors import NotFound, PayloadTooLarge, SchemaError
 from strato.services import Services, TopicSchema, connect
@@ -20,13 +21,8 @@ LONG_WAIT_S = 20.0
 
 def _child(services: Services, script: str, *args: str) -> subprocess.Popen[str]:
     """Run ``script`` in a fresh interpreter with ``svc`` bound to the same backend."""
-    prelude = (
-        "import json, sys\n"
-        "from strato.services import connect\n"
-        "svc = connect(json.loads(sys.argv[1]))\n"
-    )
     return subprocess.Popen(
-        [sys.executable, "-c", prelude + script, json.dumps(services.config), *args],
+        [sys.executable, "-c", PRELUDE + script, json.dumps(services.config), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from other_process import PRELUDE
 
 from strato.errors import ConditionFailed, NotFound
 from strato.services import Change, Services, connect
@@ -17,13 +18,8 @@ RACE_INCREMENTS = 150
 
 def _child(services: Services, script: str, *args: str) -> subprocess.Popen[str]:
     """Run ``script`` in a fresh interpreter with ``svc`` bound to the same backend."""
-    prelude = (
-        "import json, sys\n"
-        "from strato.services import connect\n"
-        "svc = connect(json.loads(sys.argv[1]))\n"
-    )
     return subprocess.Popen(
-        [sys.executable, "-c", prelude + script, json.dumps(services.config), *args],
+        [sys.executable, "-c", PRELUDE + script, json.dumps(services.config), *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

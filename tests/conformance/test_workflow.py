@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from other_process import PRELUDE
 
 from strato.errors import ConfigError, InvalidToken, NotFound
 from strato.services import FunctionSpec, Services, Workflow
@@ -89,13 +90,8 @@ def published_token(services: Services, key: str) -> str:
 
 def child(services: Services, script: str, *args: str) -> subprocess.Popen[str]:
     """A Python process that opens the same bundle as ``services`` (as ``svc``)."""
-    prelude = (
-        "import json, os, sys\n"
-        "from strato.services import FunctionSpec, connect\n"
-        "svc = connect(json.loads(sys.argv[1]))\n"
-    )
     return subprocess.Popen(
-        [sys.executable, "-c", prelude + script, json.dumps(services.config), *args],
+        [sys.executable, "-c", PRELUDE + script, json.dumps(services.config), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -133,7 +134,32 @@ def test_backends_are_bit_identical() -> None:
     assert np.array_equal(sums["numba"], sums["numpy"])
 
 
-def test_threads_give_the_same_bits(backend: str) -> None:
+@pytest.fixture(params=["in order", "thread pool"])
+def runner(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The ranges of a split add run in order on the calling thread (the default), or
+    at once on threads the caller owns (a runner it installs; aggregation's to own)."""
+    if request.param == "in order":
+        previous = _kernels.set_runner(None)
+        yield request.param
+        _kernels.set_runner(previous)
+        return
+    ran: list[int] = []
+    with ThreadPoolExecutor(max_workers=4) as pool:
+
+        def run(tasks: Sequence[Callable[[], None]]) -> None:
+            ran.append(len(tasks))
+            for fut in [pool.submit(t) for t in tasks]:
+                fut.result()
+
+        previous = _kernels.set_runner(run)
+        try:
+            yield request.param
+        finally:
+            _kernels.set_runner(previous)
+    assert ran and all(n > 1 for n in ran)  # the adds were split and ran on the pool
+
+
+def test_threads_give_the_same_bits(backend: str, runner: str) -> None:
     rng = np.random.default_rng(2)
     n = 40 * _kernels.BLOCK + 5  # large enough to be split
     stack = rng.standard_normal((5, n)).astype(np.float32)
@@ -143,6 +169,19 @@ def test_threads_give_the_same_bits(backend: str) -> None:
         acc.add(stack[0], weights[0])
         acc.add_many(stack[1:], weights[1:])
     assert np.array_equal(one.sum, two.sum)
+
+
+def test_the_kernels_start_no_threads(backend: str) -> None:
+    import threading
+
+    previous = _kernels.set_runner(None)
+    try:
+        before = threading.active_count()
+        acc = Accumulator(40 * _kernels.BLOCK, threads=2)
+        acc.add(np.ones(acc.n, dtype=np.float32), 1.0)
+        assert threading.active_count() == before and acc.result()[-1] == 1.0
+    finally:
+        _kernels.set_runner(previous)
 
 
 def test_add_takes_read_only_shared_buffers_and_float64(backend: str) -> None:
@@ -238,34 +277,3 @@ def test_all_finite_finds_nan_and_inf_anywhere(backend: str, dtype: type) -> Non
             y = x.copy()
             y[pos] = bad
             assert not all_finite(y), (pos, bad)
-
-
-def test_threaded_adds_work_in_a_forked_child(backend: str) -> None:
-    import os
-    import signal
-    import time
-
-    n = 40 * _kernels.BLOCK
-    x = np.ones(n, dtype=np.float32)
-    acc = Accumulator(n, threads=2)
-    acc.add(x, 1.0)  # the parent now owns a thread pool
-    pid = os.fork()
-    if pid == 0:  # child: the inherited pool has no threads; a hang here is the bug
-        try:
-            child = Accumulator(n, threads=2)
-            child.add(x, 2.0)
-            os._exit(0 if child.result()[-1] == 1.0 else 1)
-        finally:
-            os._exit(2)
-    deadline = time.monotonic() + 60
-    status = None
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        time.sleep(0.05)
-    else:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        pytest.fail("threaded accumulate hung in a forked child")
-    assert os.waitstatus_to_exitcode(status) == 0

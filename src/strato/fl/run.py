@@ -16,20 +16,28 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from strato import report
+from strato.fl import report
 from strato.codec import encode
-from strato.errors import ConfigError, StratoError
+from strato.errors import ConfigError, NotFound, StratoError
 from strato.fl import coordinator, state
 from strato.fl.app import load_app
 from strato.fl.config import JobConfig
 from strato.fl.data import prepare_job_data
 from strato.fl.strategies import download_key, initial_download
-from strato.services import Execution, RuntimeStats, Services, connect, embedded
-from strato.services.triggers import StreamTrigger
+from strato.services import (
+    AppResources,
+    Execution,
+    Meter,
+    RuntimeStats,
+    Services,
+    StreamSource,
+    Trigger,
+    open_run,
+)
 
-__all__ = ["RunOptions", "run_job"]
+__all__ = ["RunOptions", "app_resources", "run_job"]
 
 
 @dataclass
@@ -50,34 +58,74 @@ class RunOptions:
     services: dict[str, Any] | None = None
 
 
-class _Trigger(Protocol):
-    def stop(self) -> None: ...
+# The updates stream wakes the aggregator: INSERTs only (an update is written once).
+_AGGREGATE_SOURCE = StreamSource(state.UPDATES, "aggregate", kinds=("INSERT",))
+
+
+def app_resources(cfg: JobConfig) -> AppResources:
+    """What an FL run uses of the services, as plain data: a backend that provisions
+    ahead of time (AWS: ``strato deploy aws``, or ``strato run`` against an endpoint)
+    deploys it."""
+    return AppResources(
+        name="fl",
+        description="Strato federated learning: rounds on Step Functions, updates through "
+        "S3 and DynamoDB Streams, notices on SNS/SQS",
+        tables=state.TABLES,
+        topics={state.TOPIC: coordinator.notice_schema()},
+        functions=tuple(coordinator.function_specs(cfg)),
+        state_machines={
+            coordinator.MACHINE: coordinator.round_loop_definition(cfg.round_deadline_s)
+        },
+        triggers=(_AGGREGATE_SOURCE,),
+        queues=(state.client_queue("*"),),  # simulated clients read their own queue
+        invoked=("client", "aggregate"),
+    )
 
 
 def _open_services(opts: RunOptions) -> Services:
     """The run's services: embedded in OUT, or the backend ``opts.services`` names (on a
-    resume, the one run.json recorded)."""
+    resume, the one run.json recorded), with the run's resources in place."""
     if opts.services is None and opts.resume:
         opts.services = json.loads((opts.out / "run.json").read_text()).get("services")
-    backend = (opts.services or {}).get("backend", "embedded")
-    if backend == "embedded":
-        return embedded(opts.out / "services")
-    assert opts.services is not None
-    if backend == "aws":
-        from strato.backends.aws.fl import open_run_services
+    config = dict(opts.services or {"backend": "embedded"})
+    config.setdefault("root", str((opts.out / "services").resolve()))
+    svc = open_run(config, app_resources(opts.config))
+    if not opts.resume:
+        try:
+            existing = svc.table.get(state.JOB, "config")
+        except NotFound:  # a table not made yet: no run there
+            existing = None
+        if existing is not None:
+            svc.close()
+            where = ", ".join(f"{k} {config[k]}" for k in ("backend", "prefix") if k in config)
+            raise ConfigError(
+                f"the services ({where}) already hold a run of {existing.value.get('app_dir')}: "
+                "resume it with --resume OUT, or start this run on other services "
+                "(another --prefix, or after `strato deploy ... --delete`)"
+            )
+    return svc
 
-        return open_run_services(opts)
-    return connect(opts.services)
+
+def _start_trigger(svc: Services, opts: RunOptions) -> Trigger:
+    """What wakes the aggregator on the updates stream: the backend's (a poller here,
+    or the cloud's own event source mapping)."""
+    return svc.start_trigger(_AGGREGATE_SOURCE)
 
 
-def _start_trigger(svc: Services, opts: RunOptions) -> _Trigger:
-    """What wakes the aggregator on the updates stream: a poller here, or (on AWS) the
-    cloud's own event source mapping."""
-    if svc.backend == "aws":
-        from strato.backends.aws.fl import CloudTrigger
-
-        return CloudTrigger(svc, opts.out).start()
-    return StreamTrigger(svc.table, state.UPDATES, svc.runtime, "aggregate").start()
+def _write_usage(svc: Services, opts: RunOptions, meter: Meter) -> None:
+    """``<backend>-usage.json``: what the backend bills for this segment of the run,
+    where it bills something (AWS)."""
+    try:
+        usage = meter.usage(coordinator.MACHINE, coordinator.EXECUTION_ID)
+        if usage is None:
+            return
+        rounds = len(svc.table.query(state.METRICS))
+        usage = {"rounds": rounds, **usage}
+        if rounds and "usd" in usage:
+            usage["usd_per_round"] = usage["usd"]["total"] / rounds
+        (opts.out / f"{svc.backend}-usage.json").write_text(json.dumps(usage, indent=2))
+    except Exception as exc:  # accounting must not turn a finished run into a failure
+        print(f"strato: could not write {svc.backend}-usage.json: {exc}", file=sys.stderr)
 
 
 def _say(opts: RunOptions, text: str) -> None:
@@ -156,11 +204,9 @@ class _Accounting:
         self.svc = svc
         self.before = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.last_cold = 0
-        self._stats: Callable[[], RuntimeStats] = svc.runtime.stats
-        if svc.backend == "aws":  # the functions run in Lambda: count what Lambda ran
-            from strato.backends.aws.fl import LambdaAccounting
-
-            self._stats = LambdaAccounting(svc).stats
+        # What the backend counts of the functions (on AWS: what Lambda ran, whoever
+        # invoked it; embedded: this process's runtime).
+        self._stats: Callable[[], RuntimeStats] = svc.meter().stats
 
     def totals(self) -> dict[str, float]:
         s = self._stats()
@@ -193,7 +239,8 @@ def run_job(opts: RunOptions) -> dict[str, Any]:
         )
     started = time.time()
     svc = _open_services(opts)
-    trigger: _Trigger | None = None
+    trigger: Trigger | None = None
+    meter: Meter | None = None
     detach: Callable[[], None] | None = None
     try:
         if opts.resume:
@@ -222,9 +269,10 @@ def run_job(opts: RunOptions) -> dict[str, Any]:
             # Before the round loop starts: `strato serve` waits here for its first clients.
             detach = opts.attach(svc)
         svc.workflow.start(coordinator.MACHINE, {"round": 1}, coordinator.EXECUTION_ID)
+        meter = svc.meter()
         trigger = _start_trigger(svc, opts)
-        # (On AWS, simulated clients are Lambda functions: they did not die with this process.)
-        if opts.resume and job.get("simulate", True) and svc.backend == "embedded":
+        # (Where functions run in the cloud, simulated clients did not die with this process.)
+        if opts.resume and job.get("simulate", True) and svc.local_workers:
             _relaunch_missing_clients(svc, job)
         return _drive(svc, opts, job, started)
     finally:
@@ -232,6 +280,8 @@ def run_job(opts: RunOptions) -> dict[str, Any]:
             detach()
         if trigger is not None:
             trigger.stop()
+        if meter is not None:
+            _write_usage(svc, opts, meter)
         svc.close()
 
 

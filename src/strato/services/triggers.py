@@ -5,22 +5,41 @@ The embedded twin of Lambda's DynamoDB Streams event source mapping: one poller 
 a batch of records, and stores the checkpoint only after the function returned. A
 crash between the two re-delivers the batch, so the function must be idempotent
 (as on AWS, where delivery is at-least-once too).
+
+``StreamSource`` names such a mapping as plain data (which table feeds which
+function): an application states its sources, and the backend starts what delivers
+them (``Services.start_trigger``): a ``StreamTrigger`` in this process on the
+embedded backend, the cloud's own event source mapping on AWS.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Collection
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from strato.errors import StratoError
 from strato.services.runtime import Runtime
 from strato.services.table import Table
 
-__all__ = ["CHECKPOINTS", "StreamTrigger"]
+__all__ = ["CHECKPOINTS", "StreamSource", "StreamTrigger"]
 
 CHECKPOINTS = "stream_checkpoints"
+
+
+@dataclass(frozen=True)
+class StreamSource:
+    """The change stream of ``table`` invokes ``function`` with batches of its records.
+
+    ``kinds``: the change kinds delivered (the others are skipped, as an event source
+    mapping's filter skips them); ``batch_size``: the most records in one invocation.
+    """
+
+    table: str
+    function: str
+    kinds: tuple[str, ...] = ("INSERT", "MODIFY", "REMOVE")
+    batch_size: int = 100
 
 
 class StreamTrigger:
@@ -34,9 +53,11 @@ class StreamTrigger:
         batch_size: int = 100,
         poll_s: float = 0.02,
         on_error: Callable[[Exception], None] | None = None,
+        kinds: Collection[str] | None = None,
     ) -> None:
         self.table, self.source, self.runtime, self.function = table, source, runtime, function
         self.batch_size, self.poll_s, self.on_error = batch_size, poll_s, on_error
+        self.kinds = None if kinds is None else frozenset(kinds)
         self.name = f"{source}->{function}"
         table.create_table(CHECKPOINTS)
         self._stop = threading.Event()
@@ -48,14 +69,17 @@ class StreamTrigger:
         return None if item is None else str(item.value["cursor"])
 
     def poll_once(self) -> int:
-        """Deliver one batch if there is one; returns the number of records delivered."""
+        """Deliver one batch if there is one; returns the number of changes it consumed."""
         changes = self.table.read_stream(
             self.source, after=self.checkpoint(), limit=self.batch_size
         )
         if not changes:
             return 0
-        records: list[dict[str, Any]] = [asdict(c) for c in changes]
-        self.runtime.invoke(self.function, {"records": records})
+        records: list[dict[str, Any]] = [
+            asdict(c) for c in changes if self.kinds is None or c.kind in self.kinds
+        ]
+        if records:  # a batch of skipped kinds only moves the checkpoint
+            self.runtime.invoke(self.function, {"records": records})
         self.table.put(CHECKPOINTS, self.name, {"cursor": changes[-1].cursor})
         self.batches += 1
         return len(changes)

@@ -18,20 +18,36 @@ Why float64 at all, and what it costs: see ``fedavg``'s docstring.
 Neither backend uses fused multiply-add (numba is compiled without ``fastmath``, and
 numpy multiplies then adds), which is what makes them bit-identical.
 
-``STRATO_KERNELS=numpy`` forces the fallback (tests run both).
+``set_backend("numpy")`` forces the fallback (tests run both; the ``strato`` command
+does it for ``STRATO_KERNELS=numpy``: this module reads no environment).
+
+Pure computation: no threads of its own. An add with ``threads`` > 1 is split into
+block-aligned ranges; the ranges run one after the other on the calling thread unless
+the caller that owns threads installed a runner (``set_runner``) that runs them at
+once (the kernels release the GIL, so threads add memory bandwidth). Either way the
+bits are the same: each range of the accumulator is added to in the same order.
 """
 
 from __future__ import annotations
 
-import os
+import functools
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["BATCH", "BLOCK", "all_finite", "axpy", "axpy_many", "backend", "set_backend"]
+__all__ = [
+    "BATCH",
+    "BLOCK",
+    "Runner",
+    "all_finite",
+    "axpy",
+    "axpy_many",
+    "backend",
+    "set_backend",
+    "set_runner",
+]
 
 F64 = npt.NDArray[np.float64]
 
@@ -43,8 +59,11 @@ BLOCK = 8192
 # 4 bytes of reading the float32 update itself.
 BATCH = 8
 
-_state: dict[str, Any] = {"name": None, "numba": None, "pool": None, "pool_size": 0,
-                          "pool_pid": 0}
+# Runs the tasks of one split add (each a range of the vector) and returns when all
+# are done; the first task may run on the calling thread.
+Runner = Callable[[Sequence[Callable[[], None]]], None]
+
+_state: dict[str, Any] = {"name": None, "numba": None, "runner": None}
 
 
 def _compile_numba() -> dict[str, Any]:
@@ -57,11 +76,11 @@ def _compile_numba() -> dict[str, Any]:
 
 
 def backend() -> str:
-    """The backend in use: ``numba`` or ``numpy`` (decided on first call)."""
+    """The backend in use: ``numba`` or ``numpy`` (decided on first call: numba when it
+    imports, unless ``set_backend`` chose before)."""
     name = _state["name"]
     if name is None:
-        wanted = os.environ.get("STRATO_KERNELS", "").strip().lower()
-        set_backend("numpy" if wanted == "numpy" else "numba", strict=False)
+        set_backend("numba", strict=False)
         name = _state["name"]
     return str(name)
 
@@ -97,28 +116,22 @@ def _ranges(n: int, threads: int) -> list[tuple[int, int]]:
     return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
 
 
-def _pool(threads: int) -> ThreadPoolExecutor:
-    pool: ThreadPoolExecutor | None = _state["pool"]
-    # A pool inherited through fork has no threads in the child: make a new one there.
-    forked = _state["pool_pid"] != os.getpid()
-    if pool is None or forked or _state["pool_size"] < threads:
-        if pool is not None and not forked:
-            pool.shutdown(wait=True)
-        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="strato-axpy")
-        _state.update(pool=pool, pool_size=threads, pool_pid=os.getpid())
-    return pool
+def set_runner(runner: Runner | None) -> Runner | None:
+    """Install what runs the ranges of a split add (None: in order, on the calling
+    thread); returns the runner it replaces."""
+    previous: Runner | None = _state["runner"]
+    _state["runner"] = runner
+    return previous
 
 
 def _run(task: Callable[[int, int], None], n: int, threads: int) -> None:
     ranges = _ranges(n, threads)
-    if len(ranges) == 1:
-        task(0, n)
+    runner: Runner | None = _state["runner"]
+    if len(ranges) == 1 or runner is None:
+        for lo, hi in ranges:
+            task(lo, hi)
         return
-    # The kernels release the GIL, so threads add memory bandwidth, not contention.
-    futures = [_pool(len(ranges)).submit(task, lo, hi) for lo, hi in ranges[1:]]
-    task(*ranges[0])
-    for fut in futures:
-        fut.result()
+    runner([functools.partial(task, lo, hi) for lo, hi in ranges])
 
 
 def axpy(acc: F64, x: npt.NDArray[Any], w: float, threads: int = 1) -> None:

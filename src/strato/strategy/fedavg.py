@@ -22,8 +22,9 @@ Precision and speed (the choice; numbers for 100 updates × 10M on the 2-core VM
   about the cost of float32 ``saxpy``. ``add_many`` adds up to 8 updates per pass
   with each block of the sum held in cache, so the traffic approaches one read of
   each update, as ``weights @ stacked`` does: feed it everything that has arrived.
-  ``threads=2`` splits the vector over both cores (one core reaches about half of
-  this VM's memory bandwidth). Measured with the VM shared (load ~10): the BLAS
+  ``threads=2`` splits the vector into two ranges; they run on two cores when the
+  caller installs a runner (``_kernels.set_runner``: this layer starts no threads),
+  else one after the other (one core reaches about half of this VM's memory bandwidth). Measured with the VM shared (load ~10): the BLAS
   floor ``w @ S`` 0.46 s; ``add_many`` 0.85 s (all 100 at once) to 1.0 s (10 at a
   time); ``add`` one at a time 1.6 s; float32 BLAS ``saxpy`` one at a time 1.25 s.
 - Buffers are allocated once: ``reset()`` zeroes the sum in place for the next round
@@ -79,8 +80,9 @@ class Accumulator:
 
     ``add``/``add_many`` take float32 (or float64) 1-D arrays, including read-only
     views of shared memory; nothing is kept of them after the call returns.
-    ``threads`` > 1 splits each add over that many threads (the kernels release the
-    GIL; one core's memory bandwidth is about half of this VM's).
+    ``threads`` > 1 splits each add into that many ranges, run in parallel by the
+    runner a caller installs (``_kernels.set_runner``; the kernels release the GIL),
+    else in order.
     """
 
     __slots__ = ("_count", "_sum", "_threads", "_weight")

@@ -3,7 +3,6 @@ options land in the run's Services config."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
@@ -41,19 +40,17 @@ def test_mistakes_are_one_line(
 
 
 def test_run_options_point_at_the_backend(tiny_app: Path, tmp_path: Path) -> None:
-    from strato.backends.aws.cli import add_run_arguments, apply_run_backend
+    from strato.cli import _apply_backend, _parser
     from strato.fl.config import JobConfig
     from strato.fl.run import RunOptions
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--resume")
-    add_run_arguments(parser)
+    parser = _parser()
     args = parser.parse_args(
-        ["--backend", "aws", "--endpoint-url", "http://127.0.0.1:4566", "--prefix", "t1-",
-         "--remote-clients", "4"]
+        ["run", str(tiny_app), "--backend", "aws", "--endpoint-url", "http://127.0.0.1:4566",
+         "--prefix", "t1-", "--remote-clients", "4"]
     )  # fmt: skip
     opts = RunOptions(app_dir=tiny_app, out=tmp_path / "out", config=JobConfig(), quiet=True)
-    apply_run_backend(opts, args)
+    _apply_backend(opts, args)
     assert opts.services is not None
     assert opts.services["backend"] == "aws" and opts.services["prefix"] == "t1-"
     assert opts.services["endpoint_url"] == "http://127.0.0.1:4566"
@@ -61,5 +58,5 @@ def test_run_options_point_at_the_backend(tiny_app: Path, tmp_path: Path) -> Non
     assert "credentials" in opts.services  # a local endpoint gets the emulators' dummies
     assert opts.simulate is False and opts.attach is not None
     embedded = RunOptions(app_dir=tiny_app, out=tmp_path / "e", config=JobConfig())
-    apply_run_backend(embedded, parser.parse_args([]))
+    _apply_backend(embedded, parser.parse_args(["run", str(tiny_app)]))
     assert embedded.services is None and embedded.simulate

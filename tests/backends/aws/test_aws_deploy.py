@@ -11,7 +11,11 @@ from typing import Any
 
 import pytest
 
+from strato.fl.config import JobConfig
+from strato.fl.run import app_resources
 from strato.services import connect
+
+RESOURCES = app_resources(JobConfig())
 
 
 @pytest.fixture
@@ -22,14 +26,14 @@ def deployed(local_aws: Any, tmp_path: Path) -> Any:
         prefix=f"d{uuid.uuid4().hex[:8]}-", endpoint_url=local_aws.endpoint_url,
         root=tmp_path / "services",
     )  # fmt: skip
-    outputs = deploy(opts)
-    yield opts, template_for(opts), outputs
-    destroy(opts)
+    outputs = deploy(opts, RESOURCES)
+    yield opts, template_for(opts, RESOURCES), outputs
+    destroy(opts, RESOURCES)
 
 
 def test_the_apis_make_what_the_template_says(deployed: Any) -> None:
-    from strato.backends.aws._apply_apis import resolve
     from strato.backends.aws._boto import clients_for
+    from strato.backends.aws.deploy._apply_apis import resolve
 
     opts, template, outputs = deployed
     clients = clients_for(opts.config())
@@ -78,7 +82,7 @@ def test_the_apis_make_what_the_template_says(deployed: Any) -> None:
             }  # fmt: skip
         elif r["Type"] == "AWS::StepFunctions::StateMachine":
             got = clients.client("stepfunctions").describe_state_machine(
-                stateMachineArn=outputs["StateMachine"]
+                stateMachineArn=outputs[logical]
             )
             assert got["roleArn"] == outputs["StatesRole"]
             text = json.dumps(props["Definition"])
@@ -93,7 +97,7 @@ def test_the_apis_make_what_the_template_says(deployed: Any) -> None:
             assert "/stream/" in source and f":table/{opts.prefix}updates/" in source
             assert mapping["FilterCriteria"] == props["FilterCriteria"]
         elif r["Type"] == "AWS::SNS::Topic":
-            tags = clients.client("sns").list_tags_for_resource(ResourceArn=outputs["Topic"])
+            tags = clients.client("sns").list_tags_for_resource(ResourceArn=outputs[logical])
             assert {t["Key"]: t["Value"] for t in tags["Tags"]} == {
                 t["Key"]: t["Value"] for t in props["Tags"]
             }
@@ -107,7 +111,7 @@ def test_deploying_again_changes_nothing_and_the_backend_uses_it(deployed: Any) 
     from strato.fl import coordinator, state
 
     opts, _, outputs = deployed
-    assert deploy(opts) == outputs
+    assert deploy(opts, RESOURCES) == outputs
     with connect(opts.config()) as svc:  # the primitives find the deployed resources
         coordinator.provision(svc, ["0000"])
         svc.bus.publish(state.TOPIC, json.dumps({"round": 1, "model_key": "m"}),
@@ -118,17 +122,17 @@ def test_deploying_again_changes_nothing_and_the_backend_uses_it(deployed: Any) 
 
 def test_teardown_leaves_nothing_of_the_prefix(local_aws: Any, tmp_path: Path) -> None:
     from strato.backends.aws._boto import clients_for
-    from strato.backends.aws.cli import main_deploy
+    from strato.cli import main
     from strato.fl import coordinator
 
     prefix = f"t{uuid.uuid4().hex[:8]}-"
     where = ["--endpoint-url", local_aws.endpoint_url, "--prefix", prefix]
-    assert main_deploy(["aws", *where]) == 0
+    assert main(["deploy", "aws", *where]) == 0
     config = local_aws.config(tmp_path / "s", prefix)
     with connect(config) as svc:
         coordinator.register_client(svc, "late-joiner")  # a queue no stack holds
         svc.blobs.put("models/round-00001.safetensors", b"x")
-    assert main_deploy(["aws", "--delete", *where]) == 0
+    assert main(["deploy", "aws", "--delete", *where]) == 0
     clients = clients_for(config)
     leftovers = {
         "tables": [t for t in clients.client("dynamodb").list_tables()["TableNames"]

@@ -113,8 +113,8 @@ class Duplicator(threading.Thread):
         return str(table["Table"].get("LatestStreamArn") or "") or None
 
     def run(self) -> None:
-        from strato.backends.aws._local_esm import _lambda_record
         from strato.backends.aws._stream import StreamReader
+        from strato.backends.aws.emulator._local_esm import _lambda_record
 
         try:
             while (arn := self._stream()) is None and not self.stop.wait(0.2):
@@ -155,8 +155,6 @@ class Duplicator(threading.Thread):
 @pytest.fixture(scope="module")
 def fl_runs(local_aws: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """One run on AWS (with a duplicator) and the same run on the embedded backend."""
-    from strato.backends.aws.deploy import DeployOptions, destroy
-
     root = tmp_path_factory.mktemp("fl")
     app = make_app(root)
     # The embedded run goes on alongside, with its own copy of the app (two runs of one
@@ -195,7 +193,16 @@ def fl_runs(local_aws: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "root": root, "config": config, "prefix": prefix, "aws": aws_summary,
         "embedded": embedded_summary, "duplicator": duplicator,
     }  # fmt: skip
-    destroy(DeployOptions(prefix=prefix, endpoint_url=local_aws.endpoint_url, root=root))
+    teardown(local_aws, prefix, root)
+
+
+def teardown(local_aws: Any, prefix: str, root: Path) -> None:
+    from strato.backends.aws.deploy import DeployOptions, destroy
+    from strato.fl.config import JobConfig
+    from strato.fl.run import app_resources
+
+    opts = DeployOptions(prefix=prefix, endpoint_url=local_aws.endpoint_url, root=root)
+    destroy(opts, app_resources(JobConfig()))
 
 
 def final_model(fl_runs: dict[str, Any], backend: str) -> Any:
@@ -277,9 +284,7 @@ def test_the_runs_billable_requests_are_counted(fl_runs: dict[str, Any]) -> None
 def test_remote_clients_register_and_one_that_stops_answering_does_not_fail_rounds(
     local_aws: Any, tmp_path: Path
 ) -> None:
-    from strato.backends.aws.client import AwsClientOptions, run_aws_client
-    from strato.backends.aws.deploy import DeployOptions, destroy
-    from strato.backends.aws.fl import wait_for_clients
+    from strato.fl.direct import DirectClientOptions, run_direct_client, wait_for_clients
     from strato.services import connect
 
     app = make_app(tmp_path, quorum=0.6)  # 2 of the 3 selected close a round
@@ -289,11 +294,11 @@ def test_remote_clients_register_and_one_that_stops_answering_does_not_fail_roun
     outcomes: dict[str, Any] = {}
 
     def join(name: str, rounds_max: int | None) -> None:
-        opts = AwsClientOptions(
+        opts = DirectClientOptions(
             str(app), config, client_id=name, rounds_max=rounds_max, wait_s=2.0, quiet=True
         )
         try:
-            outcomes[name] = run_aws_client(opts, stop)
+            outcomes[name] = run_direct_client(opts, stop)
         except Exception as exc:
             outcomes[name] = exc
 
@@ -351,4 +356,4 @@ def test_remote_clients_register_and_one_that_stops_answering_does_not_fail_roun
                 range(last + 1, ROUNDS + 1)
             )
     finally:
-        destroy(DeployOptions(prefix=prefix, endpoint_url=local_aws.endpoint_url, root=tmp_path))
+        teardown(local_aws, prefix, tmp_path)

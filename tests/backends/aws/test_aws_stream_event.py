@@ -83,7 +83,7 @@ def test_the_lambda_entry_hands_the_function_strato_records(
 
 def test_filter_patterns_match_like_lambda() -> None:
     pytest.importorskip("boto3")
-    from strato.backends.aws._local_esm import matches_pattern
+    from strato.backends.aws.emulator._local_esm import matches_pattern
 
     insert = record("INSERT", "k", new={"a": 1})
     assert matches_pattern({"eventName": ["INSERT"]}, insert)
@@ -118,7 +118,7 @@ def test_the_front_names_each_request_it_counts(
     method: str, path: str, headers: dict[str, str], body: bytes, expected: tuple[str, str]
 ) -> None:
     pytest.importorskip("boto3")
-    from strato.backends.aws._usage import classify
+    from strato.backends.aws.emulator._usage import classify
 
     service = expected[0] if expected[0] != "dynamodbstreams" else "dynamodb"
     auth = f"AWS4-HMAC-SHA256 Credential=AKID/20250101/us-east-1/{service}/aws4_request, x"

@@ -48,7 +48,7 @@ def test_cfn_lint_accepts_the_dry_run(tmp_path: Path, args: tuple[str, ...]) -> 
     # ...and it is a linter that can fail: a broken copy is refused.
     broken = json.loads(json.dumps(template))
     broken["Resources"]["AggregateTrigger"]["Properties"]["StartingPosition"] = "SOMETIMES"
-    del broken["Resources"]["RoundLoop"]["Properties"]["RoleArn"]
+    del broken["Resources"]["StratoFlRoundsStateMachine"]["Properties"]["RoleArn"]
     (tmp_path / "broken.json").write_text(json.dumps(broken))
     assert cfn_lint(tmp_path / "broken.json").returncode != 0
 

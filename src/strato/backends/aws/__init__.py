@@ -23,18 +23,28 @@ A Services config for this backend (plain JSON, so it travels to Lambda too)::
      "lambda_root": "/tmp/strato",      # the root the functions' own Services use
      "lambda_role_arn": ..., "states_role_arn": ...}  # else roles are made per prefix
 
-``strato.backends.aws.local`` runs moto plus a local Lambda stand-in for tests and
-local runs. Federated learning on AWS (docs/aws.md): ``template`` (the CloudFormation
-template), ``deploy`` (``strato deploy aws``), ``fl`` (what ``strato run --backend aws``
-adds), ``client`` (``strato client --backend aws``), ``usage`` (what a run is billed for).
+Importing this package registers the backend with ``strato.services`` under the name
+``aws`` (``register_backend``): its five parts, and the run hooks of ``run`` (a run's
+resources deployed first, Lambda's event source mappings as the stream triggers,
+Lambda's counters as the meter). boto3 loads only when a part is opened.
+
+Three parts: the primitives (the ``_`` modules here, and ``lambda_entry``, the handler
+of every deployed function); ``emulator/`` and ``local`` (``LocalAws``: moto plus a
+local Lambda front, for tests and local runs); ``deploy/`` (an application's
+CloudFormation ``template`` from the ``AppResources`` it states, its IAM policies, and
+``strato deploy aws``). Beside them: ``run`` (what a run on this backend adds), ``cli``
+(the backend's options of the ``strato`` command), ``usage`` (what a run is billed for).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from strato.services import Backend, register_backend
+
 if TYPE_CHECKING:
-    from strato.services import Services
+    from strato.services import AppResources, Meter, Services, StreamSource, Trigger
 
 __all__ = ["open_part"]
 
@@ -65,3 +75,33 @@ def open_part(name: str, services: Services) -> Any:
 
         return StepFunctionsWorkflow(clients)
     raise ValueError(f"unknown part {name!r} (bus, blobs, table, runtime, workflow)")
+
+
+def _open_run(config: Mapping[str, Any], resources: AppResources) -> Services:
+    from strato.backends.aws.run import open_run
+
+    return open_run(config, resources)
+
+
+def _start_trigger(services: Services, source: StreamSource) -> Trigger:
+    from strato.backends.aws.run import start_trigger
+
+    return start_trigger(services, source)
+
+
+def _meter(services: Services) -> Meter:
+    from strato.backends.aws.run import LambdaMeter
+
+    return LambdaMeter(services)
+
+
+register_backend(
+    "aws",
+    Backend(
+        open_part,
+        open_run=_open_run,
+        start_trigger=_start_trigger,
+        meter=_meter,
+        local_workers=False,  # the functions run in Lambda, not in this process's children
+    ),
+)

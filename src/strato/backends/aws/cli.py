@@ -1,30 +1,43 @@
-"""The AWS parts of the ``strato`` command (imported without boto3; it loads on use).
+"""The aws backend's parts of the ``strato`` command (imported without boto3; it loads
+on use). ``strato.cli`` owns the commands and imports this module for the backend's
+options (importing the package also registers the backend with ``strato.services``):
 
 - ``strato deploy aws [--dry-run] [--endpoint-url URL] [--region R] [--prefix P] ...``
-- ``strato run APP_DIR --backend aws [--endpoint-url URL] [--region R] [--prefix P]
-  [--remote-clients N]``
-- ``strato client APP_DIR --backend aws [--endpoint-url URL] [--region R] [--prefix P]``
+  (``main_deploy``; the application's resources come from the caller);
+- ``strato run APP_DIR --backend aws [--endpoint-url URL] [--region R] [--prefix P]``
+  and ``strato client APP_DIR --backend aws ...``: ``add_where_arguments`` adds the
+  options that say where the deployment is, ``services_config_of`` turns them into
+  the Services config.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from strato.errors import StratoError
+from strato.services import AppResources
 
-if TYPE_CHECKING:
-    from strato.fl.run import RunOptions
+__all__ = [
+    "DEFAULT_PREFIX",
+    "add_where_arguments",
+    "given_flags",
+    "join_command",
+    "main_deploy",
+    "services_config_of",
+]
 
-__all__ = ["add_run_arguments", "apply_run_backend", "main_client", "main_deploy", "wants_aws"]
+DEFAULT_PREFIX = "strato-"
+_FLAGS = {"--endpoint-url": "endpoint_url", "--region": "region", "--prefix": "prefix"}
 
-_DEFAULT_PREFIX = "strato-"
 
-
-def _where(parser: argparse.ArgumentParser) -> None:
+def add_where_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that say where a deployment is: endpoint, region, prefix."""
     parser.add_argument(
         "--endpoint-url", help="an AWS-compatible endpoint (e.g. the local AWS of "
         "`python -m strato.backends.aws.local`); default: AWS itself"
@@ -33,110 +46,39 @@ def _where(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prefix",
         default=None,
-        help=f"starts every resource name of the deployment (default: {_DEFAULT_PREFIX})",
+        help=f"starts every resource name of the deployment (default: {DEFAULT_PREFIX})",
     )
 
 
-def add_run_arguments(run: argparse.ArgumentParser) -> None:
-    """``strato run``'s backend options."""
-    run.add_argument(
-        "--backend", choices=["embedded", "aws"], default="embedded",
-        help="where the services run (default: embedded, on this machine)",
-    )  # fmt: skip
-    _where(run)
-    run.add_argument(
-        "--remote-clients", type=int, metavar="N",
-        help="aws: clients join with `strato client --backend aws`; round 1 starts once N "
-        "have registered, and each round selects among the registered clients",
-    )  # fmt: skip
+def given_flags(args: argparse.Namespace) -> list[str]:
+    """The options of ``add_where_arguments`` that the command line gave."""
+    return [flag for flag, dest in _FLAGS.items() if getattr(args, dest, None) is not None]
 
 
-def apply_run_backend(opts: RunOptions, args: argparse.Namespace) -> None:
-    """Point ``opts`` at the backend the arguments name."""
-    backend = getattr(args, "backend", "embedded")
-    aws_only = {
-        "--endpoint-url": args.endpoint_url,
-        "--region": args.region,
-        "--prefix": args.prefix,
-        "--remote-clients": args.remote_clients,
-    }
-    if backend != "aws":
-        given = [flag for flag, value in aws_only.items() if value is not None]
-        if given:
-            raise StratoError(f"{', '.join(given)} only apply with --backend aws")
-        return
-    if args.resume:
-        return  # run.json names the backend the run was started on
+def services_config_of(args: argparse.Namespace, root: str | os.PathLike[str]) -> dict[str, Any]:
+    """The Services config of the deployment the options name (files under ``root``)."""
     from strato.backends.aws.deploy import services_config
-    from strato.backends.aws.fl import wait_for_clients
 
-    opts.services = services_config(
-        args.prefix or _DEFAULT_PREFIX,
-        root=opts.out / "services",
+    return services_config(
+        args.prefix or DEFAULT_PREFIX,
+        root=root,
         region=args.region,
         endpoint_url=args.endpoint_url,
     )
-    if args.remote_clients is not None:
-        if args.remote_clients < 1:
-            raise StratoError(f"--remote-clients must be at least 1, got {args.remote_clients}")
-        opts.simulate = False
-        opts.attach = wait_for_clients(args.remote_clients, quiet=opts.quiet)
 
 
-def wants_aws(argv: list[str]) -> bool:
-    """Whether a ``strato client`` command line asks for the aws backend."""
-    for i, arg in enumerate(argv):
-        if arg == "--backend" and i + 1 < len(argv):
-            return argv[i + 1] == "aws"
-        if arg.startswith("--backend="):
-            return arg.partition("=")[2] == "aws"
-    return False
+def join_command(config: dict[str, Any]) -> str:
+    """The command line that joins a client to the run on ``config``'s deployment."""
+    where = f"--prefix {config.get('prefix', DEFAULT_PREFIX)}"
+    if config.get("endpoint_url"):
+        where += f" --endpoint-url {config['endpoint_url']}"
+    if config.get("region"):
+        where += f" --region {config['region']}"
+    return f"strato client APP_DIR --backend aws {where}"
 
 
-def main_client(argv: list[str]) -> int:
-    from strato.backends.aws.client import AwsClientOptions, run_aws_client
-    from strato.backends.aws.deploy import services_config
-
-    p = argparse.ArgumentParser(
-        prog="strato client",
-        description="Join a run on AWS directly (started with `strato run APP_DIR --backend "
-        "aws --remote-clients N`): register, then train on each round's notice.",
-    )
-    p.add_argument("app_dir", help="directory holding app.py")
-    p.add_argument("--backend", choices=["aws"], required=True)
-    _where(p)
-    p.add_argument("--client-id", help="this client's name (default: a random one)")
-    p.add_argument(
-        "--data-dir", help="MNIST IDX directory (default: $STRATO_DATA_DIR, else digits)"
-    )
-    p.add_argument("--rounds-max", type=int, help="leave after training this many rounds")
-    p.add_argument("--partition-index", type=int, help="train on this partition")
-    p.add_argument("--wait-s", type=float, default=10.0, help="seconds of one long poll")
-    p.add_argument("--root", default=".strato/client", help="local scratch directory")
-    args = p.parse_args(argv)
-    if args.rounds_max is not None and args.rounds_max < 1:
-        raise StratoError(f"--rounds-max must be at least 1, got {args.rounds_max}")
-    config = services_config(
-        args.prefix or _DEFAULT_PREFIX,
-        root=args.root,
-        region=args.region,
-        endpoint_url=args.endpoint_url,
-    )
-    run_aws_client(
-        AwsClientOptions(
-            app_dir=args.app_dir,
-            services=config,
-            client_id=args.client_id,
-            data_dir=args.data_dir,
-            rounds_max=args.rounds_max,
-            partition_index=args.partition_index,
-            wait_s=args.wait_s,
-        )
-    )
-    return 0
-
-
-def main_deploy(argv: list[str]) -> int:
+def main_deploy(argv: list[str], resources_for: Callable[[Path | None], AppResources]) -> int:
+    """``strato deploy aws``; ``resources_for(app_dir)``: what the application runs."""
     p = argparse.ArgumentParser(
         prog="strato deploy",
         description="Deploy the federated learning infrastructure (one CloudFormation "
@@ -145,7 +87,7 @@ def main_deploy(argv: list[str]) -> int:
     p.add_argument("target", choices=["aws"], help="where to deploy")
     p.add_argument("--dry-run", action="store_true", help="print the template and stop")
     p.add_argument("--delete", action="store_true", help="tear the deployment down")
-    _where(p)
+    add_where_arguments(p)
     p.add_argument("--app", help="an app directory: its strato.toml sets deadline and concurrency")
     p.add_argument("--code", help="s3://BUCKET/KEY of the functions' zip package")
     p.add_argument("--image-uri", help="or the functions' container image (ECR)")
@@ -157,22 +99,22 @@ def main_deploy(argv: list[str]) -> int:
     from strato.backends.aws.deploy import DeployOptions, deploy, destroy, template_for
 
     opts = DeployOptions(
-        prefix=args.prefix or _DEFAULT_PREFIX,
+        prefix=args.prefix or DEFAULT_PREFIX,
         region=args.region,
         endpoint_url=args.endpoint_url,
         method=args.method,
         code=args.code,
         image_uri=args.image_uri,
-        app_dir=Path(args.app) if args.app else None,
     )
     if args.dry_run and args.delete:
         raise StratoError("--dry-run and --delete do not go together")
+    resources = resources_for(Path(args.app) if args.app else None)
     if args.dry_run:
-        json.dump(template_for(opts), sys.stdout, indent=2)
+        json.dump(template_for(opts, resources), sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
     if args.delete:
-        print(json.dumps(destroy(opts), indent=2))
+        print(json.dumps(destroy(opts, resources), indent=2))
         return 0
-    print(json.dumps(deploy(opts), indent=2))
+    print(json.dumps(deploy(opts, resources), indent=2))
     return 0

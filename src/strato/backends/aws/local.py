@@ -2,12 +2,12 @@
 
 ``LocalAws`` starts two processes on 127.0.0.1, each on a free port:
 
-- ``moto_server`` (``moto[server]``, run by ``_moto_server`` with one fix), with Step
+- ``moto_server`` (``moto[server]``, run by ``emulator._moto_server`` with one fix), with Step
   Functions executions switched on (``POST /moto-api/config`` with
   ``{"stepfunctions": {"execute_state_machine": true}}``) and ``MOTO_PORT`` pointing
   at the front, so the Lambda calls its state machines make come back through it;
-- the front (``_front``), the endpoint clients use: it runs Lambda code locally and
-  makes moto's conditional writes and receives atomic (see ``_front``).
+- the front (``emulator._front``), the endpoint clients use: it runs Lambda code
+  locally and makes moto's conditional writes and receives atomic (see ``emulator``).
 
 Both die with the process that started them (``PR_SET_PDEATHSIG``: start them from
 the main thread) and are stopped by ``stop()``. Run it by hand with
@@ -56,7 +56,7 @@ def free_port() -> int:
 
 def _moto_command(port: int) -> list[str]:
     """moto_server, through ``_moto_server`` (which passes task failure causes on)."""
-    module = "strato.backends.aws._moto_server"
+    module = "strato.backends.aws.emulator._moto_server"
     return [sys.executable, "-m", module, "-H", "127.0.0.1", "-p", str(port)]
 
 
@@ -98,7 +98,7 @@ class LocalAws:
         env.pop("AWS_SESSION_TOKEN", None)
         try:
             self._spawn("moto", _moto_command(moto_port), env)
-            front = [sys.executable, "-m", "strato.backends.aws._front", "--port",
+            front = [sys.executable, "-m", "strato.backends.aws.emulator._front", "--port",
                      str(front_port), "--moto", self.moto_url,
                      "--keep-alive", str(self.keep_alive_s)]  # fmt: skip
             self._spawn("front", front, env)

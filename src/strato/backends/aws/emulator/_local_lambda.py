@@ -72,7 +72,7 @@ class _Spawner:
             env, result = self._requests.get()
             try:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "strato.backends.aws._lambda_worker"],
+                    [sys.executable, "-m", "strato.backends.aws.emulator._lambda_worker"],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     env=env,

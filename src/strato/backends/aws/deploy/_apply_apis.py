@@ -345,7 +345,7 @@ def apply_template(
 def delete_template(clients: Clients, template: Mapping[str, Any]) -> list[str]:
     """Remove what ``apply_template`` made, in reverse dependency order (what is already
     gone is skipped); returns the logical ids of the resources found and removed."""
-    from strato.backends.aws._teardown import delete_resource
+    from strato.backends.aws.deploy._teardown import delete_resource
 
     resources = template["Resources"]
 

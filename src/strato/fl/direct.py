@@ -1,4 +1,5 @@
-"""``strato client --backend aws``: a client that joins a run on AWS directly.
+"""``strato client --backend aws``: a client that joins a run directly through the
+run's services (on AWS: SQS, S3 and DynamoDB), on whichever backend the config names.
 
 No server in between: the client registers (its own SQS queue, subscribed to the
 round notices for its name, and a record in the ``clients`` table, so the next
@@ -13,6 +14,9 @@ else scikit-learn's digits) and takes its partition's rows from the job's partit
 (``--partition-index``, else the next index in registration order); no data crosses
 the network. The credentials it needs are those of the run's queues, bucket and
 tables (docs/aws.md lists them).
+
+``wait_for_clients`` is the ``attach`` of a run whose clients join this way: round 1
+starts once enough have registered.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import contextlib
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +39,7 @@ from strato.fl.app import DataInfo, Dataset, load_app
 from strato.fl.client import SimClient
 from strato.services import Services, connect
 
-__all__ = ["AwsClientOptions", "run_aws_client"]
+__all__ = ["DirectClientOptions", "run_direct_client", "wait_for_clients"]
 
 _REGISTRATIONS = "registrations"  # the JOB table's counter of registered clients
 # load_app publishes the module before running it: clients in one process (tests,
@@ -43,7 +48,7 @@ _LOAD_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
-class AwsClientOptions:
+class DirectClientOptions:
     app_dir: str
     services: dict[str, Any]
     client_id: str | None = None
@@ -56,12 +61,12 @@ class AwsClientOptions:
     quiet: bool = False
 
 
-def _say(opts: AwsClientOptions, text: str) -> None:
+def _say(opts: DirectClientOptions, text: str) -> None:
     if not opts.quiet:
         print(text, flush=True)
 
 
-def _job(svc: Services, opts: AwsClientOptions, stop: threading.Event) -> dict[str, Any]:
+def _job(svc: Services, opts: DirectClientOptions, stop: threading.Event) -> dict[str, Any]:
     deadline = time.monotonic() + opts.join_timeout_s
     while not stop.is_set():
         try:
@@ -129,7 +134,9 @@ class _Finished:
             return False  # not started yet
 
 
-def run_aws_client(opts: AwsClientOptions, stop: threading.Event | None = None) -> dict[str, Any]:
+def run_direct_client(
+    opts: DirectClientOptions, stop: threading.Event | None = None
+) -> dict[str, Any]:
     """Take part in rounds until the job is finished; returns what this client did."""
     stop = stop or threading.Event()
     with _LOAD_LOCK:
@@ -162,3 +169,22 @@ def run_aws_client(opts: AwsClientOptions, stop: threading.Event | None = None) 
                 _say(opts, f"client {client}: round {notice.round} trained and uploaded")
         _say(opts, f"client {client}: done after training {len(trained)} round(s)")
         return {"client": client, "partition_index": index, "rounds": trained}
+
+
+def wait_for_clients(
+    min_clients: int, *, timeout_s: float | None = None, quiet: bool = False, how: str = ""
+) -> Callable[[Services], Callable[[], None]]:
+    """An ``attach`` that returns once ``min_clients`` clients have registered; ``how``
+    tells a waiting user how clients join (the command line)."""
+
+    def attach(svc: Services) -> Callable[[], None]:
+        if not quiet:
+            print(f"waiting for {min_clients} client(s)" + (f": {how}" if how else ""), flush=True)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while len(svc.table.query(state.CLIENTS)) < min_clients:
+            if deadline is not None and time.monotonic() > deadline:
+                raise ConfigError(f"fewer than {min_clients} clients registered in {timeout_s} s")
+            time.sleep(0.5)
+        return lambda: None
+
+    return attach

@@ -1,5 +1,5 @@
-"""moto's server with one fix: ``python -m strato.backends.aws._moto_server`` (moto_server's
-arguments).
+"""moto's server with one fix: ``python -m strato.backends.aws.emulator._moto_server``
+(moto_server's arguments).
 
 moto's ``SendTaskFailure`` handler drops the request's ``cause`` before it reaches the
 Step Functions interpreter, so a failed task loses the cause Step Functions keeps. The

@@ -1,4 +1,4 @@
-"""The local front of an AWS emulator: ``python -m strato.backends.aws._front``.
+"""The local front of an AWS emulator: ``python -m strato.backends.aws.emulator._front``.
 
 An HTTP server on 127.0.0.1 that every client (and moto's own Step Functions, through
 ``MOTO_PORT``) talks to instead of moto. It passes each request through to moto,
@@ -39,9 +39,9 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from strato.backends.aws._local_esm import LocalEventSources
-from strato.backends.aws._local_lambda import LocalLambda, Reply
-from strato.backends.aws._usage import RequestCounter
+from strato.backends.aws.emulator._local_esm import LocalEventSources
+from strato.backends.aws.emulator._local_lambda import LocalLambda, Reply
+from strato.backends.aws.emulator._usage import RequestCounter
 
 __all__ = ["Front", "main"]
 

@@ -1,10 +1,12 @@
-"""``strato deploy aws``: print, apply or tear down the FL template.
+"""``strato deploy aws``: print, apply or tear down an application's template.
 
-Applying goes through CloudFormation on AWS itself (one stack, ``<prefix>-fl``), and
-through the service APIs against an endpoint URL (moto and other emulators, whose
-CloudFormation cannot run the Lambda side): the same template either way, see
-``_apply_apis``. Tearing down removes the stack (or the resources), the objects in
-the bucket, and the queues clients made when they registered, which no stack holds.
+The application states what it runs as ``AppResources`` (the ``strato`` command gets
+them from the FL layer). Applying goes through CloudFormation on AWS itself (one
+stack, ``<prefix>-<app>``), and through the service APIs against an endpoint URL (moto
+and other emulators, whose CloudFormation cannot run the Lambda side): the same
+template either way, see ``_apply_apis``. Tearing down removes the stack (or the
+resources), the objects in the bucket, and the prefix's queues, which subscribers made
+when they subscribed and no stack holds.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from typing import Any, Literal
 
 from strato.backends.aws._boto import ClientError, Clients, clients_for, error_message
 from strato.backends.aws._names import bucket_name
-from strato.backends.aws.template import TemplateOptions, fl_template, stack_name
+from strato.backends.aws.deploy.template import TemplateOptions, app_template, stack_name
 from strato.errors import ConfigError
-from strato.fl.config import JobConfig, load_job_config
+from strato.services import AppResources
 
 __all__ = [
     "DeployOptions",
@@ -64,7 +66,6 @@ class DeployOptions:
     method: Method = "auto"
     code: str | None = None  # s3://bucket/key of the functions' zip
     image_uri: str | None = None  # or a container image
-    app_dir: Path | None = None  # its strato.toml sets the deadline and concurrency
     root: Path = field(default_factory=lambda: Path(".strato") / "aws")
     # Extra keys for the functions' Services config (a local Lambda root).
     function_services: dict[str, Any] = field(default_factory=dict)
@@ -80,16 +81,13 @@ class DeployOptions:
         return "apis" if self.endpoint_url else "cloudformation"
 
 
-def template_for(opts: DeployOptions, job: JobConfig | None = None) -> dict[str, Any]:
-    if job is None:
-        job = load_job_config(opts.app_dir / "strato.toml") if opts.app_dir else JobConfig()
+def template_for(opts: DeployOptions, resources: AppResources) -> dict[str, Any]:
     services = dict(opts.function_services)
     if opts.endpoint_url:
         services["endpoint_url"] = opts.endpoint_url
-    return fl_template(
-        TemplateOptions(
-            prefix=opts.prefix, config=job, image=bool(opts.image_uri), services=services
-        )
+    return app_template(
+        resources,
+        TemplateOptions(prefix=opts.prefix, image=bool(opts.image_uri), services=services),
     )
 
 
@@ -111,22 +109,21 @@ def _parameters(opts: DeployOptions, apis: bool) -> dict[str, str]:
     )
 
 
-def deploy(opts: DeployOptions, job: JobConfig | None = None) -> dict[str, str]:
-    """Apply the template; returns the stack outputs."""
+def deploy(opts: DeployOptions, resources: AppResources) -> dict[str, str]:
+    """Apply the template of ``resources``; returns the stack outputs."""
     clients = clients_for(opts.config())
-    template = template_for(opts, job)
+    template = template_for(opts, resources)
     if opts.resolved_method() == "apis":
-        from strato.backends.aws._apply_apis import apply_template
+        from strato.backends.aws.deploy._apply_apis import apply_template
 
         return apply_template(clients, template, _parameters(opts, apis=True))
-    return _deploy_stack(clients, opts, template)
+    return _deploy_stack(clients, opts, template, stack_name(opts.prefix, resources.name))
 
 
 def _deploy_stack(
-    clients: Clients, opts: DeployOptions, template: dict[str, Any]
+    clients: Clients, opts: DeployOptions, template: dict[str, Any], name: str
 ) -> dict[str, str]:
     cfn = clients.client("cloudformation")
-    name = stack_name(opts.prefix)
     parameters = [
         {"ParameterKey": k, "ParameterValue": v} for k, v in _parameters(opts, False).items()
     ]
@@ -173,10 +170,11 @@ def _outputs(stack: dict[str, Any] | None) -> dict[str, str]:
     return {o["OutputKey"]: o["OutputValue"] for o in (stack or {}).get("Outputs", [])}
 
 
-def deployed_code(config: dict[str, Any]) -> dict[str, str]:
-    """The functions' code of the prefix's stack, as ``lambda_code`` (for a run on AWS)."""
+def deployed_code(config: dict[str, Any], app: str) -> dict[str, str]:
+    """The functions' code of the prefix's stack of ``app``, as ``lambda_code`` (for a
+    run on AWS)."""
     clients = clients_for(config)
-    name = stack_name(str(config.get("prefix", "strato-")))
+    name = stack_name(str(config.get("prefix", "strato-")), app)
     stack = _stack(clients.client("cloudformation"), name)
     if stack is None:
         raise ConfigError(
@@ -190,17 +188,17 @@ def deployed_code(config: dict[str, Any]) -> dict[str, str]:
     return {"S3Bucket": values["CodeS3Bucket"], "S3Key": values["CodeS3Key"]}
 
 
-def destroy(opts: DeployOptions) -> dict[str, Any]:
-    """Remove the deployment of the prefix: what is removed is reported."""
-    from strato.backends.aws._apply_apis import delete_template
-    from strato.backends.aws._teardown import delete_client_queues, empty_bucket
+def destroy(opts: DeployOptions, resources: AppResources) -> dict[str, Any]:
+    """Remove the deployment of ``resources`` on the prefix: what is removed is reported."""
+    from strato.backends.aws.deploy._apply_apis import delete_template
+    from strato.backends.aws.deploy._teardown import delete_queues, empty_bucket
 
     clients = clients_for(opts.config())
     objects = empty_bucket(clients, bucket_name(opts.prefix))
     report: dict[str, Any] = {"objects_deleted": objects}
     if opts.resolved_method() == "cloudformation":
         cfn = clients.client("cloudformation")
-        name = stack_name(opts.prefix)
+        name = stack_name(opts.prefix, resources.name)
         if _stack(cfn, name) is not None:
             cfn.delete_stack(StackName=name)
             cfn.get_waiter("stack_delete_complete").wait(
@@ -208,7 +206,12 @@ def destroy(opts: DeployOptions) -> dict[str, Any]:
             )
             report["stack_deleted"] = name
     else:
-        template = template_for(opts)
+        template = template_for(opts, resources)
         report["resources_deleted"] = delete_template(clients, template)
-    report["queues_deleted"] = delete_client_queues(clients, opts.prefix + "client-")
+    # The queues subscribers made: "client-*" is every queue named prefix + "client-".
+    report["queues_deleted"] = [
+        url
+        for pattern in resources.queues
+        for url in delete_queues(clients, opts.prefix + pattern.rstrip("*"))
+    ]
     return report

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from strato.backends.aws._boto import AwsConfig, ClientError, Clients, error_code
-from strato.backends.aws._local_lambda import LocalLambda, Reply
 from strato.backends.aws._stream import StreamReader
+from strato.backends.aws.emulator._local_lambda import LocalLambda, Reply
 
 __all__ = ["LocalEventSources", "matches_pattern"]
 

@@ -1,4 +1,5 @@
-"""One local Lambda execution environment: ``python -m strato.backends.aws._lambda_worker``.
+"""One local Lambda execution environment:
+``python -m strato.backends.aws.emulator._lambda_worker``.
 
 Started by ``_local_lambda`` with the function's environment (``_HANDLER`` names the
 ``module.function`` to call, as in Lambda's Python runtime). It imports the handler

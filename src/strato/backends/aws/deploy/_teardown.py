@@ -1,7 +1,7 @@
 """Removing a deployment's resources through the service APIs (what is gone is skipped).
 
 Used for a deployment made without CloudFormation, and for what no stack holds: the
-queues clients made when they registered, and the objects in the bucket (a bucket
+queues subscribers made when they subscribed, and the objects in the bucket (a bucket
 must be empty before it can be deleted, by CloudFormation too).
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 from strato.backends.aws._boto import ClientError, Clients, error_code, http_status
 
-__all__ = ["delete_client_queues", "delete_resource", "empty_bucket"]
+__all__ = ["delete_queues", "delete_resource", "empty_bucket"]
 
 _GONE = {
     "NoSuchEntity",
@@ -49,8 +49,9 @@ def empty_bucket(clients: Clients, bucket: str) -> int:
     return deleted
 
 
-def delete_client_queues(clients: Clients, prefix: str) -> list[str]:
-    """The SQS queues of this prefix (clients' queues: not in any stack), deleted."""
+def delete_queues(clients: Clients, prefix: str) -> list[str]:
+    """The SQS queues whose names start with ``prefix`` (subscribers' queues: not in any
+    stack), deleted."""
     sqs = clients.client("sqs")
     urls = sqs.list_queues(QueueNamePrefix=prefix).get("QueueUrls", [])
     for url in urls:
