@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from strato.aggregation import _inputs
-from strato.aggregation._inputs import attach_input, file_ref
+from strato.aggregation._inputs import attach_input, file_ref, release_input
 from strato.errors import LayoutError, NotFound
 from strato.services.shm import ShmError, ShmPool
 
@@ -24,8 +24,17 @@ def no_cached_files() -> Iterator[None]:
         _inputs._FILES.clear()
 
 
-def test_public_names() -> None:
-    assert _inputs.__all__ == ["attach_input", "file_ref"]
+def test_release_input_drops_the_mapping_and_a_later_attach_maps_afresh(tmp_path: Path) -> None:
+    data = np.arange(4096, dtype=np.float32)
+    path = tmp_path / "update.bin"
+    path.write_bytes(b"\0" * 64 + data.tobytes())
+    ref = file_ref(path, 64, data.nbytes)
+    assert np.array_equal(np.frombuffer(attach_input(ref), dtype=np.float32), data)
+    assert str(path) in _inputs._FILES
+    release_input(ref)
+    assert str(path) not in _inputs._FILES
+    release_input(ref)  # twice: nothing left to drop
+    assert np.array_equal(np.frombuffer(attach_input(ref), dtype=np.float32), data)
 
 
 def test_file_ref_reads_in_place_at_an_offset(tmp_path: Path) -> None:

@@ -45,6 +45,7 @@ from strato.aggregation import (
     UpdateLease,
     attach_input,
     file_ref,
+    release_input,
 )
 from strato.codec import decode, encode, encode_into, encoded_size, read_header
 from strato.control import round as rules
@@ -114,6 +115,9 @@ class _Landed:
     def release(self) -> None:
         if self._lease is not None:
             self._lease.release()
+        else:
+            self.buffer = memoryview(b"")
+            release_input(self._ref)  # added: its pages need not stay mapped here
         self._done.set()
 
 
