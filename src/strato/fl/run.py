@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from strato.fl import report
 from strato.codec import encode
 from strato.errors import ConfigError, NotFound, StratoError
-from strato.fl import coordinator, state
+from strato.fl import coordinator, report, state
 from strato.fl.app import load_app
 from strato.fl.config import JobConfig
 from strato.fl.data import prepare_job_data
