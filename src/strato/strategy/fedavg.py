@@ -24,9 +24,10 @@ Precision and speed (the choice; numbers for 100 updates × 10M on the 2-core VM
   each update, as ``weights @ stacked`` does: feed it everything that has arrived.
   ``threads=2`` splits the vector into two ranges; they run on two cores when the
   caller installs a runner (``_kernels.set_runner``: this layer starts no threads),
-  else one after the other (one core reaches about half of this VM's memory bandwidth). Measured with the VM shared (load ~10): the BLAS
-  floor ``w @ S`` 0.46 s; ``add_many`` 0.85 s (all 100 at once) to 1.0 s (10 at a
-  time); ``add`` one at a time 1.6 s; float32 BLAS ``saxpy`` one at a time 1.25 s.
+  else one after the other (one core reaches about half of this VM's memory
+  bandwidth). Measured with the VM shared (load ~10): the BLAS floor ``w @ S``
+  0.46 s; ``add_many`` 0.85 s (all 100 at once) to 1.0 s (10 at a time); ``add`` one
+  at a time 1.6 s; float32 BLAS ``saxpy`` one at a time 1.25 s.
 - Buffers are allocated once: ``reset()`` zeroes the sum in place for the next round
   (rewriting warm memory is ~10× cheaper than faulting in a fresh allocation here).
 """
