@@ -18,10 +18,12 @@ a client's own calls must carry the token it registered with. Errors are JSON
                                               ``-Metrics`` (JSON)) → 201
 ===========================================  =============================================
 
-An upload is read straight into a shared-memory buffer (``_upload.receive_into``),
-validated there (decodable, the job's layout), persisted to the BlobStore from that
-buffer, and recorded in the ``updates`` table exactly as the simulated client does,
-so the aggregator handles it unchanged. The notice is acknowledged after the record
+An upload is read straight into its blob's own file (``_upload.receive_into`` into
+``BlobStore.open_writer``'s map; a blob store elsewhere gets it through a node
+shared-memory buffer), validated there (decodable, the job's layout), committed, and
+recorded in the ``updates`` table exactly as the simulated client does, so the
+aggregator handles it unchanged: its leaf maps and adds the very pages the gateway
+received into. The notice is acknowledged after the record
 is written (at-least-once, as in ``SimClient``). Every blocking call to the services
 runs in a worker thread, so one slow or failing request never stalls the others.
 """
@@ -362,17 +364,39 @@ class Gateway:
             if self._upload_slots is None:
                 self._upload_slots = asyncio.Semaphore(self.settings.max_concurrent_uploads)
             async with self._upload_slots:
-                lease = await run_in_threadpool(self.pool.lease, length)
-                try:
-                    await receive_into(request.receive, lease.buffer, self.settings.body_timeout_s)
-                    self._validate(lease.buffer)
-                    record = await run_in_threadpool(self._persist, r, client, lease.buffer, meta)
-                finally:
-                    lease.release()
+                record = await self._receive(request, r, client, length, meta)
         finally:
             self._in_flight.discard((r, client))
             self.uploads_ended += 1
         return JSONResponse(record, status_code=201)
+
+    async def _receive(
+        self, request: Request, r: int, client: str, length: int, meta: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Read the body into place, check it, store it, record it."""
+        nonce = uuid.uuid4().hex[:8]
+        key = f"updates/{state.round_key(r)}/{client}-{nonce}"
+        open_writer = getattr(self.svc.blobs, "open_writer", None)
+        if open_writer is not None:
+            # Straight into the blob's own file: these pages are what the aggregator's
+            # leaf maps and adds (one copy off the socket, then one read).
+            writer = await run_in_threadpool(open_writer, key, length)
+            try:
+                await receive_into(request.receive, writer.buffer, self.settings.body_timeout_s)
+                self._validate(writer.buffer)
+                await run_in_threadpool(writer.commit)
+            except BaseException:
+                writer.abort()
+                raise
+        else:  # a blob store elsewhere (S3): into node shared memory, then one upload
+            lease = await run_in_threadpool(self.pool.lease, length)
+            try:
+                await receive_into(request.receive, lease.buffer, self.settings.body_timeout_s)
+                self._validate(lease.buffer)
+                await run_in_threadpool(self.svc.blobs.put, key, lease.buffer)
+            finally:
+                lease.release()
+        return await run_in_threadpool(self._record, r, client, key, nonce, length, meta)
 
     def _validate(self, buffer: memoryview) -> None:
         try:
@@ -383,18 +407,16 @@ class Gateway:
             raise HttpError(400, f"update is not decodable: {exc}") from None
         del params  # a view of the lease: it must not outlive it
 
-    def _persist(
-        self, r: int, client: str, buffer: memoryview, meta: dict[str, Any]
+    def _record(
+        self, r: int, client: str, blob: str, nonce: str, nbytes: int, meta: dict[str, Any]
     ) -> dict[str, Any]:
-        nonce = uuid.uuid4().hex[:8]
-        blob = self.svc.blobs.put(f"updates/{state.round_key(r)}/{client}-{nonce}", buffer)
         model = self.svc.blobs.get(state.model_key(r - 1), verify=False)
         record = update_record(
             r,
             client,
             blob,
             num_examples=meta["num_examples"],
-            bytes_up=len(buffer),
+            bytes_up=nbytes,
             bytes_down=len(model),
             train_s=meta["train_s"],
             metrics=meta["metrics"],
@@ -403,5 +425,5 @@ class Gateway:
         self.svc.table.put(state.UPDATES, key, record)
         if meta["receipt"]:
             self.svc.bus.ack(state.client_queue(client), meta["receipt"])
-        _log.info("gateway: update %s stored (%d bytes)", key, len(buffer))
-        return {"key": key, "blob": blob, "bytes": len(buffer)}
+        _log.info("gateway: update %s stored (%d bytes)", key, nbytes)
+        return {"key": key, "blob": blob, "bytes": nbytes}

@@ -9,6 +9,7 @@ middle leaves at most a stray temporary file, never a torn blob. Reads map the f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import os
@@ -20,7 +21,7 @@ from typing import Any
 from strato.errors import ConfigError, CorruptBlob, NotFound
 from strato.services.blobs import CONTENT_PREFIX
 
-__all__ = ["LocalBlobStore"]
+__all__ = ["BlobWriter", "LocalBlobStore"]
 
 _MAGIC = b"STRATOB1"
 _HEADER = struct.Struct("<8sQ32s16x")  # magic, data length, sha256, padding to 64 bytes
@@ -65,6 +66,15 @@ class LocalBlobStore:
             Path(tmp).unlink(missing_ok=True)
             raise
         return key
+
+    def open_writer(self, key: str, nbytes: int) -> BlobWriter:
+        """A blob of ``nbytes`` written in place: fill ``writer.buffer`` (a writable map of
+        the blob's own file), then ``commit()``; ``abort()`` leaves nothing behind. The
+        bytes are written once, where readers will map them (a gateway receives an
+        upload straight into its blob, and the aggregator's leaf reads those pages)."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return BlobWriter(path, key, nbytes)
 
     def get(self, key: str, *, verify: bool = True) -> memoryview:
         path = self._path(key)
@@ -125,3 +135,56 @@ class LocalBlobStore:
 
     def close(self) -> None:
         """Nothing to release: reads hold their own mappings."""
+
+
+class BlobWriter:
+    """An uncommitted blob: a temporary file mapped writable (see ``open_writer``)."""
+
+    def __init__(self, path: Path, key: str, nbytes: int) -> None:
+        if nbytes < 0:
+            raise ConfigError(f"a blob cannot hold {nbytes} bytes")
+        self.path, self.key, self.nbytes = path, key, nbytes
+        fd, self._tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=_TMP_SUFFIX)
+        try:
+            os.ftruncate(fd, _HEADER.size + nbytes)
+            self._map = mmap.mmap(fd, _HEADER.size + nbytes)
+        except BaseException:
+            os.close(fd)
+            Path(self._tmp).unlink(missing_ok=True)
+            raise
+        self._fd: int | None = fd
+        self.buffer = memoryview(self._map)[_HEADER.size :]
+
+    def commit(self) -> str:
+        """Checksum, flush to disk and publish under the key (atomic, like ``put``)."""
+        assert self._fd is not None, "the blob was already committed or aborted"
+        digest = hashlib.sha256(self.buffer).digest()
+        _HEADER.pack_into(self._map, 0, _MAGIC, self.nbytes, digest)
+        self._release_map()
+        try:
+            os.fsync(self._fd)
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._close_fd()
+        return self.key
+
+    def abort(self) -> None:
+        self._release_map()
+        self._close_fd()
+        Path(self._tmp).unlink(missing_ok=True)
+
+    def _release_map(self) -> None:
+        # A view still held elsewhere (say, by the traceback of a failed check) keeps
+        # the map open until it goes; the file is replaced or unlinked all the same.
+        with contextlib.suppress(BufferError):
+            self.buffer.release()
+        with contextlib.suppress(BufferError):
+            if not self._map.closed:
+                self._map.close()
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
