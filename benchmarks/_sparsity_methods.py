@@ -13,12 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from _complement_server import ComplementServer
+from _topk import TopKCompressor, apply_sparse_updates
 from strato import codec
 from strato.codec import WireFormat, decode_values, encode_values
 from strato.params import Params
-from strato.strategy.complement import ComplementConfig, ComplementServer, decode_download
+from strato.strategy.complement import ComplementConfig, decode_download
 from strato.strategy.complement_wire import ComplementWire
-from strato.strategy.topk import TopKCompressor, apply_sparse_updates
 
 Mask = npt.NDArray[np.bool_]
 

@@ -31,7 +31,6 @@ The wire halves (``encode_download`` … ``decode_upload``) are pure bytes in, b
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +44,6 @@ from strato.params import Layout, Params
 
 __all__ = [
     "ComplementConfig",
-    "ComplementServer",
     "client_complement",
     "decode_download",
     "decode_upload",
@@ -198,58 +196,6 @@ def merge_kept(
     flat[grow] = flat[grow] + eta * mean[grow]
     flat[~kernels] = mean[~kernels]
     return flat
-
-
-class ComplementServer:
-    """The server half. ``model``/``keep`` are what goes to the clients this round."""
-
-    def __init__(self, initial: Params, config: ComplementConfig | None = None) -> None:
-        _check_f32(initial.layout)
-        self.config = config or ComplementConfig()
-        self.model = initial.copy()
-        self.keep: Mask | None = None  # None while the model is dense (round 1)
-        self.dense: Params = initial.copy()  # w_dense before the last pruning
-        self.kernels = kernel_positions(initial.layout)
-
-    def upload_mask(self) -> Mask | None:
-        """Positions each client uploads this round (None: every position)."""
-        if self.keep is None or self.config.kept_rate is not None:
-            return None
-        return upload_positions(self.model, self.kernels)
-
-    def aggregate(self, uploads: Iterable[tuple[F32, float]]) -> None:
-        """Merge ``(values, num_examples)`` uploads of this round, then re-prune.
-
-        ``values`` are trained weights at ``upload_mask()``'s positions, in layout order.
-        """
-        mask = self.upload_mask()
-        width = self.model.layout.numel if mask is None else int(mask.sum())
-        total = np.zeros(width, np.float64)
-        weight = 0.0
-        for values, n in uploads:
-            if values.shape != (width,):
-                raise LayoutError(f"upload has {values.size} values, this round expects {width}")
-            if n <= 0:
-                raise ConfigError(f"upload weight must be positive, got {n}")
-            total += float(n) * values
-            weight += float(n)
-        if weight == 0.0:
-            raise ConfigError("a round needs at least one upload to aggregate")
-        mean = total / weight
-        dense = self.model.copy()
-        flat = _flat(dense)
-        if self.keep is None:
-            flat[:] = mean  # round 1: plain FedAvg
-        elif mask is None:  # kept_rate mode: every position came back
-            assert self.config.kept_rate is not None
-            flat[:] = merge_kept(flat, mean, self.kernels, self.config.eta,
-                                 self.config.kept_rate, self.keep)
-        else:
-            full = np.zeros(flat.size, np.float64)
-            full[mask] = mean
-            flat[:] = merge(flat, full, self.kernels, self.config.eta)
-        self.dense = dense
-        self.model, self.keep = prune(dense, self.config.sparsity)
 
 
 # --- on the wire -----------------------------------------------------------------------

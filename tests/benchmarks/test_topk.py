@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
+from _topk import TopKCompressor, apply_sparse_updates, topk_mask
 from strato.errors import ConfigError, LayoutError
 from strato.params import Params
-from strato.strategy.topk import TopKCompressor, apply_sparse_updates, topk_mask
 
 
 def layout() -> Params:

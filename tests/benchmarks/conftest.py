@@ -1,0 +1,10 @@
+"""The benchmarks' own modules (``benchmarks/_*.py``) import as top-level modules here."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
