@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import time
+from pathlib import Path
 from typing import Any
 
 
@@ -20,3 +22,21 @@ def attach_and_die(event: Any, ctx: Any) -> None:
     view = ctx.attach(event["input"])
     view[0] = 0xAB  # touch it, then die holding the mapping
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+_pool: Any = None
+_leases: list[Any] = []
+
+
+def lease_and_wait(event: Any, ctx: Any) -> None:
+    """Own a segment (as the aggregator's node pool does), publish its name, then block."""
+    from strato.services.shm import ShmPool
+
+    global _pool
+    _pool = _pool or ShmPool()
+    lease = _pool.lease(1000)
+    _leases.append(lease)
+    tmp = Path(event["name_file"] + ".tmp")
+    tmp.write_text(lease.ref.name)
+    tmp.rename(event["name_file"])
+    time.sleep(event["seconds"])

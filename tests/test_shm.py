@@ -8,13 +8,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from strato.errors import WorkerCrashed
+from strato.errors import StratoError, WorkerCrashed
 from strato.services import FunctionSpec
 from strato.services._runtime_process import ProcessRuntime
 from strato.services.shm import (
@@ -47,6 +48,7 @@ def runtime() -> Iterator[ProcessRuntime]:
     env = {"PYTHONPATH": TESTS_DIR}
     rt.register(FunctionSpec("digest", "shm_handlers:digest", env=env))
     rt.register(FunctionSpec("attach-and-die", "shm_handlers:attach_and_die", env=env, retries=0))
+    rt.register(FunctionSpec("lease-and-wait", "shm_handlers:lease_and_wait", env=env))
     yield rt
     rt.close()
 
@@ -167,6 +169,29 @@ def test_zero_copy_hand_off_to_a_worker(pool: ShmPool, runtime: ProcessRuntime) 
         assert np.all(np.frombuffer(out.buffer, np.uint8) == 9)
 
 
+def wait_for_text(path: Path, timeout_s: float = 30.0) -> str:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} was never written"
+        time.sleep(0.02)
+    return path.read_text()
+
+
+def test_a_worker_killed_at_close_leaves_no_segments(
+    runtime: ProcessRuntime, tmp_path: Path
+) -> None:
+    # The worker owns a pool (as the FL aggregator does) and is busy when the runtime
+    # closes: it is SIGKILLed and cannot unlink its segments; the runtime does.
+    name_file = tmp_path / "name"
+    future = runtime.invoke_async("lease-and-wait", {"name_file": str(name_file), "seconds": 60})
+    name = wait_for_text(name_file)
+    assert exists(name)
+    runtime.close()
+    with pytest.raises(StratoError):
+        future.result(timeout=30)
+    assert not exists(name)
+
+
 def test_worker_crash_neither_leaks_nor_destroys_segments(
     pool: ShmPool, runtime: ProcessRuntime
 ) -> None:
@@ -227,6 +252,102 @@ def test_owner_killed_by_a_signal_leaves_nothing(signum: int, mode: str) -> None
     _, err = proc.communicate(timeout=30)
     assert proc.returncode != 0
     assert not [n for n in names if exists(n)], err
+
+
+# The signal lands inside a lease: the segment's file exists, its pool does not know
+# it yet (os.posix_fallocate runs between the two). The hook sends it there, every time.
+MID_LEASE_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from strato.services.shm import ShmPool
+    signum = int(sys.argv[1])
+    if sys.argv[2] == "dfl":
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    pool = ShmPool()
+    fallocate = os.posix_fallocate
+    def fallocate_then_signal(fd, offset, size):
+        fallocate(fd, offset, size)
+        print(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), flush=True)
+        os.kill(os.getpid(), signum)
+    os.posix_fallocate = fallocate_then_signal
+    pool.lease(100)
+    """
+)
+
+# The main thread cannot take the signal (it blocks it, so the kernel hands it to
+# another thread) and sleeps: Python runs the handler only when the main thread gets
+# back to Python code. A signal landing just before a blocking call is in the same
+# state; this makes that state certain.
+BLOCKED_MAIN_SCRIPT = textwrap.dedent(
+    """
+    import signal, sys, time
+    from strato.services.shm import ShmPool
+    signum = int(sys.argv[1])
+    if sys.argv[2] == "dfl":
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    pool = ShmPool()
+    lease = pool.lease(100)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signum})
+    print(lease.ref.name, flush=True)
+    time.sleep(120)
+    """
+)
+
+SIGNAL_MODES = [
+    (signal.SIGINT, "default"),  # KeyboardInterrupt, then atexit
+    (signal.SIGINT, "dfl"),
+    (signal.SIGTERM, "default"),
+]
+
+
+def wait_until_asleep(pid: int, timeout_s: float = 30.0) -> None:
+    """Wait for the main thread of ``pid`` to block (here: in the script's last sleep)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/task/{pid}/stat", "rb") as f:
+            if f.read().rpartition(b")")[2].split()[0] == b"S":
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"the main thread of {pid} never blocked")
+
+
+def run_owner(script: str, signum: int, mode: str, *, send: bool) -> tuple[int, str, str]:
+    """Start an owner script, read the segment name it prints, let it finish (sending
+    it ``signum`` if ``send``); return its exit status, the name and its stderr."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(int(signum)), mode],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    name = proc.stdout.readline().strip()
+    if send:
+        wait_until_asleep(proc.pid)
+        proc.send_signal(signum)
+    try:
+        _, err = proc.communicate(timeout=60)  # far below the script's own sleep
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"the owner did not act on the signal: {err}") from None
+    return proc.returncode, name, err
+
+
+@pytest.mark.parametrize(("signum", "mode"), SIGNAL_MODES)
+def test_a_signal_in_the_middle_of_a_lease_leaves_nothing(signum: int, mode: str) -> None:
+    code, name, err = run_owner(MID_LEASE_SCRIPT, signum, mode, send=False)
+    assert name.startswith("strato-"), err
+    assert code != 0
+    assert not exists(name), err
+
+
+@pytest.mark.parametrize(("signum", "mode"), SIGNAL_MODES)
+def test_a_signal_the_main_thread_cannot_take_yet_is_acted_on(signum: int, mode: str) -> None:
+    code, name, err = run_owner(BLOCKED_MAIN_SCRIPT, signum, mode, send=True)
+    assert code != 0
+    assert not exists(name), err
 
 
 def test_sweep_removes_the_segments_of_a_sigkilled_owner() -> None:

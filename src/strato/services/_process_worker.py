@@ -25,6 +25,7 @@ from typing import Any
 
 import strato
 from strato.services import _frames
+from strato.services._shm_lifetime import sweep_orphans
 
 _F_SETPIPE_SZ = 1031  # Linux fcntl: bigger pipes move multi-MB events in fewer wakeups
 _PIPE_BYTES = 1 << 20
@@ -91,6 +92,7 @@ class WorkerProcess:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
+        _unlink_segments_of([self])
 
     def dispose(self) -> None:
         """Kill, reap and close the pipes (only the thread holding the worker calls this)."""
@@ -132,6 +134,17 @@ def retire_all(workers: list[WorkerProcess], grace_s: float = 1.0) -> None:
         except subprocess.TimeoutExpired:
             worker.terminate()
         worker._close_pipes()
+    _unlink_segments_of(workers)
+
+
+def _unlink_segments_of(workers: list[WorkerProcess]) -> None:
+    """Unlink the shared-memory segments of dead workers (a handler may own a ShmPool).
+
+    A worker that exits on its own unlinks them itself (atexit); one that was SIGKILLed
+    (timeout, crash, close of a busy or slow-to-exit worker) cannot, and its segments
+    would stay in /dev/shm until some later pool's sweep."""
+    if workers:
+        sweep_orphans(owners=[w.pid for w in workers])
 
 
 def worker_env(*layers: Mapping[str, str]) -> dict[str, str]:

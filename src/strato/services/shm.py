@@ -12,11 +12,16 @@ Lifetime rules that keep ``/dev/shm`` clean:
 
 - only the pool's owner creates and unlinks segments; other processes (workers) only
   attach, so a crashed worker can never leak or destroy one;
-- ``close()`` unlinks every segment of the pool; it runs at interpreter exit (atexit)
-  and on the signals whose default action would kill the process without running
-  atexit (SIGTERM, SIGHUP, and SIGINT when its handler is ``SIG_DFL``). Python's own
-  SIGINT handler raises KeyboardInterrupt, which unwinds through atexit, so we leave
-  that one alone: a program that catches Ctrl-C keeps a working pool;
+- ``close()`` unlinks every segment of the pool; it runs at interpreter exit (atexit).
+  The signals whose default action would kill the process without running atexit
+  (SIGTERM, SIGHUP, and SIGINT when its handler is ``SIG_DFL``) unlink every segment
+  the process created first (recorded before each file exists, so a signal in the
+  middle of a lease finds it too). Python's own SIGINT handler raises
+  KeyboardInterrupt, which unwinds through atexit, so we leave that one alone: a
+  program that catches Ctrl-C keeps a working pool. A watcher thread makes either
+  happen even while the main thread is blocked (see ``_shm_lifetime``);
+- a ``ProcessRuntime`` that kills a worker (timeout, crash, close) unlinks the
+  segments that worker created, since a SIGKILLed process cleans up nothing;
 - segment names are ``strato-<ownerpid>-<pooltoken>-<seq>``, and ``sweep_orphans()``
   (run whenever a pool is created) unlinks every segment whose owner is dead, so even
   the leftovers of a SIGKILLed owner vanish at the next start.
@@ -43,6 +48,8 @@ from strato.services._shm_lifetime import (
     close_all_pools,
     register,
     sweep_orphans,
+    track,
+    untrack,
 )
 
 __all__ = [
@@ -111,7 +118,14 @@ class _Segment:
         self.name = name
         self.size = size
         path = os.path.join(SHM_DIR, name)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        # Recorded before the file exists: a signal from here on (or a KeyboardInterrupt
+        # that cuts the lease short) finds it, whatever state the pool is in.
+        track(name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except BaseException:
+            untrack(name)
+            raise
         try:
             # fallocate reserves the pages now: a full /dev/shm is an error here, instead
             # of a SIGBUS on some later write into a sparse file.
@@ -120,7 +134,7 @@ class _Segment:
             # buffer, and 400 MiB of page faults one by one cost ~4× more here.
             self.map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _MAP_POPULATE)
         except OSError as exc:
-            os.unlink(path)
+            self.unlink()
             raise ShmError(
                 f"cannot allocate {size} bytes of shared memory in {SHM_DIR}: {exc}"
             ) from None
@@ -130,6 +144,7 @@ class _Segment:
     def unlink(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(SHM_DIR, self.name))
+        untrack(self.name)  # only once the file is gone
 
     def unmap(self) -> None:
         # If someone still holds a view, the pages go away with the last view instead.
@@ -209,7 +224,7 @@ class ShmPool:
         self.max_idle_bytes = max_idle_bytes
         self._prefix = f"strato-{self.owner_pid}-{secrets.token_hex(4)}-"
         self._seq = 0
-        self._lock = threading.RLock()  # re-entrant: a signal handler may close mid-lease
+        self._lock = threading.RLock()  # re-entrant: a lease's release() gives back under it
         self._idle: dict[int, list[_Segment]] = {}
         self._idle_bytes = 0
         self._leased: dict[str, _Segment] = {}
