@@ -119,3 +119,16 @@ def shm_segments() -> set[str]:
         if owner.isdigit() and not Path("/proc", owner).exists():
             leaked.add(p.name)
     return leaked
+
+
+def cs_model(seed: int = 0, scale_fc: float = 1.0) -> Params:
+    """A small CNN-shaped model (three kernels, three biases) for the CS tests."""
+    rng = np.random.default_rng(seed)
+    return Params.from_arrays({
+        "conv.weight": rng.normal(size=(4, 2, 3, 3)).astype(np.float32),
+        "conv.bias": rng.normal(size=4).astype(np.float32),
+        "fc.weight": (scale_fc * rng.normal(size=(5, 7))).astype(np.float32),
+        "fc.bias": rng.normal(size=5).astype(np.float32),
+        "out.weight": rng.normal(size=(3, 5)).astype(np.float32),
+        "out.bias": rng.normal(size=3).astype(np.float32),
+    })

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from _complement_server import ComplementServer
+from fltools import cs_model
 from strato.errors import ConfigError, LayoutError
 from strato.params import Params
 from strato.strategy.complement import (
@@ -17,17 +18,7 @@ from strato.strategy.complement import (
     upload_positions,
 )
 
-
-def model(seed: int = 0, scale_fc: float = 1.0) -> Params:
-    rng = np.random.default_rng(seed)
-    return Params.from_arrays({
-        "conv.weight": rng.normal(size=(4, 2, 3, 3)).astype(np.float32),
-        "conv.bias": rng.normal(size=4).astype(np.float32),
-        "fc.weight": (scale_fc * rng.normal(size=(5, 7))).astype(np.float32),
-        "fc.bias": rng.normal(size=5).astype(np.float32),
-        "out.weight": rng.normal(size=(3, 5)).astype(np.float32),
-        "out.bias": rng.normal(size=3).astype(np.float32),
-    })
+model = cs_model
 
 
 def test_server_merges_complements_like_the_paper() -> None:

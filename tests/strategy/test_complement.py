@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fltools import cs_model
 from strato import codec
 from strato.codec import WireFormat, decode_values, encode_values
 from strato.errors import CodecError, ConfigError
@@ -20,17 +21,7 @@ from strato.strategy.complement import (
     upload_positions,
 )
 
-
-def model(seed: int = 0, scale_fc: float = 1.0) -> Params:
-    rng = np.random.default_rng(seed)
-    return Params.from_arrays({
-        "conv.weight": rng.normal(size=(4, 2, 3, 3)).astype(np.float32),
-        "conv.bias": rng.normal(size=4).astype(np.float32),
-        "fc.weight": (scale_fc * rng.normal(size=(5, 7))).astype(np.float32),
-        "fc.bias": rng.normal(size=5).astype(np.float32),
-        "out.weight": rng.normal(size=(3, 5)).astype(np.float32),
-        "out.bias": rng.normal(size=3).astype(np.float32),
-    })
+model = cs_model
 
 
 KERNELS = ("conv.weight", "fc.weight", "out.weight")

@@ -272,9 +272,8 @@ class _Agent:
                 return NONFINITE
             return self._add_sharded(opened, client, ref, weight)
         assert opened.handle is not None
-        if opened.handed >= _quota(opened):
+        if not _take_slot(opened):
             return f"round {opened.rules.round} has taken all the updates it can"
-        opened.handed += 1
         done = threading.Event()
         landed = _Landed(ref, view[start:], done)
         opened.added.append(done)
@@ -290,9 +289,8 @@ class _Agent:
             opened.leases.append(held)
             return self._add_sharded(opened, client, held.ref.to_dict(), weight)
         assert opened.handle is not None
-        if opened.handed >= _quota(opened):
+        if not _take_slot(opened):
             return f"round {opened.rules.round} has taken all the updates it can"
-        opened.handed += 1
         node = self.cluster.node("n0")
         lease = node.lease_update(self.layout.nbytes, timeout=ROUND_TIMEOUT_S)
         np.copyto(np.frombuffer(lease.buffer, dtype=np.float32), flat, casting="unsafe")
@@ -564,6 +562,14 @@ class _Agent:
 def _quota(opened: _Open) -> int:
     """Updates the engine takes in a round: each selected client, and once more each."""
     return 2 * max(1, len(opened.rules.selected))
+
+
+def _take_slot(opened: _Open) -> bool:
+    """Count one more update into the engine's quota; False when it is full."""
+    if opened.handed >= _quota(opened):
+        return False
+    opened.handed += 1
+    return True
 
 
 def _reject(svc: Services, meta: dict[str, Any], key: str, reason: str) -> None:
