@@ -1,4 +1,5 @@
-"""The aggregation kernel equals the plain numpy formula, in both precisions."""
+"""The aggregation kernel equals the plain numpy formula, in both precisions, and leaves
+out (with ``check``) exactly the inputs that hold a NaN or ±Inf."""
 
 from __future__ import annotations
 
@@ -17,14 +18,13 @@ from strato.errors import LayoutError
 @contextlib.contextmanager
 def kernel(fused: bool) -> Iterator[None]:
     """Run the float32 path with numba's fused kernel, or force the BLAS fallback."""
-    saved = dict(_kernels._FUSED)
+    saved = _kernels._fused
     if not fused:
-        _kernels._FUSED["fused"] = None
+        _kernels._fused = lambda: None  # type: ignore[assignment]
     try:
         yield
     finally:
-        _kernels._FUSED.clear()
-        _kernels._FUSED.update(saved)
+        _kernels._fused = saved  # type: ignore[method-assign]
 
 
 def reference(acc0: np.ndarray, xs: list[np.ndarray], cs: list[float], fresh: bool) -> np.ndarray:
@@ -42,7 +42,7 @@ def reference(acc0: np.ndarray, xs: list[np.ndarray], cs: list[float], fresh: bo
     fresh=st.booleans(),
     acc_dtype=st.sampled_from([np.float32, np.float64]),
     seed=st.integers(0, 2**31),
-    fused=st.booleans(),  # float32: numba's one-pass kernel, or the BLAS fallback
+    fused=st.booleans(),  # numba's one-pass kernel, or the BLAS / axpy_many fallback
 )
 def test_batch_add_matches_numpy(
     n: int, k: int, chunk: int, fresh: bool, acc_dtype: type, seed: int, fused: bool
@@ -57,6 +57,53 @@ def test_batch_add_matches_numpy(
     tol = 1e-5 if acc_dtype == np.float32 else 1e-12
     scale = max(1.0, float(np.abs(want).max()))
     assert np.abs(acc - want).max() <= tol * scale * (k + 1)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.integers(1, 3000),  # several of the fused kernel's 512-value blocks
+    k=st.integers(1, 11),
+    bad=st.lists(st.tuples(st.integers(0, 10), st.floats(0, 1),
+                           st.sampled_from([np.nan, np.inf, -np.inf])), max_size=4),
+    fresh=st.booleans(),
+    acc_dtype=st.sampled_from([np.float32, np.float64]),
+    root=st.booleans(),  # the root's call: scale, and the float32 model written to out
+    seed=st.integers(0, 2**31),
+    fused=st.booleans(),
+)
+def test_checked_add_leaves_out_exactly_the_non_finite_inputs(
+    n: int, k: int, bad: list[tuple[int, float, float]], fresh: bool, acc_dtype: type,
+    root: bool, seed: int, fused: bool,
+) -> None:
+    rng = np.random.default_rng(seed)
+    acc = rng.standard_normal(n).astype(acc_dtype)
+    xs = [rng.standard_normal(n).astype(np.float32) for _ in range(k)]
+    cs = [float(c) for c in rng.uniform(0.1, 10.0, size=k)]
+    for which, where, value in bad:
+        if which < k:
+            xs[which][min(n - 1, int(where * n))] = value
+    broken = sorted({which for which, _, _ in bad if which < k})
+    clean = [i for i in range(k) if i not in broken]
+    want = reference(acc, [xs[i] for i in clean], [cs[i] for i in clean], fresh)
+    out = np.full(n, np.nan, np.float32) if root else None
+    with kernel(fused):
+        found = accumulate(acc, list(zip(xs, cs, strict=True)), fresh=fresh, check=True,
+                           scale=0.5 if root else None, out=out)
+    assert sorted(found) == broken
+    got = out if out is not None else acc
+    factor = 0.5 if root else 1.0
+    tol = 1e-5 if acc_dtype == np.float32 else 1e-12
+    scale = max(1.0, float(np.abs(want).max()))
+    assert np.isfinite(got).all()
+    assert np.abs(got - factor * want).max() <= max(tol, 1e-6) * scale * (k + 1)
+
+
+def test_unchecked_add_lets_a_nan_through() -> None:
+    xs = [np.ones(1500, np.float32), np.ones(1500, np.float32)]
+    xs[1][1200] = np.nan
+    acc = np.zeros(1500, np.float32)
+    assert accumulate(acc, [(x, 1.0) for x in xs], fresh=True) == []
+    assert np.isnan(acc[1200]) and acc[0] == 2.0 and acc[1499] == 2.0
 
 
 @pytest.mark.parametrize("acc_dtype", [np.float32, np.float64])

@@ -1,25 +1,30 @@
 """The arithmetic of aggregation: weighted sums into a reused accumulator.
 
 ``accumulate`` adds a small batch of inputs (updates or partials, each with its
-coefficient) into an accumulator in one pass over memory. The model is cut into
-chunks: while every input of the batch is added into one chunk of the accumulator,
-that chunk stays in the core's L2 cache, so memory sees each input read once and
-the accumulator read and written once per *batch* rather than once per input (what
-``weights @ stacked`` achieves, without stacking). A fresh accumulator (the first
-call of a round) is zeroed chunk by chunk just before its first adds, and the root's
-final ``scale`` (1 / total weight) is applied to each chunk while it is in cache —
-into the float32 model buffer ``out`` when one is given.
+coefficient) into an accumulator. A fresh accumulator (the first call of a round)
+is written, not zeroed and then added to, and the root's final ``scale`` (1 / total
+weight) is applied while each block is in cache — into the float32 model buffer
+``out`` when one is given.
 
-Two accumulator precisions:
+With numba (the normal case), float32 inputs go through one kernel,
+``strategy._numba_kernels.add_checked``, whatever the accumulator's precision: one
+pass over memory per batch of up to eight inputs (each input read once, the
+accumulator read and written once), NaN/±Inf inputs found (and, with ``check``,
+left out) in that same pass. Measured at 10M values, one thread: one input costs
+1.15× a BLAS ``saxpy`` into a float32 accumulator, 2× into float64 (twice the
+accumulator traffic); four inputs at once 0.95× per input into float32.
 
-- ``float32``: with numba, one fused pass per batch of up to eight inputs
-  (``_numba_kernels.add_f32``: no chunks, no Python per chunk; 0.9-1.07 of ``w @ S``);
-  without it, BLAS ``saxpy`` at an offset per chunk (0.78). The fastest; its rounding
-  error grows like ``n · eps32`` of the magnitude of the terms, which is what float32
-  FedAvg implementations (Flower, PyTorch) accept.
-- ``float64``: ``strategy._kernels.axpy_many`` (a fused float32 → float64
-  multiply-add): partial sums of any tree equal the flat float64 weighted mean to
-  1e-6 relative error even when signs cancel — the guarantee of ``strategy.fedavg``.
+- ``float32`` accumulator: the fastest; its rounding error grows like ``n · eps32``
+  of the magnitude of the terms, which is what float32 FedAvg implementations
+  (Flower, PyTorch) accept; the model's last bits depend on the arrival order.
+- ``float64``: partial sums of any tree equal the flat float64 weighted mean to 1e-6
+  relative error even when signs cancel, so any arrival order gives the same model
+  (to float32 rounding of one exact sum). The run's default (``[aggregation]
+  accumulator``): a rerun or a resumed run reproduces a run.
+
+Without numba: chunked BLAS ``saxpy`` (float32) or ``strategy._kernels.axpy_many``
+(float64), with a separate finiteness pass when checking. Float64 inputs (partials)
+always take ``axpy_many``.
 
 BLAS must run single-threaded here: parallelism comes from running several
 aggregators at once, and OpenBLAS's own threads on small level-1 calls cost far
@@ -39,7 +44,7 @@ from strato.errors import LayoutError
 
 __all__ = ["CHUNK", "DTYPES", "accumulate", "warm_up"]
 
-MAX_INPUTS = 8  # inputs per pass of the fused float32 kernel (see _numba_kernels)
+MAX_INPUTS = 8  # inputs per call of the fused kernel (strategy._numba_kernels.MAX_INPUTS)
 
 CHUNK = 1 << 16  # float32 elements: 256 KiB, so a batch of inputs + acc chunk fits L2
 # float64: axpy_many blocks for the cache itself; bigger chunks amortize its per-call
@@ -78,15 +83,25 @@ def accumulate(
 ) -> list[int]:
     """``acc = (0 if fresh else acc) + Σ c·x``; then ``out = acc·scale`` (or ``acc *= scale``).
 
-    With ``check``, inputs holding NaN or ±Inf are left out of the sum (found in the same
-    pass that adds, by ``add_f32_checked``); returns their indices (empty: all clean)."""
+    With ``check``, inputs holding NaN or ±Inf are left out of the sum (found in the
+    same pass that adds); returns their indices (empty: all clean). Without it, such an
+    input is added like any other (its NaN reaches the sum). ``chunk`` sets the chunk
+    of the numba-less fallbacks."""
     _check(acc, inputs, out)
-    if check and inputs and all(x.dtype == np.float32 for x, _ in inputs):
-        kernel = _checked()
-        if kernel is not None:
-            return _accumulate_checked(kernel, acc, inputs, fresh, scale, out)
+    kernel = _fused()
+    if kernel is not None and inputs and all(x.dtype == np.float32 for x, _ in inputs):
+        found = _accumulate_fused(kernel, acc, inputs, fresh, scale, out)
+        if found and not check:  # asked for the plain sum: what was left out goes in
+            factor = 1.0 if scale is None else float(scale)
+            for i in found:
+                x, coef = inputs[i]
+                acc += acc.dtype.type(coef * factor) * x
+            if out is not None:
+                np.multiply(acc, factor, out=out, casting="same_kind")
+            return []
+        return found
     bad: list[int] = []
-    if check:  # the fallbacks look at each input first: a second pass, numba-less only
+    if check:  # the fallbacks look at each input first: a second pass
         bad = [i for i, (x, _) in enumerate(inputs) if not np.isfinite(x).all()]
         inputs = [pair for i, pair in enumerate(inputs) if i not in bad]
     if acc.dtype == np.float32:
@@ -96,38 +111,47 @@ def accumulate(
     return bad
 
 
-BLOCK_CHECKED = 1 << 14  # values per block of the checked kernel: 64-128 KiB, in L2
+BLOCK_FUSED = 512  # values per block of the fused kernel: eight inputs + scratch in L1
+
+_SCRATCH = threading.local()
+_FUSED: dict[str, Any] = {}
 
 
-def _checked() -> Any:
-    if "checked" not in _FUSED:
+def _fused() -> Any:
+    """numba's fused kernel, or None without numba or when the numpy backend was chosen
+    (``strategy._kernels.set_backend``, ``STRATO_KERNELS=numpy``)."""
+    from strato.strategy import _kernels as strategy_kernels
+
+    name = strategy_kernels.backend()
+    if name not in _FUSED:
         kernel: Any = None
-        try:
-            from strato.aggregation._numba_kernels import add_checked
+        if name == "numba":
+            from strato.strategy._numba_kernels import add_checked
 
             kernel = add_checked
-        except ImportError:
-            pass
-        _FUSED["checked"] = kernel
-    return _FUSED["checked"]
+        _FUSED[name] = kernel
+    return _FUSED[name]
 
 
-def _accumulate_checked(
+def _accumulate_fused(
     kernel: Any, acc: Vector, inputs: Sequence[tuple[Vector, float]], fresh: bool,
     scale: float | None, out: Vector | None,
 ) -> list[int]:
+    """Up to eight inputs per call; the last call also scales. Returns the inputs found
+    non-finite, their contribution taken back out."""
     from strato.strategy._kernels import _readonly as readonly
 
     key = acc.dtype.str
     scratch: Vector | None = getattr(_SCRATCH, key, None)
     if scratch is None:  # one per thread: a node runs several aggregators on threads
-        scratch = np.empty(BLOCK_CHECKED, dtype=acc.dtype)
+        scratch = np.empty(BLOCK_FUSED, dtype=acc.dtype)
         setattr(_SCRATCH, key, scratch)
     first_bad = np.empty(MAX_INPUTS, dtype=np.int64)
     bad: list[int] = []
     groups = [list(range(i, min(i + MAX_INPUTS, len(inputs))))
               for i in range(0, len(inputs), MAX_INPUTS)]
     for g, group in enumerate(groups):
+        # read-only views: numba then compiles one signature whatever memory comes in
         xs = [readonly(inputs[i][0]) for i in group]
         slots = tuple(xs + [xs[0]] * (MAX_INPUTS - len(xs)))
         coefs = np.zeros(MAX_INPUTS, dtype=np.float64)
@@ -135,56 +159,32 @@ def _accumulate_checked(
         last = g == len(groups) - 1
         factor = 1.0 if scale is None or not last else float(scale)
         write_out = out is not None and last
-        bits = tuple(x.view(np.uint32) for x in slots)
         target = out if out is not None else acc
-        if kernel(acc, slots, bits, coefs, len(group), fresh and g == 0, factor, scratch,
-                  first_bad, target, write_out):
-            for k, i in enumerate(group):
-                if first_bad[k] < 0:
-                    continue
-                bad.append(i)
-                stop = int(first_bad[k])
-                if not stop:
-                    continue
-                # take back what it added before its first bad block
-                x, coef = inputs[i]
-                if write_out:
-                    assert out is not None
-                    acc[:stop] -= acc.dtype.type(coef) * x[:stop]
-                    np.multiply(acc[:stop], factor, out=out[:stop], casting="same_kind")
-                else:
-                    acc[:stop] -= acc.dtype.type(factor * coef) * x[:stop]
+        if not kernel(acc, slots, coefs, len(group), fresh and g == 0, factor, scratch,
+                      first_bad, target, write_out):
+            continue
+        for k, i in enumerate(group):
+            stop = int(first_bad[k])
+            if stop < 0:
+                continue
+            bad.append(i)
+            if not stop:
+                continue
+            # take back what it added before its first bad block
+            x, coef = inputs[i]
+            if write_out:
+                assert out is not None
+                acc[:stop] -= acc.dtype.type(coef) * x[:stop]
+                np.multiply(acc[:stop], factor, out=out[:stop], casting="same_kind")
+            else:
+                acc[:stop] -= acc.dtype.type(factor * coef) * x[:stop]
     return bad
-
-
-_SCRATCH = threading.local()
-
-
-def _fused32() -> Any:
-    """numba's one-pass float32 kernel, or None without numba (then BLAS saxpy)."""
-    if "fused" not in _FUSED:
-        kernel: Any = None
-        try:
-            from strato.aggregation._numba_kernels import add_f32
-
-            kernel = add_f32
-        except ImportError:
-            pass
-        _FUSED["fused"] = kernel
-    return _FUSED["fused"]
-
-
-_FUSED: dict[str, Any] = {}
 
 
 def _accumulate32(
     acc: Vector, inputs: Sequence[tuple[Vector, float]], fresh: bool,
     scale: float | None, out: Vector | None, chunk: int,
 ) -> None:
-    fused = _fused32() if out is None else None
-    if fused is not None:
-        _accumulate32_fused(fused, acc, inputs, fresh, scale)
-        return
     from scipy.linalg import blas  # imported on first use: keeps a cold start lean
 
     n = acc.shape[0]
@@ -200,31 +200,6 @@ def _accumulate32(
         if overwrite:
             acc[start:stop] = 0
         _finish_chunk(acc, start, stop, scale, out)
-
-
-def _accumulate32_fused(
-    fused: Any, acc: Vector, inputs: Sequence[tuple[Vector, float]], fresh: bool,
-    scale: float | None,
-) -> None:
-    """Up to eight inputs per pass over memory; the last pass also scales."""
-    # read-only views: numba then compiles one signature whatever memory comes in
-    from strato.strategy._kernels import _readonly as readonly
-
-    if not inputs:  # nothing to add: a fresh accumulator is zero, the root may scale
-        if fresh:
-            acc[:] = 0
-        if scale is not None:
-            acc *= acc.dtype.type(scale)
-        return
-    groups = [inputs[i : i + MAX_INPUTS] for i in range(0, len(inputs), MAX_INPUTS)]
-    for g, group in enumerate(groups):
-        xs = [readonly(x) for x, _ in group]
-        slots = xs + [xs[0]] * (MAX_INPUTS - len(xs))
-        coefs = np.zeros(MAX_INPUTS, dtype=np.float64)
-        coefs[: len(group)] = [c for _, c in group]
-        last = g == len(groups) - 1
-        factor = 1.0 if scale is None or not last else float(scale)
-        fused(acc, *slots, coefs, len(group), fresh and g == 0, factor)
 
 
 def _accumulate64(

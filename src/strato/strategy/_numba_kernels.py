@@ -1,10 +1,16 @@
-"""The numba kernels behind ``_kernels`` (imported only when numba is used).
+"""Strato's numba kernels: every compiled weighted sum lives here (imported only when
+numba is used).
+
+- ``axpy_one`` / ``axpy_batch`` / ``finite_scan`` serve ``strategy._kernels`` (the
+  float64 ``Accumulator``). Each takes a ``[lo, hi)`` range so that threads can split
+  one call. No ``fastmath``: without fused multiply-add they round exactly like the
+  numpy fallback (multiply, then add), which the tests check bit for bit.
+- ``add_checked`` serves the aggregation engine's leaves and root
+  (``aggregation._kernels``): a batch of float32 inputs added into a float32 or
+  float64 accumulator with NaN/±Inf refused in the same pass over memory.
 
 Compiled on first call and cached on disk next to this file (``cache=True``), so a
-new process loads machine code instead of compiling. Every kernel takes a
-``[lo, hi)`` range so that threads can split one call. No ``fastmath`` on the
-accumulation kernels: without fused multiply-add they round exactly like the numpy
-fallback (multiply, then add), which the tests check bit for bit.
+new process loads machine code instead of compiling.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from typing import Any
 import numba
 import numpy as np
 
-__all__ = ["axpy_batch", "axpy_one", "finite_scan"]
+__all__ = ["MAX_INPUTS", "add_checked", "axpy_batch", "axpy_one", "finite_scan"]
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
@@ -71,3 +77,127 @@ def finite_scan(x: Any, block: int) -> bool:
         if s != 0:
             return False
     return True
+
+
+MAX_INPUTS = 8  # inputs per call of ``add_checked``: unused slots are never read
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, fastmath={"contract"})
+def add_checked(acc: Any, xs: Any, w: Any, count: int, fresh: bool, scale: float,
+                scratch: Any, first_bad: Any, out: Any, write_out: bool) -> int:
+    """``acc = (0 if fresh else acc) + Σ_{j<count} w[j]·x_j``, leaving out every input that
+    holds a NaN or ±Inf; then ``acc *= scale``, or with ``write_out`` (the root's float32
+    model beside a float64 accumulator) ``out = acc · scale``. Returns the number of
+    bad inputs; ``first_bad[j]`` is the offset of input j's first bad block (-1: clean).
+    The caller takes a bad input's contribution to the blocks before that one back out.
+
+    ``xs`` is a tuple of eight float32 arrays (slots past ``count`` are never read);
+    ``acc`` and ``scratch`` are float32 or float64 (numba compiles each); the model is
+    walked in blocks of ``scratch.shape[0]`` values (512: in L1 with eight inputs).
+    Each block is one pass over memory:
+
+    - one input (what a leaf sees when updates come one at a time): the accumulator's
+      old block is kept in ``scratch`` while the new sum is written, and the input's
+      finiteness (``v - v != 0`` only for NaN/±Inf) is tested in that same loop;
+    - several: their sum goes to ``scratch``, whose finiteness stands for theirs (a
+      NaN or ±Inf input makes the sum non-finite), and is copied into the block only
+      if clean.
+
+    A block found bad (rare: an attacker's or a broken client's update) is restored and
+    each input is tested on its own; the clean ones are added one by one. Measured at
+    10M values, one thread: one input 2.3 ms against 2.0 ms for BLAS ``saxpy`` and
+    2.3 ms for an unchecked fused add; four inputs 1.9 ms each (float32 accumulator).
+    ``contract`` lets LLVM fuse multiply-adds; there is no ``nnan``/``ninf``, so the
+    ``v - v`` test is not folded away.
+    """
+    n = acc.shape[0]
+    block = scratch.shape[0]
+    zero = acc.dtype.type(0.0)
+    x0, x1, x2, x3, x4, x5, x6, x7 = xs
+    t = acc.dtype.type
+    w0, w1, w2, w3 = t(w[0]), t(w[1]), t(w[2]), t(w[3])
+    w4, w5, w6, w7 = t(w[4]), t(w[5]), t(w[6]), t(w[7])
+    sc = t(scale)
+    bad_inputs = 0
+    for j in range(first_bad.shape[0]):
+        first_bad[j] = -1
+    for start in range(0, n, block):
+        m = min(block, n - start)
+        a = acc[start : start + m]
+        sk = scratch[:m]
+        bad = False
+        if bad_inputs == 0 and count == 1:
+            y0 = x0[start : start + m]
+            if fresh:
+                for i in range(m):
+                    v = y0[i]
+                    a[i] = w0 * v
+                    bad |= (v - v) != 0
+            else:
+                for i in range(m):
+                    v = y0[i]
+                    old = a[i]
+                    sk[i] = old
+                    a[i] = old + w0 * v
+                    bad |= (v - v) != 0
+        elif bad_inputs == 0:
+            stop = start + m
+            y0, y1, y2, y3 = x0[start:stop], x1[start:stop], x2[start:stop], x3[start:stop]
+            y4, y5, y6, y7 = x4[start:stop], x5[start:stop], x6[start:stop], x7[start:stop]
+            for i in range(m):  # count and fresh do not change here: LLVM hoists them
+                s = zero if fresh else a[i]
+                s += w0 * y0[i]
+                if count > 1:
+                    s += w1 * y1[i]
+                if count > 2:
+                    s += w2 * y2[i]
+                if count > 3:
+                    s += w3 * y3[i]
+                if count > 4:
+                    s += w4 * y4[i]
+                if count > 5:
+                    s += w5 * y5[i]
+                if count > 6:
+                    s += w6 * y6[i]
+                if count > 7:
+                    s += w7 * y7[i]
+                sk[i] = s
+                bad |= (s - s) != 0
+            if not bad:
+                for i in range(m):
+                    a[i] = sk[i]
+            else:
+                for i in range(m):
+                    sk[i] = a[i]
+        else:  # an input was bad in an earlier block: take the careful path to the end
+            bad = True
+            for i in range(m):
+                sk[i] = a[i]
+        if bad:
+            for j in range(count):
+                if first_bad[j] >= 0:
+                    continue
+                yj = xs[j][start : start + m]
+                found = False
+                for i in range(m):
+                    found |= (yj[i] - yj[i]) != 0
+                if found:
+                    first_bad[j] = start
+                    bad_inputs += 1
+            for i in range(m):
+                a[i] = zero if fresh else sk[i]
+            for j in range(count):
+                if first_bad[j] >= 0:
+                    continue
+                yj = xs[j][start : start + m]
+                wj = t(w[j])
+                for i in range(m):
+                    a[i] += wj * yj[i]
+        if write_out:
+            o = out[start : start + m]
+            for i in range(m):
+                o[i] = a[i] * sc
+        elif scale != 1.0:
+            for i in range(m):
+                a[i] *= sc
+    return bad_inputs
