@@ -195,10 +195,12 @@ class _Agent:
             }
         # Room for every selected client to send again after an update found bad.
         plan = self.cluster.plan(shape, {"n0": _quota(opened)})
-        # float64 sums: any tree, any arrival order gives the same model (to float32
-        # rounding of one exact sum), so a rerun or a resumed run reproduces a run.
+        # float64 sums (the default): any tree, any arrival order gives the same model (to
+        # float32 rounding of one exact sum), so a rerun or a resumed run reproduces a
+        # run. float32 when the job asks: less memory traffic, arrival order in the bits.
+        acc = "F32" if self.job["config"].get("accumulator") == "float32" else "F64"
         opened.handle = self.cluster.begin_round(
-            opened.rules.round, plan, nbytes=self.layout.nbytes, batch=BATCH, acc_dtype="F64"
+            opened.rules.round, plan, nbytes=self.layout.nbytes, batch=BATCH, acc_dtype=acc
         )
         opened.shape = shape
         opened.decision = {

@@ -13,6 +13,7 @@ from strato.errors import ConfigError
 __all__ = ["JobConfig", "load_job_config"]
 
 PARTITIONS = ("iid", "dirichlet", "shards")
+ACCUMULATORS = ("float32", "float64")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,11 @@ class JobConfig:
     # the memory of one aggregator function: robust strategies shard the model so that
     # each shard's K × |θ|/M rows fit it
     function_memory_mb: int = 1024
+    # the aggregators' sums: float64 (any arrival order and any tree give the same model,
+    # so a rerun or a resumed run reproduces a run) or float32 (about half the memory
+    # traffic per update; the model then depends on the arrival order, in its last bits,
+    # and training can amplify that over rounds)
+    accumulator: str = "float64"
 
     def validate(self) -> JobConfig:
         def positive(name: str, value: float) -> None:
@@ -44,6 +50,9 @@ class JobConfig:
         positive("round_deadline_s", self.round_deadline_s)
         positive("client_concurrency", self.client_concurrency)
         positive("function_memory_mb", self.function_memory_mb)
+        if self.accumulator not in ACCUMULATORS:
+            raise ConfigError(f"accumulator must be one of {', '.join(ACCUMULATORS)}, "
+                              f"got {self.accumulator!r}")
         if self.clients_per_round > self.clients:
             raise ConfigError(
                 f"clients_per_round ({self.clients_per_round}) exceeds clients ({self.clients})"
@@ -83,7 +92,7 @@ _SECTIONS = {
     "job": ("rounds", "clients", "clients_per_round", "seed", "client_concurrency"),
     "round": ("quorum", "round_deadline_s"),
     "data": ("partition", "dirichlet_alpha"),
-    "aggregation": ("function_memory_mb",),
+    "aggregation": ("function_memory_mb", "accumulator"),
 }
 
 

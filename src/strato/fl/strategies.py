@@ -230,8 +230,9 @@ class RoundAggregator:
             return self._complement_step(global_flat, mean), {}
         assert self.strategy is not None
         self.strategy.load_state_dict(state)
-        new = self.strategy.step(np.array(global_flat, dtype=np.float32),
-                                 np.asarray(mean, dtype=np.float32))
+        # read-only views, no copies: a server step makes its own output (FedAvg's is
+        # the mean itself), and 40 MB of fresh memory costs more than the step
+        new = self.strategy.step(_readonly(global_flat), _readonly(mean))
         return new, self.strategy.state_dict()
 
     def robust_step(
@@ -245,8 +246,7 @@ class RoundAggregator:
         if reduced is None or updates < max(1, self.min_updates):
             return np.array(global_flat, dtype=np.float32), state
         self.strategy.load_state_dict(state)
-        new = self.strategy.step(np.array(global_flat, dtype=np.float32),
-                                 np.asarray(reduced, dtype=np.float32))
+        new = self.strategy.step(_readonly(global_flat), _readonly(reduced))
         return new, self.strategy.state_dict()
 
     def _complement_step(self, w_s: F32, mean: npt.NDArray[Any]) -> F32:
@@ -271,3 +271,10 @@ class RoundAggregator:
             return None
         seed = wire_seed(self.seed, self.round + 1, "download")
         return self.wire.encode_download(model, first=False, seed=seed).payload
+
+
+def _readonly(flat: npt.NDArray[Any]) -> F32:
+    """``flat`` as float32 (a copy only when it is not), viewed read-only."""
+    view = np.asarray(flat, dtype=np.float32).view()
+    view.flags.writeable = False
+    return view
