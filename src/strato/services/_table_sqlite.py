@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from strato.errors import ConditionFailed, NotFound
+from strato.services._doorbell import Doorbell, Listener
 from strato.services._sqlite import SqliteFile
 from strato.services.table import Change, Item
 
@@ -52,6 +53,13 @@ class SqliteTable:
         self._db = SqliteFile(Path(path), _SCHEMA, "table")
         # Tables are never dropped, so a table once seen stays known.
         self._known: set[str] = set()
+        # Each committed change rings the table's stream listener, if any (a trigger).
+        self._bell = Doorbell(str(path))
+
+    def listen_stream(self, table: str) -> Listener | None:
+        """Be woken when ``table``'s stream may have news (see ``_doorbell``); None when
+        this machine has no doorbell or another process listens already."""
+        return self._bell.listen(table)
 
     def create_table(self, table: str) -> None:
         if not isinstance(table, str) or not table:
@@ -96,6 +104,7 @@ class SqliteTable:
                 "INSERT INTO stream (tbl, key, kind, old, new) VALUES (?, ?, ?, ?, ?)",
                 (table, key, "INSERT" if row is None else "MODIFY", row and row[0], new_json),
             )
+        self._bell.ring(table)
         return version
 
     def get(self, table: str, key: str, *, consistent: bool = True) -> Item | None:
@@ -135,6 +144,7 @@ class SqliteTable:
                 "INSERT INTO stream (tbl, key, kind, old, new) VALUES (?, ?, 'REMOVE', ?, NULL)",
                 (table, key, row[0]),
             )
+        self._bell.ring(table)
 
     def read_stream(self, table: str, after: str | None = None, limit: int = 100) -> list[Change]:
         if limit < 1:
@@ -161,6 +171,7 @@ class SqliteTable:
 
     def close(self) -> None:
         self._db.close()
+        self._bell.close()
 
     def _check_table(self, conn: sqlite3.Connection, table: str) -> None:
         if table in self._known:

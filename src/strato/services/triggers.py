@@ -2,7 +2,9 @@
 
 The embedded twin of Lambda's DynamoDB Streams event source mapping: one poller per
 (table, function) reads new changes after its checkpoint, invokes the function with
-a batch of records, and stores the checkpoint only after the function returned. A
+a batch of records, and stores the checkpoint only after the function returned. It
+looks when a writer rings (``services._doorbell``; every ``poll_s`` where there is no
+doorbell), so an idle trigger costs no CPU. A
 crash between the two re-delivers the batch, so the function must be idempotent
 (as on AWS, where delivery is at-least-once too).
 
@@ -26,6 +28,7 @@ from strato.services.table import Table
 __all__ = ["CHECKPOINTS", "StreamSource", "StreamTrigger"]
 
 CHECKPOINTS = "stream_checkpoints"
+_UNREAD = object()  # the checkpoint is not read yet
 
 
 @dataclass(frozen=True)
@@ -52,16 +55,20 @@ class StreamTrigger:
         *,
         batch_size: int = 100,
         poll_s: float = 0.02,
+        idle_s: float = 1.0,
         on_error: Callable[[Exception], None] | None = None,
         kinds: Collection[str] | None = None,
     ) -> None:
         self.table, self.source, self.runtime, self.function = table, source, runtime, function
         self.batch_size, self.poll_s, self.on_error = batch_size, poll_s, on_error
+        self.idle_s = idle_s
         self.kinds = None if kinds is None else frozenset(kinds)
         self.name = f"{source}->{function}"
         table.create_table(CHECKPOINTS)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._listener: Any = None
+        self._cursor: object = _UNREAD
         self.batches = 0
 
     def checkpoint(self) -> str | None:
@@ -70,9 +77,10 @@ class StreamTrigger:
 
     def poll_once(self) -> int:
         """Deliver one batch if there is one; returns the number of changes it consumed."""
-        changes = self.table.read_stream(
-            self.source, after=self.checkpoint(), limit=self.batch_size
-        )
+        if self._cursor is _UNREAD:  # read once; from then on this trigger writes it
+            self._cursor = self.checkpoint()
+        after = self._cursor if isinstance(self._cursor, str) else None
+        changes = self.table.read_stream(self.source, after=after, limit=self.batch_size)
         if not changes:
             return 0
         records: list[dict[str, Any]] = [
@@ -81,27 +89,42 @@ class StreamTrigger:
         if records:  # a batch of skipped kinds only moves the checkpoint
             self.runtime.invoke(self.function, {"records": records})
         self.table.put(CHECKPOINTS, self.name, {"cursor": changes[-1].cursor})
+        self._cursor = changes[-1].cursor
         self.batches += 1
         return len(changes)
 
     def _loop(self) -> None:
+        listener = self._listener
         while not self._stop.is_set():
             try:
                 delivered = self.poll_once()
             except StratoError as exc:  # the batch stays unconsumed and is retried
                 if self.on_error is not None:
                     self.on_error(exc)
-                delivered = 0
                 self._stop.wait(0.5)
-            if not delivered:
+                continue
+            if delivered or self._stop.is_set():
+                continue
+            if listener is not None:  # sleep until a writer rings (or idle_s passes)
+                listener.wait(self.idle_s)
+            else:
                 self._stop.wait(self.poll_s)
 
     def start(self) -> StreamTrigger:
+        # A table that can ring its listeners (the embedded SQLite table) spares the
+        # poll: an idle trigger then costs nothing (see services._doorbell).
+        listen = getattr(self.table, "listen_stream", None)
+        self._listener = listen(self.source) if listen is not None else None
         self._thread = threading.Thread(target=self._loop, name=f"trigger {self.name}", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
+        if self._listener is not None:
+            self._listener.wake()
         if self._thread is not None:
             self._thread.join()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
