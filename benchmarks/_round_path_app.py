@@ -78,6 +78,9 @@ client_concurrency = {concurrency}
 quorum = 1.0
 round_deadline_s = {deadline}
 
+[aggregation]
+accumulator = "{accumulator}"
+
 [strategy]
 name = "fedavg"
 """
@@ -93,11 +96,13 @@ def write_app(
     bases: int = 4,
     seed: int = 0,
     deadline_s: int = 900,
+    accumulator: str = "float64",
 ) -> Path:
     """Write ``app.py`` and ``strato.toml`` into ``directory``; returns it."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "app.py").write_text(APP_SOURCE.format(params=params, bases=bases, seed=seed))
     (directory / "strato.toml").write_text(
-        TOML.format(rounds=rounds, clients=clients, concurrency=concurrency, deadline=deadline_s)
+        TOML.format(rounds=rounds, clients=clients, concurrency=concurrency, deadline=deadline_s,
+                    accumulator=accumulator)
     )
     return directory

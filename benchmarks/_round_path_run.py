@@ -79,7 +79,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     root = Path(cfg["dir"])
     params, clients, rounds = int(cfg["params"]), int(cfg["clients"]), int(cfg["rounds"])
     app = write_app(root / "app", params=params, clients=clients, rounds=rounds,
-                    concurrency=int(cfg.get("concurrency", 2)))
+                    concurrency=int(cfg.get("concurrency", 2)),
+                    accumulator=str(cfg.get("accumulator", "float64")))
     out = root / "run"
     os.environ.pop("STRATO_DATA_DIR", None)  # scikit-learn's digits: data does not matter here
     opts = RunOptions(app_dir=app, out=out, config=load_job_config(app / "strato.toml"),
@@ -96,7 +97,12 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     blobs = out / "services" / "blobs"
     records = _rounds(out)
     per_round = {int(r["round"]): r for r in summary["per_round"]}
-    opened = [float(r["opened_at"]) for r in records] + [ended]
+    # Round i's window: its opened_at to the next round's. The last round's ends one
+    # second after its model was written: what follows is the run's teardown (workers
+    # exit, node memory is freed), once per run, reported apart (``after_last_round``).
+    last_ready = float(records[-1].get("model_ready_at") or ended) if records else ended
+    last_end = min(ended, last_ready + 1.0)
+    opened = [float(r["opened_at"]) for r in records] + [last_end]
     rows = []
     for i, rec in enumerate(records):
         r = int(rec["round"])
@@ -126,12 +132,16 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             "updates": [{"path": str(blobs / a["blob"]), "weight": a["weight"],
                          "uploaded_at": a["uploaded_at"]} for a in accepted],
         })
+    (p_end, t_end), (p_last, t_last) = monitor.path_cpu_at(ended), monitor.path_cpu_at(last_end)
+    after_last = {"processes_s": p_end - p_last, "threads_s": t_end - t_last,
+                  "window_s": ended - last_end}
     saxpy = time_saxpy(params)
     procs, threads = monitor.path_processes(), monitor.path_threads()
     return {
         "config": {k: v for k, v in cfg.items() if k != "dir"},
         "wall_s": ended - started,
         "rounds": rows,
+        "after_last_round": after_last,
         "saxpy": saxpy,
         "summary": {k: summary[k] for k in ("rounds", "wall_s", "bytes_up", "bytes_down",
                                             "function_seconds", "invocations", "cold_starts",

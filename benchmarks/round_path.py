@@ -1,7 +1,7 @@
 """Round-path benchmark: the real ``strato run`` round path, side by side with an eager
 always-on server fed the very same updates on the very same arrival schedule.
 
-    python benchmarks/round_path.py --quick    # 100 clients × 10M, 3 rounds; RSS runs of 1 round
+    python benchmarks/round_path.py --quick    # 100 clients × 10M, 2 rounds; RSS runs of 1 round
     python benchmarks/round_path.py            # 5 rounds; RSS runs of 2 rounds
     (both run the sharded median when strato.aggregation.sharded exists; --no-sharded skips it)
 
@@ -26,9 +26,12 @@ Writes ``benchmarks/results/round_path/quick.json`` (``--quick``) or ``full.json
 3. **CPU per update** (``_round_path_proc``): CPU seconds of the aggregation path per
    accepted update (the aggregator's worker processes and their descendants, and the
    stream trigger thread of the run process), per round, ÷ one single-threaded BLAS
-   ``saxpy`` over one update timed in the run process right after the run.
+   ``saxpy`` over one update timed in the run process right after the run. The last
+   round's window ends 1 s after its model is written; the run's teardown is reported
+   apart and counted in ``cpu_per_update_ratio_whole_run``.
 4. **Peak RSS** of the aggregation path's processes (VmHWM) at 1000 clients × 1M
-   ÷ at 100 clients × 1M.
+   ÷ at 100 clients × 1M. These two runs and the sharded median run at the same time,
+   after the timed parts: they measure memory, not time.
 5. **Sharded median** (``_round_path_sharded``): null while ``strato.aggregation.sharded``
    does not exist.
 """
@@ -99,11 +102,12 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
         main = {"params": 10_000, "clients": 4, "rounds": 2, "concurrency": 1}
         rss = None
     else:
-        main = {"params": 10 * M, "clients": 100, "rounds": 3 if args.quick else 5}
+        main = {"params": 10 * M, "clients": 100, "rounds": 2 if args.quick else 5}
         rss = {"params": M, "clients": [100, 1000], "rounds": 1 if args.quick else 2}
     if args.rounds:
         main["rounds"] = args.rounds
     main.setdefault("concurrency", args.concurrency)  # --smoke: one client worker to start
+    main["accumulator"] = args.accumulator
     return {"main": main, "rss": rss, "sharded": not (args.smoke or args.no_sharded)}
 
 
@@ -155,31 +159,51 @@ def main_run(args: argparse.Namespace, cfg: dict[str, Any], base: Path) -> dict[
             "wall_s": {"strato_run": t1 - t0, "eager_server_replay": time.monotonic() - t1}}
 
 
-def rss_runs(args: argparse.Namespace, cfg: dict[str, Any], base: Path) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for clients in cfg["clients"]:
-        where = base / f"rss-{clients}"
-        check_disk(base, disk_needed(cfg["params"], clients, cfg["rounds"]))
-        log(f"peak RSS — {clients} clients × {cfg['params']:,} params, {cfg['rounds']} round(s)")
+def rss_run(args: argparse.Namespace, cfg: dict[str, Any], clients: int,
+            base: Path) -> dict[str, Any]:
+    where = base / f"rss-{clients}"
+    log(f"peak RSS — {clients} clients × {cfg['params']:,} params, {cfg['rounds']} round(s)")
+    t0 = time.monotonic()
+    res = run_child("run", {"params": cfg["params"], "clients": clients,
+                            "rounds": cfg["rounds"], "concurrency": args.concurrency,
+                            "dir": str(where), "interval_s": args.interval})
+    remove(where, args.keep)
+    for r in res["rounds"]:
+        r.pop("updates")
+    path = res["path"]
+    log(f"  {clients} clients: aggregation path peak RSS {path['peak_rss_kb'] / 1024:.0f} MB "
+        f"over {len(path['processes'])} process(es)")
+    return {
+        "peak_rss_kb": path["peak_rss_kb"],
+        "processes": path["processes"],
+        "rounds": res["rounds"],
+        "completion_s": [r["completion_s"] for r in res["rounds"]],
+        "wall_s": time.monotonic() - t0,
+        "cpu_s_by_label": res["cpu_s_by_label"],
+    }
+
+
+def memory_parts(args: argparse.Namespace, cfg: dict[str, Any] | None, sharded: bool,
+                 base: Path) -> tuple[dict[str, Any] | None, dict[str, Any], float]:
+    """The peak-RSS runs and the sharded median, at once: they measure memory, which
+    does not depend on sharing the CPU (the timed parts ran alone before them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if cfg is not None:
+        for clients in cfg["clients"]:
+            check_disk(base, disk_needed(cfg["params"], clients, cfg["rounds"]))
+    with ThreadPoolExecutor(max_workers=3) as pool:
         t0 = time.monotonic()
-        res = run_child("run", {"params": cfg["params"], "clients": clients,
-                                "rounds": cfg["rounds"], "concurrency": args.concurrency,
-                                "dir": str(where), "interval_s": args.interval})
-        remove(where, args.keep)
-        for r in res["rounds"]:
-            r.pop("updates")
-        path = res["path"]
-        log(f"  aggregation path peak RSS {path['peak_rss_kb'] / 1024:.0f} MB over "
-            f"{len(path['processes'])} process(es)")
-        out[str(clients)] = {
-            "peak_rss_kb": path["peak_rss_kb"],
-            "processes": path["processes"],
-            "rounds": res["rounds"],
-            "completion_s": [r["completion_s"] for r in res["rounds"]],
-            "wall_s": time.monotonic() - t0,
-            "cpu_s_by_label": res["cpu_s_by_label"],
-        }
-    return out
+        rss_futures = ({str(c): pool.submit(rss_run, args, cfg, c, base) for c in cfg["clients"]}
+                       if cfg is not None else {})
+
+        def timed_sharded() -> tuple[dict[str, Any], float]:
+            return sharded_part(args, sharded), time.monotonic() - t0
+
+        sharded_future = pool.submit(timed_sharded)
+        rss = {k: f.result() for k, f in rss_futures.items()} if cfg is not None else None
+        sharded_res, sharded_wall = sharded_future.result()
+    return rss, sharded_res, sharded_wall
 
 
 def sharded_part(args: argparse.Namespace, wanted: bool) -> dict[str, Any]:
@@ -262,6 +286,12 @@ def headline(main: dict[str, Any], rss: dict[str, Any] | None,
             median([r["cpu_s_per_update"] for r in server["records"]]) / saxpy
             if saxpy else None),
         "saxpy_one_update_s": saxpy,
+        # context: every CPU second of the path over the whole run (warm-up round and
+        # teardown included) per accepted update, ÷ the saxpy
+        "cpu_per_update_ratio_whole_run": (
+            (sum(r["path_cpu_s"] for r in run["rounds"])
+             + run["after_last_round"]["processes_s"] + run["after_last_round"]["threads_s"])
+            / max(1, sum(r["accepted"] for r in run["rounds"])) / saxpy if saxpy else None),
         "peak_rss_ratio_1000_vs_100": None,
         "sharded_median_peak_mb": sharded.get("value"),
     }
@@ -333,8 +363,10 @@ def table(out: dict[str, Any]) -> str:
 
 CPU_ACCOUNTING = (
     "CPU seconds (utime+stime from /proc) of the aggregation path per accepted update, per "
-    "round (round boundaries: successive rounds' opened_at; the last round ends when the run "
-    "does), median over measured rounds, ÷ one single-threaded BLAS saxpy over one update "
+    "round (round boundaries: successive rounds' opened_at; the last round ends 1 s after its "
+    "model is written: the run's teardown after that is in details.run.after_last_round and in "
+    "cpu_per_update_ratio_whole_run), median over measured rounds, ÷ one single-threaded "
+    "BLAS saxpy over one update "
     "(thread CPU time, median of 9, warm buffers, in the run process right after the run). "
     "Counted: every Runtime worker process whose function is 'aggregate' or 'close_round' or "
     "starts with 'lifl.' (and any process descended from one), plus the run process's threads "
@@ -351,15 +383,18 @@ CPU_ACCOUNTING = (
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="3 rounds; RSS runs of 1 round")
+    ap.add_argument("--quick", action="store_true", help="2 rounds; RSS runs of 1 round")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, help="default results/round_path/{quick,full}.json")
     ap.add_argument("--out", type=Path, help="run directories here (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the run directories")
-    ap.add_argument("--rounds", type=int, help="rounds of the main run (default 3 quick, 5)")
+    ap.add_argument("--rounds", type=int, help="rounds of the main run (default 2 quick, 5)")
     ap.add_argument("--concurrency", type=int, default=2,
                     help="simulated clients uploading at once (the job's client_concurrency)")
     ap.add_argument("--interval", type=float, default=0.1, help="/proc sampling interval (s)")
+    ap.add_argument("--accumulator", choices=("float64", "float32"), default="float64",
+                    help="the aggregators' sums ([aggregation] accumulator; the job default "
+                         "is float64)")
     ap.add_argument("--label", help="what code this measures (stored under 'source')")
     ap.add_argument("--no-sharded", action="store_true",
                     help="leave out the sharded median (64 × 25M), ~40 s")
@@ -391,10 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         disk = check_disk(base, disk_needed(m["params"], m["clients"], m["rounds"]))
         log(f"load average {machine['loadavg_at_start']}; disk {disk}")
         main_res = main_run(args, m, base)
-        rss = rss_runs(args, runs["rss"], base) if runs["rss"] else None
-        t0 = time.monotonic()
-        sharded = sharded_part(args, runs["sharded"])
-        sharded_wall = time.monotonic() - t0
+        rss, sharded, sharded_wall = memory_parts(args, runs["rss"], runs["sharded"], base)
     finally:
         if temp and not args.keep:
             shutil.rmtree(base, ignore_errors=True)
@@ -409,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(details.server.records[].max_rel_diff_vs_run_model).",
         "warm_up": "round 1 of the run is a warm-up (cold starts of every function) and is "
                    "left out of every median; the RSS runs' peaks include their first round",
+        "memory_parts": "the two peak-RSS runs and the sharded median run at the same time, "
+                        "after the timed parts (they measure memory, not time)",
     }
     if rss is None:
         notes["peak_rss_ratio_1000_vs_100"] = "skipped in --smoke"
@@ -428,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         "ran": {
             "params": m["params"], "clients": m["clients"], "clients_per_round": m["clients"],
             "quorum": "all", "rounds": m["rounds"], "client_concurrency": m["concurrency"],
+            "accumulator": m["accumulator"],
             "warmup_rounds": list(range(1, warm + 1)),
             "measured_rounds": [r["round"] for r in run["rounds"][warm:]],
             "mode": "smoke" if args.smoke else ("quick" if args.quick else "full"),
