@@ -481,6 +481,11 @@ class _Agent:
         buf, _ = self._model_bufs[r % 2]
         if buf is None or len(buf) < size:
             buf = np.empty(size + 64, dtype=np.uint8)  # room for a longer round number
+            other, used = self._model_bufs[(r + 1) % 2]
+            if other is None:  # both at once: next round's first touch is not on its path
+                spare = np.empty(size + 64, dtype=np.uint8)
+                spare.fill(0)
+                self._model_bufs[(r + 1) % 2] = (spare, used)
         n = encode_into(model, buf, meta)
         self._model_bufs[r % 2] = (buf, n)
         return Params(self.layout, buf[n - self.layout.nbytes : n]), buf.data[:n]
