@@ -22,8 +22,13 @@ def test_primitives_benchmark_runs_and_writes_json(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     data = json.loads(out.read_text())
     assert set(data) >= {"invoke", "bus", "blobs", "shm_handoff"}
-    # The hand-off passes a reference: far fewer bytes cross than the buffer holds,
-    # while the pickling baseline moves at least the whole buffer.
-    assert data["shm_handoff"]["shm_bytes_copied"] < 4096
-    assert data["shm_handoff"]["baseline_bytes_copied"] >= 16 << 20
+    # The hand-off passes a reference: the receiver copies far less than the buffer
+    # holds, while the pickling baseline copies at least the whole buffer; a handler
+    # that copies out of the memory map shows up in the same measure.
+    handoff, buffer = data["shm_handoff"], 16 << 20
+    assert handoff["shm_bytes_copied"] < 1 << 20
+    # (peak RSS is counted in pages some of which the heap already held: ≥ 90 %)
+    assert handoff["control_copying_handler_bytes_copied"] >= 0.9 * buffer
+    assert handoff["baseline_bytes_copied"] >= 0.9 * buffer
+    assert handoff["baseline_pipe_bytes"] >= buffer
     assert "bytes copied" in res.stdout
