@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -27,7 +28,7 @@ import numpy as np
 from strato.inference.cost import price, profile_sizes
 from strato.inference.inputs import mnist_inputs
 from strato.inference.kernel import run_local
-from strato.inference.network import generate_network
+from strato.inference.network import generate_network, random_network
 from strato.inference.partition import communication_volume, make_partition
 from strato.inference.planner import estimate
 from strato.inference.reference import graphblas_inference, reference_inference
@@ -108,7 +109,12 @@ def main() -> None:
     ap.add_argument("--channels", nargs="+", default=["bus", "blob"])
     ap.add_argument("--partitions", nargs="+", default=["random", "contiguous", "hypergraph"])
     ap.add_argument("--data-dir", default="/work/shared/data/mnist")
-    ap.add_argument("--compare", action="store_true", help="time scipy and python-graphblas")
+    ap.add_argument("--compare", action="store_true",
+                    help="time our kernel and python-graphblas in this process, both on one "
+                         "thread (a worker's), GraphBLAS's layer loop alone")
+    ap.add_argument("--network", choices=("generated", "random"), default="generated",
+                    help="the seeded RadiX-Net-like generator (twin rows: 64 distinct rows "
+                         "per layer at N=1024), or random 32-per-neuron layers (no twins)")
     ap.add_argument("--volumes-only", action="store_true")
     ap.add_argument("--launch", type=int, default=0, help="W for the flat-vs-tree launch test")
     ap.add_argument("--out", default="bench-inference.json")
@@ -118,9 +124,11 @@ def main() -> None:
         print(markdown_table(json.loads(Path(args.table).read_text())))
         return
 
-    net = generate_network(args.neurons, args.layers, seed=0)
+    make = generate_network if args.network == "generated" else random_network
+    net = make(args.neurons, args.layers, seed=0)
     edges = net.edges
-    results: dict[str, Any] = {"neurons": args.neurons, "layers": args.layers, "edges": edges}
+    results: dict[str, Any] = {"neurons": args.neurons, "layers": args.layers, "edges": edges,
+                               "network": args.network, "command": " ".join(sys.argv)}
     if args.volumes_only:
         vols = {}
         for method in args.partitions:
@@ -142,13 +150,19 @@ def main() -> None:
           f"scipy reference {ref_s:.1f} s ({rate / ref_s:.3g} edges/s)")
     if args.compare:
         loc, loc_s = _timed(run_local, net.layers, net.biases, y)
-        gb, gb_s = _timed(graphblas_inference, net.layers, net.biases, y)
+        # One thread, as each of our workers has; timed: the layers' loop alone (the
+        # conversion of the layers to GraphBLAS matrices is reported apart).
+        timings: dict[str, float] = {}
+        gb = graphblas_inference(net.layers, net.biases, y, threads=1, timings=timings)
+        gb_s = timings["loop_s"]
         results.update(kernel_s=loc_s, kernel_rate=rate / loc_s, graphblas_s=gb_s,
-                       graphblas_rate=rate / gb_s,
+                       graphblas_rate=rate / gb_s, graphblas_threads=1,
+                       graphblas_convert_s=timings["convert_s"],
                        kernel_equal=bool(np.array_equal(loc, ref)),
                        graphblas_equal=bool(np.array_equal(gb, ref)))
         print(f"worker kernel in-process {loc_s:.1f} s ({rate / loc_s:.3g}); "
-              f"python-graphblas {gb_s:.1f} s ({rate / gb_s:.3g}); equal: "
+              f"python-graphblas, 1 thread, loop only {gb_s:.1f} s ({rate / gb_s:.3g}; "
+              f"+{timings['convert_s']:.1f} s converting); equal: "
               f"{results['kernel_equal']}, {results['graphblas_equal']}")
 
     runs = []
@@ -213,8 +227,21 @@ def _launch_test(svc: Any, net: Any, y: Any, workers: int) -> dict[str, Any]:
 
 
 def markdown_table(doc: dict[str, Any]) -> str:
-    """One row per run: correctness, rate, volume, bytes, messages, cost, prediction."""
-    lines = [
+    """One row per run: correctness, rate, volume, bytes, messages, cost, prediction;
+    above it, the in-process comparison when the file has one."""
+    lines = []
+    if "kernel_s" in doc:
+        lines += [
+            f"{doc.get('network', 'generated')} network, {doc['neurons']}×{doc['layers']}, "
+            f"{doc['inputs']:,} inputs, one process: scipy oracle {doc['scipy_s']:.1f} s; "
+            f"worker kernel (all rows) {doc['kernel_s']:.1f} s ({doc['kernel_rate']:.3g} "
+            f"edges/s); python-graphblas on {doc.get('graphblas_threads', 'all')} thread(s), "
+            f"layer loop only, {doc['graphblas_s']:.1f} s ({doc['graphblas_rate']:.3g}; "
+            f"{doc.get('graphblas_convert_s', float('nan')):.1f} s more converting the "
+            f"layers); equal to the oracle: {doc['kernel_equal']}, {doc['graphblas_equal']}.",
+            "",
+        ]
+    lines += [
         "| partition | W | channel | = oracle | inference s | edges/s | volume rows "
         "| MB exchanged | messages | cost $ | predicted $ | worst pred. error | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",

@@ -41,6 +41,11 @@ def test_local_kernel_and_graphblas_match_the_oracle(make_inputs) -> None:  # ty
     assert 0 < ref.size < 300  # the workload is non-trivial: some live, some die
     assert np.array_equal(kernel.run_local(net.layers, net.biases, x), ref)
     assert np.array_equal(graphblas_inference(net.layers, net.biases, x), ref)
+    # pinned to one thread, with the conversion and the loop timed apart: same answer
+    timings: dict[str, float] = {}
+    one = graphblas_inference(net.layers, net.biases, x, threads=1, timings=timings)
+    assert np.array_equal(one, ref)
+    assert set(timings) == {"convert_s", "loop_s"} and min(timings.values()) > 0
 
 
 def test_row_blocks_roundtrip_including_empty_rows() -> None:

@@ -10,6 +10,7 @@ from strato.inference.network import (
     base_layer,
     generate_layer,
     generate_network,
+    random_network,
 )
 
 
@@ -51,3 +52,24 @@ def test_bad_sizes_are_config_errors() -> None:
         generate_network(1000, 2)
     with pytest.raises(ConfigError):
         generate_network(1024, 0)
+
+
+def test_random_layers_have_no_twin_rows_and_are_deterministic_in_seed() -> None:
+    from strato.inference.kernel import transposed_layers
+    from strato.inference.plan import twin_classes
+
+    net = random_network(1024, 3, seed=5)
+    again = random_network(1024, 3, seed=5)
+    other = random_network(1024, 3, seed=6)
+    generated = generate_network(1024, 3, seed=5)
+    for wt, wt_again, wt_other, wt_gen in zip(
+        transposed_layers(net.layers), transposed_layers(again.layers),
+        transposed_layers(other.layers), transposed_layers(generated.layers), strict=True,
+    ):
+        assert (np.diff(wt.indptr) == 32).all()  # 32 inputs per output neuron
+        assert (wt != wt_again).nnz == 0 and (wt != wt_other).nnz > 0
+        assert len(set(twin_classes(wt).tolist())) == 1024  # every row its own class
+        assert len(set(twin_classes(wt_gen).tolist())) == 64  # the generator's twins
+    assert net.biases == generated.biases and net.edges == generated.edges
+    with pytest.raises(ConfigError, match="per_neuron"):
+        random_network(1024, 1, per_neuron=0)

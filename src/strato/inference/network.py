@@ -35,6 +35,7 @@ __all__ = [
     "base_layer",
     "generate_layer",
     "generate_network",
+    "random_network",
 ]
 
 BIAS_BY_NEURONS: dict[int, float] = {1024: -0.30, 4096: -0.35, 16384: -0.40, 65536: -0.45}
@@ -141,3 +142,30 @@ def generate_network(
         biases=[b] * layers,
         seed=seed,
     )
+
+
+def random_network(
+    neurons: int, layers: int, seed: int = 0, bias: float | None = None,
+    per_neuron: int = NONZEROS_PER_NEURON,
+) -> Network:
+    """A network of the generator's size, weight and bias whose output neurons each take
+    ``per_neuron`` input neurons drawn at random (without repeats): no two rows share
+    their columns by construction, so a plan that sends one row per twin class gains
+    nothing from it (the benchmark's control for the generator's twin rows)."""
+    _check_neurons(neurons)
+    if layers < 1:
+        raise ConfigError(f"--layers must be ≥ 1, got {layers}")
+    if not 1 <= per_neuron <= neurons:
+        raise ConfigError(f"per_neuron must be in 1..{neurons}, got {per_neuron}")
+    b = default_bias(neurons) if bias is None else float(bias)
+    out = []
+    for n in range(1, layers + 1):
+        rng = np.random.default_rng([seed, n, 1])
+        # each output neuron's inputs: the first per_neuron of a random permutation
+        rows = np.argpartition(rng.random((neurons, neurons)), per_neuron, axis=1)[:, :per_neuron]
+        rows.sort(axis=1)
+        indptr = np.arange(0, rows.size + 1, per_neuron, dtype=np.int64)
+        data = np.full(rows.size, WEIGHT, dtype=np.float32)
+        wt = sp.csr_matrix((data, rows.ravel(), indptr), shape=(neurons, neurons))
+        out.append(wt.T.tocsr())
+    return Network(neurons=neurons, layers=out, biases=[b] * layers, seed=seed)
