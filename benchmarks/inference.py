@@ -115,6 +115,10 @@ def main() -> None:
     ap.add_argument("--network", choices=("generated", "random"), default="generated",
                     help="the seeded RadiX-Net-like generator (twin rows: 64 distinct rows "
                          "per layer at N=1024), or random 32-per-neuron layers (no twins)")
+    ap.add_argument("--bias", type=float,
+                    help="every layer's bias (default: the challenge's for the size; the "
+                         "random network needs a weaker one, e.g. -0.15 at 1024, or every "
+                         "image dies and the workload is trivial)")
     ap.add_argument("--volumes-only", action="store_true")
     ap.add_argument("--launch", type=int, default=0, help="W for the flat-vs-tree launch test")
     ap.add_argument("--out", default="bench-inference.json")
@@ -125,10 +129,14 @@ def main() -> None:
         return
 
     make = generate_network if args.network == "generated" else random_network
-    net = make(args.neurons, args.layers, seed=0)
+    net = make(args.neurons, args.layers, seed=0, bias=args.bias)
     edges = net.edges
     results: dict[str, Any] = {"neurons": args.neurons, "layers": args.layers, "edges": edges,
-                               "network": args.network, "command": " ".join(sys.argv)}
+                               "network": args.network, "bias": net.biases[0],
+                               "command": " ".join(["python", *sys.argv]),
+                               "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                               "machine": {"cpus": os.cpu_count(),
+                                           "loadavg_at_start": list(os.getloadavg())}}
     if args.volumes_only:
         vols = {}
         for method in args.partitions:

@@ -258,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     reps = 3 if args.quick else 5
     results: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+        "command": " ".join(["python", "benchmarks/primitives.py", *(argv or sys.argv[1:])]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
+                    "loadavg_at_start": list(os.getloadavg())},
     }
     with tempfile.TemporaryDirectory(prefix="strato-bench-") as root, embedded(root) as svc:
         steps = [
