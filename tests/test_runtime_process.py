@@ -138,3 +138,17 @@ def test_reregistering_retires_old_workers(runtime: ProcessRuntime) -> None:
     assert wait_gone(old)
     assert runtime.invoke("f", {})["cold_start"] is True
     assert os.getpid() != old
+
+
+def test_cold_starts_report_their_init_time_apart_from_billed_time(
+    runtime: ProcessRuntime,
+) -> None:
+    runtime.register(spec("echo", "echo"))
+    runtime.invoke("echo", {"x": 1})  # a cold start
+    cold = runtime.stats("echo")
+    assert cold.cold_starts == 1 and cold.init_s > 0
+    runtime.invoke("echo", {"x": 2})  # warm: no init to add
+    warm = runtime.stats("echo")
+    assert warm.cold_starts == 1 and warm.init_s == cold.init_s
+    assert warm.billed_s > cold.billed_s
+    assert runtime.stats().init_s == warm.init_s  # the total sums it like every field

@@ -314,6 +314,7 @@ class ProcessRuntime:
                 worker.dispose()  # died while idle (killed from outside): not an invocation's crash
             fn.stats.cold_starts += 1
         argv = [sys.executable, "-m", "strato.services._worker", spec.name, spec.handler]
+        spawned = time.monotonic()
         proc = self._spawner.spawn([*argv, str(os.getpid())], worker_env(self.env, spec.env))
         worker = WorkerProcess(proc, generation)
         with self._lock:
@@ -324,6 +325,8 @@ class ProcessRuntime:
             raise WorkerGone("the runtime is closed")
         try:
             worker.wait_ready(time.monotonic() + max(_MIN_INIT_TIMEOUT_S, spec.timeout_s))
+            with self._lock:
+                fn.stats.init_s += time.monotonic() - spawned
         except WorkerInitFailed as failed:
             self._discard(fn, worker)
             raise RemoteFunctionError(spec.name, failed.fields, during="failed to load:") from None

@@ -44,6 +44,9 @@ class RuntimeStats:
     invocations: int = 0
     cold_starts: int = 0
     billed_s: float = 0.0  # function-seconds: sum of invocation durations
+    # cold starts' init (process start + handler import), which Lambda bills too since
+    # 2025; kept apart so that billed_s stays the invocations' own time
+    init_s: float = 0.0
     gb_s: float = 0.0  # billed_s weighted by each function's memory size in GB
     errors: int = 0
     timeouts: int = 0
