@@ -165,3 +165,28 @@ def mem_available() -> int:
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0))
 
+
+
+def tree_cpu_s() -> float:
+    """CPU seconds (user + system) of this process (every thread) and of every live
+    process descended from it (e.g. Runtime workers): what a round costs us when
+    taken before and after it. A descendant that exits in between loses its share."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo, seen = 0.0, [os.getpid()], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rpartition(b")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (OSError, ValueError, IndexError):
+            continue
+    return total

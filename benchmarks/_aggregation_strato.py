@@ -25,6 +25,7 @@ from _aggregation_common import (
     reset_peak_rss,
     sleep_until,
     status_kb,
+    tree_cpu_s,
 )
 from strato.aggregation import Cluster, RoundStats
 from strato.control import AutoscalerState, TreeShape, decide
@@ -118,10 +119,14 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                         shape, states[key] = decide(ctx, states[key])
                 else:
                     shape = TreeShape.of(int(config))
+                cpu_before = tree_cpu_s()
                 stats, t0, ready, result, lag, ingest_cores = _round(
                     cluster, round_no, shape, wl, bases, weights, schedule, batch,
                     str(cfg.get("acc_dtype", "F32")),
                 )
+                # every process of ours: ingest (the gateway's stand-in), dispatcher,
+                # node threads, aggregator workers
+                cpu_s = tree_cpu_s() - cpu_before
                 round_no += 1
                 worst_error = max(worst_error, max_rel_error(result.array, reference))
                 result.release()
@@ -149,6 +154,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                         "ingest_lag_s": lag,  # due → last update landed in shm
                         "ingest_cores": ingest_cores,
                         "billed_s": stats.billed_s,
+                        "cpu_s": cpu_s,
                         "busy_s": stats.busy_s,
                         "floor_s": floor_s,  # w @ S for this many updates, measured now
                         "invocations": stats.invocations,
@@ -176,7 +182,6 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         },
         "source_kb": source_kb,
         "rss_now_kb": status_kb("VmRSS"),
-        "bytes_copied": wl.clients * wl.params * 4,  # each update received into shm once
     }
 
 

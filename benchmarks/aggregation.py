@@ -9,14 +9,24 @@ Each system runs in a fresh child process (its own memory, its own peak RSS) on 
 same workload: synthetic float32 updates generated once outside the timed regions,
 integer weights, arrival times from a log-normal training-time distribution.
 Reported per system: completion latency (last update available → global model
-ready), total round time, billed function-seconds (reserved core-seconds for
-always-on servers: wall time × cores), peak RSS, bytes copied; medians of the
-repetitions. Every system's model is checked against the float64 weighted mean.
+ready), total round time, cost, peak RSS; medians of the repetitions (every system,
+Flower included, gets the same number). Cost: for strato every CPU-second of every
+process it runs (the ingest thread standing in for the gateway, the dispatcher, the
+aggregators); billed function-seconds (cold starts' init included) for naive
+functions; reserved core-seconds (wall × cores) for the always-on servers. Every
+system's model is checked against the float64 weighted mean.
+
+The always-on baselines: ``eager-server`` (the best design: adds each update as it
+lands, with our kernel) and ``serverful`` (adds everything after the last update,
+one ``w @ S``). Both pay their own ingest (a local TCP socket), as strato pays its own
+(a copy into shared memory).
 
 Top-level JSON keys (from the 100 × 10M configuration, or the main one of --tiny):
-speedup_vs_flower, speedup_vs_serverful, fraction_of_floor, cost_ratio_vs_serverful,
-peak_rss_ratio_1000_vs_10, autoscaler_gap (worst load level; per level under
-"autoscaler_sweep"), placement_cross_node_ratio.
+speedup_vs_eager_server, cost_ratio_vs_eager_server (the eager server's reserved
+core-seconds over a round plus ``--idle-s`` of waiting for the clients ÷ all our
+CPU-seconds in the round), speedup_vs_flower, flower_repetitions, speedup_vs_serverful,
+fraction_of_floor, cost_ratio_vs_serverful, peak_rss_ratio_1000_vs_10, autoscaler_gap
+(worst load level; per level under "autoscaler_sweep"), placement_cross_node_ratio.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from _aggregation_common import Workload, cpu_count, log, median, mem_available
 
 HERE = Path(__file__).resolve().parent
 M = 1_000_000
-SYSTEMS = ["strato", "flower", "serverful", "naive-serverless"]  # + floor, in serverful
+SYSTEMS = ["strato", "flower", "eager-server", "serverful", "naive-serverless"]  # + floor
 CHILD_PIDS: list[int] = []  # whose shared-memory segments must all be gone at the end
 
 
@@ -138,14 +148,16 @@ def measure(wl: Workload, args: argparse.Namespace, systems: list[str]) -> dict[
             if not flower_available():
                 out["flower"] = {"unavailable": "flwr is not installed"}
                 continue
-            # --quick: one measured call after the warm-up (each is ~4 s at 100 × 10M,
-            # over 100× strato's latency: more repetitions do not change the verdict)
-            reps = 1 if args.quick else args.reps
-            out["flower"] = run_child("flower", {**base, "reps": reps, "legacy": not args.quick})
+            # as many measured repetitions as every other system
+            out["flower"] = run_child("flower", {**base, "legacy": not args.quick})
+            out["flower"]["repetitions"] = args.reps
         elif system == "naive-serverless":
             # a fresh process per update: at 1000 clients one repetition is minutes
             reps = 1 if wl.clients >= 1000 else args.naive_reps
             out[system] = run_child(system, {**base, "reps": reps})
+        elif system == "eager-server":
+            acc = args.variants[0].split(":")[1]  # strato's accumulator precision
+            out[system] = run_child("serverful", {**base, "eager": True, "acc_dtype": acc})
         else:
             out[system] = run_child(system, base)
             if system == "serverful":
@@ -167,12 +179,12 @@ def summarize(cfg: dict[str, Any]) -> dict[str, Any]:
             rows[name] = {
                 "completion_s": median([r["completion_s"] for r in recs]),
                 "total_s": median([r["total_s"] for r in recs]),
-                "cost_s": median([r["billed_s"] for r in recs]),
-                "cost_kind": "billed function-s",
+                "cost_s": median([r["cpu_s"] for r in recs]),
+                "cost_kind": "CPU-s, every process",
+                "billed_s": median([r["billed_s"] for r in recs]),
                 "compute_s": median([r["busy_s"] for r in recs]),
                 "fraction_of_floor": median([r["floor_s"] / r["busy_s"] for r in recs]),
                 "peak_rss_mb": res["peak_rss_kb"]["total_minus_source"] / 1024,
-                "bytes_copied": res["bytes_copied"],
                 "max_rel_error": res["max_rel_error"],
                 "shapes": sorted({r["shape"]["leaves"] for r in recs}),
             }
@@ -186,24 +198,24 @@ def summarize(cfg: dict[str, Any]) -> dict[str, Any]:
                 "cost_s": (span + lat) * cpu_count(),
                 "cost_kind": "reserved core-s",
                 "peak_rss_mb": res["peak_rss_kb"] / 1024,
-                "bytes_copied": res["bytes_copied"]["inplace"],
                 "max_rel_error": variant["max_rel_error"],
+                "repetitions": len(variant["latency_s"]),
             }
             legacy = res["variants"].get("decode_all_then_aggregate")
             if legacy:
                 rows[name]["completion_legacy_s"] = median(legacy["latency_s"])
-        elif name in ("serverful", "naive-serverless"):
+        elif name in ("serverful", "eager-server", "naive-serverless"):
             recs = res["records"]
-            # the always-on server reserves its cores; naive functions are billed
-            cost_key, cost_kind = (("reserved_core_s", "reserved core-s") if name == "serverful"
-                                   else ("billed_s", "billed function-s"))
+            # the always-on servers reserve their cores; naive functions are billed
+            cost_key, cost_kind = (("billed_s", "billed function-s (init included)")
+                                   if name == "naive-serverless"
+                                   else ("reserved_core_s", "reserved core-s"))
             rows[name] = {
                 "completion_s": median([r["completion_s"] for r in recs]),
                 "total_s": median([r["total_s"] for r in recs]),
                 "cost_s": median([r[cost_key] for r in recs]),
                 "cost_kind": cost_kind,
                 "peak_rss_mb": res["peak_rss_kb"] / 1024,
-                "bytes_copied": res["bytes_copied"],
                 "max_rel_error": res["max_rel_error"],
             }
         elif name == "floor":
@@ -257,41 +269,48 @@ def sweep(args: argparse.Namespace, wl: Workload, medians: list[float]) -> list[
 def table(configs: list[dict[str, Any]]) -> str:
     lines = [
         "| clients | params | system | completion (s) | total (s) | cost (s) | cost kind "
-        "| peak RSS (MB) | bytes copied (MB) | max rel. error |",
-        "|---:|---:|---|---:|---:|---:|---|---:|---:|---:|",
+        "| peak RSS (MB) | max rel. error |",
+        "|---:|---:|---|---:|---:|---:|---|---:|---:|",
     ]
     for cfg in configs:
         wl = cfg["workload"]
         for name, why in cfg.get("skipped", {}).items():
             lines.append(f"| {wl['clients']} | {wl['params']:,} | {name} | not run: {why} "
-                         "| | | | | | |")
+                         "| | | | | |")
         for name, row in cfg["summary"].items():
             if name == "floor":
                 lines.append(
                     f"| {wl['clients']} | {wl['params']:,} | floor (w@S, 1 / all threads) "
-                    f"| {row['one_thread_s']:.4f} / {row['completion_s']:.4f} | | | | | "
+                    f"| {row['one_thread_s']:.4f} / {row['completion_s']:.4f} | | | | "
                     f"| {row['max_rel_error']:.1e} |"
                 )
                 continue
             lines.append(
                 f"| {wl['clients']} | {wl['params']:,} | {name} | {row['completion_s']:.4f} "
                 f"| {row['total_s']:.3f} | {row['cost_s']:.3f} | {row['cost_kind']} "
-                f"| {row['peak_rss_mb']:.0f} | {row['bytes_copied'] / 2**20:.0f} "
-                f"| {row['max_rel_error']:.1e} |"
+                f"| {row['peak_rss_mb']:.0f} | {row['max_rel_error']:.1e} |"
             )
     return "\n".join(lines)
 
 
-def headline(main: dict[str, Any]) -> dict[str, float | None]:
+def headline(main: dict[str, Any], idle_s: float, cores: int) -> dict[str, float | None]:
     rows = main["summary"]
     strato = rows["strato"]
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return None if a is None or not b else a / b
 
+    eager = rows.get("eager-server", {})
+    # the eager server's reservation over a round and the idle time around it
+    eager_reserved = (None if not eager else
+                      (eager["total_s"] + idle_s) * float(eager.get("cores", cores)))
     return {
+        "speedup_vs_eager_server": ratio(eager.get("completion_s"), strato["completion_s"]),
+        "cost_ratio_vs_eager_server": ratio(eager_reserved, strato["cost_s"]),
+        "idle_s": idle_s,
         "speedup_vs_flower": ratio(rows.get("flower", {}).get("completion_s"),
                                    strato["completion_s"]),
+        "flower_repetitions": rows.get("flower", {}).get("repetitions"),
         "speedup_vs_serverful": ratio(rows["serverful"]["completion_s"], strato["completion_s"]),
         # floor (w @ S, 1 thread) timed in strato's process right after each round,
         # over strato's kernel time that round (both core-seconds); median per round
@@ -338,6 +357,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="cores of the machine: the autoscaler's, and the server's reservation")
     ap.add_argument("--median-s", type=float, default=None, help="median training time")
     ap.add_argument("--sigma", type=float, default=0.35)
+    ap.add_argument("--idle-s", type=float, default=60.0,
+                    help="time between rounds an always-on server waits for its clients "
+                         "(their local training): part of its cost per round")
     ap.add_argument("--sweep-medians", default=None, help="comma list of median training times")
     ap.add_argument("--sweep-clients", type=int, default=None, help="default 100 (40 --quick)")
     ap.add_argument("--sweep-reps", type=int, default=None)
@@ -386,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         res["summary"] = summarize(res)
         configs.append(res)
     main_cfg = next(c for c in configs if Workload(**c["workload"]) == runs["main"])
-    out: dict[str, Any] = headline(main_cfg)
+    out: dict[str, Any] = headline(main_cfg, args.idle_s, args.cores)
 
     small, large = runs["rss"]
     rss: dict[int, Any] = {}
@@ -425,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     })
     text = table(configs)
     print(text)
-    for key in ("speedup_vs_flower", "speedup_vs_serverful", "fraction_of_floor",
+    for key in ("speedup_vs_eager_server", "cost_ratio_vs_eager_server", "speedup_vs_flower",
+                "flower_repetitions", "speedup_vs_serverful", "fraction_of_floor",
                 "fraction_of_floor_separate", "cost_ratio_vs_serverful",
                 "peak_rss_ratio_1000_vs_10", "autoscaler_gap", "placement_cross_node_ratio"):
         value = out[key]

@@ -13,6 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = [
+    "speedup_vs_eager_server",
+    "cost_ratio_vs_eager_server",
     "speedup_vs_flower",
     "speedup_vs_serverful",
     "fraction_of_floor",
@@ -41,7 +43,14 @@ def test_tiny_benchmark_writes_every_key_and_leaves_nothing(tmp_path: Path) -> N
     # every system computed the weighted mean
     (config,) = result["configurations"]
     systems = {name for name in config["summary"]}
-    assert {"strato", "serverful", "naive-serverless", "floor"} <= systems
+    assert {"strato", "eager-server", "serverful", "naive-serverless", "floor"} <= systems
+    # every process of ours is counted, and cold starts are billed
+    assert config["summary"]["strato"]["cost_kind"] == "CPU-s, every process"
+    assert config["summary"]["strato"]["cost_s"] > 0
+    naive = config["naive-serverless"]["records"]
+    assert all(r["init_s"] > 0 and r["billed_s"] > r["init_s"] for r in naive)
+    if result["flower_repetitions"] is not None:  # as many as every other system
+        assert config["summary"]["flower"]["repetitions"] == result["flower_repetitions"]
     for name, row in config["summary"].items():
         assert row["max_rel_error"] < 1e-5, name
     assert result["placement"]["best-fit"]["measured_cross_node_bytes"] == \
