@@ -149,7 +149,30 @@ def inference_compare() -> str:
     return "\n".join(lines)
 
 
+def sparsity() -> str:
+    d = _load("sparsity", "full", "sparsity.json")
+    part = next(k for k in d["results"] if k.startswith("dirichlet"))
+    res, eta = d["results"][part], d["config"]["eta"]
+    labels = {
+        "fedavg": "FedAvg",
+        "topk": "top-k 10 % + error feedback",
+        "cs50": f"CS s=0.5, η={eta:g}",
+        "cs70": f"CS s=0.7, η={eta:g}",
+        "cs90": f"CS s=0.9, η={eta:g}",
+        "combined": "combined (CS + 4-bit + zstd + kept updates, η=1.5)",
+    }
+    base = res["fedavg"]["bytes_total"]
+    lines = ["| method | final accuracy | MB up | MB down | MB total | FedAvg ÷ method |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for key, m in res.items():
+        lines.append(_row([labels.get(key, key), f"{m['final_accuracy']:.4f}",
+                           f"{m['bytes_up'] / 1e6:.2f}", f"{m['bytes_down'] / 1e6:.2f}",
+                           f"{m['bytes_total'] / 1e6:.2f}", f"{base / m['bytes_total']:.2f}×"]))
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
+    "sparsity": sparsity,
     "primitives": primitives,
     "aggregation-quick": aggregation_quick,
     "round-path": round_path,
