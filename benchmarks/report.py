@@ -68,11 +68,19 @@ def primitives() -> str:
     return "\n".join(lines)
 
 
-def aggregation_quick() -> str:
+def _aggregation(name: str) -> str:
     sys.path.insert(0, str(HERE))
     from aggregation import table
 
-    return table(_load("aggregation", "quick.json")["configurations"])
+    return table(_load("aggregation", name)["configurations"])
+
+
+def aggregation_quick() -> str:
+    return _aggregation("quick.json")
+
+
+def aggregation_full() -> str:
+    return _aggregation("full.json")
 
 
 def round_path() -> str:
@@ -175,6 +183,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "sparsity": sparsity,
     "primitives": primitives,
     "aggregation-quick": aggregation_quick,
+    "aggregation-full": aggregation_full,
     "round-path": round_path,
     "inference-compare": inference_compare,
 }
