@@ -116,6 +116,21 @@ def _recv_into(sock: socket.socket, view: memoryview) -> None:
 FLOOR = 0xFFFFFFFF  # a frame asking the server to time the floor
 
 
+def _check_size(nbytes: int, params: int) -> None:
+    if nbytes != params * 4:
+        raise ConnectionError(f"update of {nbytes} bytes, expected {params * 4}")
+
+
+def _send_round(conn: socket.socket, first: float, last: float, ready: float,
+                result: Any) -> None:
+    """A round's timings (and the server's peak RSS), then the model itself."""
+    reply = json.dumps(
+        {"first": first, "last": last, "ready": ready, "hwm_kb": peak_rss_kb()}
+    ).encode()
+    conn.sendall(struct.pack("<I", len(reply)) + reply)
+    conn.sendall(memoryview(result).cast("B"))
+
+
 def _time_floor(stacked: Any, weights: Any, result: Any, cfg: dict[str, Any]) -> dict[str, Any]:
     """The floor: ``w @ S`` on the very updates the server holds stacked, 1 BLAS thread
     and all of them, timed in the server process (no second copy of the updates)."""
@@ -158,19 +173,14 @@ def serve_eager(cfg: dict[str, Any], server: socket.socket) -> None:
                 if k:
                     _recv_into(conn, memoryview(head))
                 _, w, nbytes = FRAME.unpack(head)
-                if nbytes != wl.params * 4:
-                    raise ConnectionError(f"update of {nbytes} bytes, expected {wl.params * 4}")
+                _check_size(nbytes, wl.params)
                 _recv_into(conn, memoryview(buf).cast("B"))
                 last = time.monotonic()
                 accumulate(acc, [(buf, w)], fresh=k == 0)
                 total += w
             accumulate(acc, [], fresh=False, scale=1.0 / total, out=result)
             ready = time.monotonic()
-            reply = json.dumps(
-                {"first": first, "last": last, "ready": ready, "hwm_kb": peak_rss_kb()}
-            ).encode()
-            conn.sendall(struct.pack("<I", len(reply)) + reply)
-            conn.sendall(memoryview(result).cast("B"))
+            _send_round(conn, first, last, ready, result)
 
 
 def serve(cfg: dict[str, Any]) -> None:
@@ -202,18 +212,13 @@ def serve(cfg: dict[str, Any]) -> None:
                 if k:
                     _recv_into(conn, memoryview(head))
                 i, w, nbytes = FRAME.unpack(head)
-                if nbytes != wl.params * 4:
-                    raise ConnectionError(f"update of {nbytes} bytes, expected {wl.params * 4}")
+                _check_size(nbytes, wl.params)
                 weights[i] = w
                 _recv_into(conn, memoryview(stacked[i]).cast("B"))
             last = time.monotonic()
             np.matmul((weights / weights.sum()).astype(F32), stacked, out=result)
             ready = time.monotonic()
-            reply = json.dumps(
-                {"first": first, "last": last, "ready": ready, "hwm_kb": peak_rss_kb()}
-            ).encode()
-            conn.sendall(struct.pack("<I", len(reply)) + reply)
-            conn.sendall(memoryview(result).cast("B"))
+            _send_round(conn, first, last, ready, result)
 
 
 def run_serverful(cfg: dict[str, Any]) -> dict[str, Any]:

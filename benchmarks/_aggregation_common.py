@@ -167,26 +167,43 @@ def cpu_count() -> int:
 
 
 
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def stat_tail(path: str) -> list[bytes] | None:
+    """The fields of a stat file after the command name (field 3, ``state``, first)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    return raw[raw.rfind(b")") + 2 :].split()
+
+
+def cpu_s(stat_path: str) -> float | None:
+    """utime + stime of a process (``/proc/P/stat``) or thread (``/proc/P/task/T/stat``)."""
+    tail = stat_tail(stat_path)
+    if tail is None:
+        return None
+    return (int(tail[11]) + int(tail[12])) / CLK_TCK  # fields 14 and 15
+
+
 def tree_cpu_s() -> float:
     """CPU seconds (user + system) of this process (every thread) and of every live
     process descended from it (e.g. Runtime workers): what a round costs us when
     taken before and after it. A descendant that exits in between loses its share."""
-    import os
-
-    tick = os.sysconf("SC_CLK_TCK")
     total, todo, seen = 0.0, [os.getpid()], set()
     while todo:
         pid = todo.pop()
         if pid in seen:
             continue
         seen.add(pid)
+        total += cpu_s(f"/proc/{pid}/stat") or 0.0
         try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().rpartition(b")")[2].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
             for task in os.listdir(f"/proc/{pid}/task"):
                 with open(f"/proc/{pid}/task/{task}/children") as f:
                     todo += [int(c) for c in f.read().split()]
-        except (OSError, ValueError, IndexError):
+        except (OSError, ValueError):
             continue
     return total

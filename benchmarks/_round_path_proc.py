@@ -30,30 +30,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+from _aggregation_common import cpu_s, stat_tail
+
 WORKER_MODULE = b"strato.services._worker"
 AGG_FUNCTIONS = ("aggregate", "close_round")
 AGG_PREFIXES = ("lifl.",)
 THREAD_PREFIXES = ("trigger updates", "lifl-", "strato-invoke-aggregate",
                    "strato-invoke-close_round", "strato-invoke-lifl.")
-
-
-def _stat_tail(path: str) -> list[bytes] | None:
-    """The fields of a stat file after the command name (field 3, ``state``, first)."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    return raw[raw.rfind(b")") + 2 :].split()
-
-
-def cpu_s(stat_path: str) -> float | None:
-    """utime + stime of a process (``/proc/P/stat``) or thread (``/proc/P/task/T/stat``)."""
-    tail = _stat_tail(stat_path)
-    if tail is None:
-        return None
-    return (int(tail[11]) + int(tail[12])) / CLK_TCK  # fields 14 and 15
 
 
 MEMORY_FIELDS = (b"VmHWM", b"VmRSS", b"RssAnon", b"RssFile", b"RssShmem")
@@ -165,7 +148,7 @@ class PathMonitor:
         parent: dict[int, int] = {}
         for name in os.listdir("/proc"):
             if name.isdigit():
-                tail = _stat_tail(f"/proc/{name}/stat")
+                tail = stat_tail(f"/proc/{name}/stat")
                 if tail is not None:
                     parent[int(name)] = int(tail[1])
         me, out = os.getpid(), {}

@@ -37,6 +37,7 @@ from strato.codec import decode
 from strato.errors import ConfigError
 from strato.params import Layout, Params
 from strato.strategy import make_strategy
+from strato.strategy._kernels import _readonly as readonly
 from strato.strategy.complement import (
     ComplementConfig,
     kernel_positions,
@@ -232,7 +233,7 @@ class RoundAggregator:
         self.strategy.load_state_dict(state)
         # read-only views, no copies: a server step makes its own output (FedAvg's is
         # the mean itself), and 40 MB of fresh memory costs more than the step
-        new = self.strategy.step(_readonly(global_flat), _readonly(mean))
+        new = self.strategy.step(_f32_readonly(global_flat), _f32_readonly(mean))
         return new, self.strategy.state_dict()
 
     def robust_step(
@@ -246,7 +247,7 @@ class RoundAggregator:
         if reduced is None or updates < max(1, self.min_updates):
             return np.array(global_flat, dtype=np.float32), state
         self.strategy.load_state_dict(state)
-        new = self.strategy.step(_readonly(global_flat), _readonly(reduced))
+        new = self.strategy.step(_f32_readonly(global_flat), _f32_readonly(reduced))
         return new, self.strategy.state_dict()
 
     def _complement_step(self, w_s: F32, mean: npt.NDArray[Any]) -> F32:
@@ -273,8 +274,6 @@ class RoundAggregator:
         return self.wire.encode_download(model, first=False, seed=seed).payload
 
 
-def _readonly(flat: npt.NDArray[Any]) -> F32:
+def _f32_readonly(flat: npt.NDArray[Any]) -> F32:
     """``flat`` as float32 (a copy only when it is not), viewed read-only."""
-    view = np.asarray(flat, dtype=np.float32).view()
-    view.flags.writeable = False
-    return view
+    return readonly(np.asarray(flat, dtype=np.float32))
