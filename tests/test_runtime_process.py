@@ -152,3 +152,25 @@ def test_cold_starts_report_their_init_time_apart_from_billed_time(
     assert warm.cold_starts == 1 and warm.init_s == cold.init_s
     assert warm.billed_s > cold.billed_s
     assert runtime.stats().init_s == warm.init_s  # the total sums it like every field
+
+
+def test_queued_invocations_take_freed_slots_first_come_first_served(
+    runtime: ProcessRuntime,
+) -> None:
+    runtime.register(spec("nap", "nap", max_concurrency=1))
+    fn = runtime._functions["nap"]
+    holder = runtime.invoke_async("nap", {"seconds": 0.5})
+    deadline = time.monotonic() + 10
+    while fn.running == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    queued = []
+    for i in range(12):  # each one queued (a waiter) before the next is submitted
+        queued.append(runtime.invoke_async("nap", {"seconds": 0}))
+        while len(fn.waiters) <= i and time.monotonic() < deadline:
+            time.sleep(0.001)
+    assert len(fn.waiters) == 12 and fn.running == 1
+    holder.result(timeout=30)
+    starts = [f.result(timeout=30)["start"] for f in queued]
+    assert starts == sorted(starts)
+    assert fn.running == 0 and not fn.waiters
+    assert runtime.stats("nap").invocations == 13

@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import Future
 from typing import Any
@@ -81,6 +82,10 @@ class _Function:
         self.idle: list[WorkerProcess] = []  # LIFO, so the extras age out and get reaped
         self.busy: set[WorkerProcess] = set()
         self.running = 0
+        # invocations waiting for a slot, first come first served: a freed slot is
+        # handed to the oldest one alone (waking every waiter on every release made
+        # dispatch quadratic in the number of queued invocations)
+        self.waiters: deque[threading.Event] = deque()
         self.stats = RuntimeStats()
 
 
@@ -110,7 +115,6 @@ class ProcessRuntime:
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         self.env: dict[str, str] = dict(env or {})
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)  # a slot was freed, or we closed
         self._functions: dict[str, _Function] = {}
         self._closed = False
         self._spawner = Spawner()
@@ -134,7 +138,7 @@ class ProcessRuntime:
             fn.spec = spec  # new code or settings: running invocations finish on old workers
             fn.generation += 1
             stale, fn.idle = fn.idle, []
-            self._changed.notify_all()  # max_concurrency may have grown
+            self._grant(fn)  # max_concurrency may have grown
         retire_all(stale)
 
     def invoke(self, name: str, event: Mapping[str, Any]) -> Any:
@@ -179,7 +183,9 @@ class ProcessRuntime:
             busy = [w for fn in self._functions.values() for w in fn.busy]
             for fn in self._functions.values():
                 fn.idle = []
-            self._changed.notify_all()
+                for waiter in fn.waiters:
+                    waiter.set()  # it wakes, finds the runtime closed and raises
+                fn.waiters.clear()
         self._reaper_wake.set()
         for worker in busy:
             worker.terminate()  # its invocation thread sees EOF and disposes of it
@@ -240,18 +246,40 @@ class ProcessRuntime:
         finally:
             with self._lock:
                 fn.running -= 1
-                self._changed.notify_all()
+                self._grant(fn)
 
     def _take_slot(self, name: str) -> _Function:
+        """A slot of ``name``'s concurrency: at once if one is free and nobody waits,
+        else in arrival order, handed over by the invocation that frees it."""
         with self._lock:
-            while True:
-                self._ensure_open()
-                fn = self._function(name)
-                if fn.running < fn.spec.max_concurrency:
-                    fn.running += 1
-                    fn.stats.invocations += 1
-                    return fn
-                self._changed.wait()
+            self._ensure_open()
+            fn = self._function(name)
+            if fn.running < fn.spec.max_concurrency and not fn.waiters:
+                fn.running += 1
+                fn.stats.invocations += 1
+                return fn
+            turn = threading.Event()
+            fn.waiters.append(turn)
+        try:
+            turn.wait()
+        except BaseException:  # e.g. Ctrl-C in a synchronous invoke: give the turn back
+            with self._lock:
+                if turn in fn.waiters:
+                    fn.waiters.remove(turn)
+                elif not self._closed:  # the slot was already ours: pass it on
+                    fn.running -= 1
+                    self._grant(fn)
+            raise
+        with self._lock:
+            self._ensure_open()
+            fn.stats.invocations += 1  # the releaser counted the slot in fn.running
+            return fn
+
+    def _grant(self, fn: _Function) -> None:
+        """Hand free slots to the oldest waiters (caller holds the lock)."""
+        while fn.waiters and fn.running < fn.spec.max_concurrency:
+            fn.running += 1
+            fn.waiters.popleft().set()
 
     def _attempt(self, fn: _Function, invocation_id: str, body: bytes) -> Any:
         worker, spec = self._acquire_worker(fn)
