@@ -8,6 +8,7 @@ dataset in its worker once, keeps it warm, and takes its own rows.
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,10 @@ PARTITION_KEY = "job/partition.safetensors"
 TEST_CLIENT = "__test__"
 
 _cache: dict[str, Any] = {}
+# The decoded partition per (services, key): a warm worker serves many clients, and
+# decoding the partition (a header entry per client) for each of them made a round
+# quadratic in the number of clients. The blob is written once, when the job is set up.
+_partitions: dict[tuple[int, str], tuple[weakref.ref[Services], Params]] = {}
 
 
 @dataclass(frozen=True)
@@ -72,5 +77,14 @@ def load_job_data(svc: Services, job: dict[str, Any], client: str) -> Dataset:
     info = DataInfo(job["dataset"], tuple(job["input_shape"]), int(job["num_classes"]))
     if client == TEST_CLIENT:
         return Dataset(ds.test_x, ds.test_y, info)
-    idx = np.array(decode(svc.blobs.get(job["partition_key"]))[client])
+    idx = np.array(_partition(svc, str(job["partition_key"]))[client])
     return Dataset(ds.train_x[idx], ds.train_y[idx], info)
+
+
+def _partition(svc: Services, key: str) -> Params:
+    hit = _partitions.get((id(svc), key))
+    if hit is not None and hit[0]() is svc:
+        return hit[1]
+    parts = decode(svc.blobs.get(key))
+    _partitions[(id(svc), key)] = (weakref.ref(svc), parts)
+    return parts

@@ -14,6 +14,7 @@ bus on the same file) and notice another process's publish by a cheap read every
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import threading
@@ -72,6 +73,13 @@ class _Waker:
         with self.cond:
             self.generation += 1
             self.cond.notify_all()
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_filter(text: str | None) -> Filter | None:
+    """A subscription's filter policy, parsed once: a publish to a topic with a
+    subscription per client tests every one of them."""
+    return json.loads(text) if text else None
 
 
 _WAKERS: dict[str, _Waker] = {}
@@ -165,7 +173,7 @@ class SqliteBus:
             rows = conn.execute(
                 "SELECT queue, filter FROM subscriptions WHERE topic = ?", (topic,)
             ).fetchall()
-            targets = [q for q, f in rows if matches_filter(json.loads(f) if f else None, attrs)]
+            targets = [q for q, f in rows if matches_filter(_parsed_filter(f), attrs)]
             conn.executemany(
                 "INSERT INTO messages (queue, id, body, attributes, visible_at) "
                 "VALUES (?, ?, ?, ?, 0)",
