@@ -153,6 +153,13 @@ def log(message: str) -> None:
     print(f"[{time.monotonic() - _STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
+def write_results(path: Any, record: dict[str, Any]) -> None:
+    """A benchmark's results JSON (its directory made if needed), and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    log(f"wrote {path}")
+
+
 def mem_available() -> int:
     """MemAvailable from /proc/meminfo, in bytes (0 if unknown)."""
     with open("/proc/meminfo") as f:

@@ -1,6 +1,8 @@
 """Data, model and local training for the sparsity benchmark.
 
-A private minimal MNIST loader and the two partitioners, so the benchmark runs on its
+A private minimal MNIST loader, a stratified validation split carved from the
+training set (every setting of the benchmark is chosen on it; the test set is
+scored once, at the end), and the two partitioners, so the benchmark runs on its
 own; the model is the CS paper's FEMNIST CNN shape adapted to 10 classes and 28×28
 inputs (3×3 convolutions without padding: conv32–pool–conv64–conv64–pool–dense100–
 dense10, 159,254 parameters).
@@ -34,6 +36,29 @@ class Dataset:
     x_test: torch.Tensor
     y_test: npt.NDArray[np.int64]
     name: str
+    # rows of x_train the clients share, and the rows held out for validation
+    train_idx: npt.NDArray[np.int64] | None = None
+    val_idx: npt.NDArray[np.int64] | None = None
+
+    def __post_init__(self) -> None:
+        if self.train_idx is None or self.val_idx is None:
+            self.train_idx, self.val_idx = hold_out(self.y_train, VALIDATION_FRACTION, seed=0)
+
+
+VALIDATION_FRACTION = 0.1  # of the training set: 6,000 MNIST images
+
+
+def hold_out(labels: npt.NDArray[np.int64], fraction: float,
+             seed: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """(train rows, validation rows): ``fraction`` of each class held out, fixed seed."""
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        val.append(members[: max(1, round(fraction * members.size))])
+    is_val = np.zeros(labels.size, dtype=bool)
+    is_val[np.concatenate(val)] = True
+    return np.flatnonzero(~is_val).astype(np.int64), np.flatnonzero(is_val).astype(np.int64)
 
 
 def _idx(path: Path) -> npt.NDArray[np.uint8]:
@@ -157,6 +182,7 @@ class Trainer:
         self.data = data
         self.config = config
         self.model = CNN(config.fast_model).to(memory_format=torch.channels_last)
+        self._val: tuple[torch.Tensor, npt.NDArray[np.int64]] | None = None
 
     def initial(self, seed: int) -> Params:
         torch.manual_seed(seed)
@@ -195,16 +221,28 @@ class Trainer:
                 opt.step()
         return Params.from_state_dict(self.model.state_dict())
 
-    def accuracy(self, params: Params, limit: int | None = None) -> float:
-        """Test accuracy on the first ``limit`` test images (all when None)."""
+    def accuracy(self, params: Params, limit: int | None = None,
+                 split: str = "validation") -> float:
+        """Accuracy on the first ``limit`` images (all when None) of the validation
+        split (held out of the training set) or of the test set."""
+        if split == "validation":
+            assert self.data.val_idx is not None
+            if self._val is None:
+                rows = torch.from_numpy(self.data.val_idx)
+                self._val = (self.data.x_train[rows], self.data.y_train[self.data.val_idx])
+            x, y = self._val
+        elif split == "test":
+            x, y = self.data.x_test, self.data.y_test
+        else:
+            raise ValueError(f"unknown split {split!r}")
         self.model.load_state_dict(params.to_state_dict())
         self.model.eval()
-        n = len(self.data.y_test) if limit is None else min(limit, len(self.data.y_test))
+        n = len(y) if limit is None else min(limit, len(y))
         correct = 0
         with torch.inference_mode():
             for start in range(0, n, 500):
                 stop = min(start + 500, n)
-                batch = self.data.x_test[start:stop].contiguous(memory_format=torch.channels_last)
+                batch = x[start:stop].contiguous(memory_format=torch.channels_last)
                 predicted = self.model(batch).argmax(1).numpy()
-                correct += int((predicted == self.data.y_test[start:stop]).sum())
+                correct += int((predicted == y[start:stop]).sum())
         return correct / n

@@ -3,6 +3,8 @@
 Every method works through real payloads: the server encodes one download blob per
 round (every selected client fetches it), each client decodes it, trains, encodes
 its upload, and the server decodes the uploads. Byte counts are ``len(payload)``.
+``client_model(rnd)`` is the model the clients decode from the download that follows
+round ``rnd``: accuracy is scored on it, not on the server's float32 record.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy.typing as npt
 from _complement_server import ComplementServer
 from _topk import TopKCompressor, apply_sparse_updates
 from strato import codec
-from strato.codec import WireFormat, decode_values, encode_values
+from strato.codec import WireFormat, decode_values, encode_params, encode_values
 from strato.params import Params
 from strato.strategy.complement import ComplementConfig, decode_download
 from strato.strategy.complement_wire import ComplementWire
@@ -64,6 +66,45 @@ class FedAvg:
 
     def model(self) -> Params:
         return self.global_model
+
+    def client_model(self, rnd: int) -> Params:
+        return self.global_model  # the dense download is lossless
+
+
+class QuantizedFedAvg(FedAvg):
+    """FedAvg with per-layer ``bits``-bit quantization (stochastic rounding) and zstd
+    both ways, through the same codec as the combined mode: the download is the
+    quantized global model, the upload the quantized delta against what the client
+    decoded; the server adds the mean delta to that decoded model (its float32 record
+    keeps no error the clients do not see)."""
+
+    def __init__(self, initial: Params, seed: int, bits: int = 4, zstd: int = 19) -> None:
+        super().__init__(initial, seed)
+        self.seed, self.fmt = seed, WireFormat(bits=bits, zstd_level=zstd or None)
+        self.base = initial.copy()
+
+    def _encode_model(self, rnd: int) -> bytes:
+        return encode_params(self.global_model, None, self.fmt, _seed(self.seed, rnd)).payload
+
+    def download(self, rnd: int) -> bytes:
+        payload = self._encode_model(rnd)
+        self.base = self.receive(payload).params  # the server adopts what clients decode
+        return payload
+
+    def receive(self, payload: bytes) -> Received:
+        return Received(decode_values(payload, expect=self.global_model.layout).to_params())
+
+    def upload(self, client: int, rnd: int, got: Received, trained: Params) -> bytes:
+        delta = trained.flat("F32") - got.params.flat("F32")
+        return encode_values(trained.layout, delta, None, self.fmt,
+                             _seed(self.seed, rnd, client)).payload
+
+    def aggregate(self, rnd: int, uploads: list[tuple[bytes, int]]) -> None:
+        rows = [(decode_values(p, expect=self.global_model.layout).values, n) for p, n in uploads]
+        self.global_model.flat()[:] = self.base.flat("F32") + _weighted_mean(rows)
+
+    def client_model(self, rnd: int) -> Params:
+        return self.receive(self._encode_model(rnd + 1)).params
 
 
 class TopK(FedAvg):
@@ -131,6 +172,11 @@ class Complement:
     def model(self) -> Params:
         return self.server.model
 
+    def client_model(self, rnd: int) -> Params:
+        first = self.server.keep is None  # no round has aggregated yet
+        payload = self.wire.encode_download(self.server.model, first, _seed(self.seed, rnd + 1))
+        return decode_download(payload.payload)
+
 
 def combined(initial: Params, seed: int, sparsity: float = 0.5, eta: float = 1.5,
              down: int = 4, up: int = 4, first: int = 8, zstd: int = 19,
@@ -149,10 +195,12 @@ def combined(initial: Params, seed: int, sparsity: float = 0.5, eta: float = 1.5
     ), kept_rate=kept or None)
 
 
-Method = FedAvg | Complement
+Method = FedAvg | QuantizedFedAvg | Complement
 
 METHODS: dict[str, Callable[..., Method]] = {
     "fedavg": FedAvg,
+    "fedavg_q8": lambda p, s, **kw: QuantizedFedAvg(p, s, **{"bits": 8, **kw}),
+    "fedavg_q4": lambda p, s, **kw: QuantizedFedAvg(p, s, **{"bits": 4, **kw}),
     "topk": TopK,
     "cs50": lambda p, s, **kw: Complement(p, s, sparsity=0.5, **kw),
     "cs70": lambda p, s, **kw: Complement(p, s, sparsity=0.7, **kw),

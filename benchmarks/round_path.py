@@ -52,7 +52,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _aggregation_common import cpu_count, emit, log, median, mem_available
+from _aggregation_common import cpu_count, emit, log, median, mem_available, write_results
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "round_path"
@@ -491,9 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = ", ".join(f"{k} {v:.0f}s" for k, v in out["wall_s_by_part"].items())
     print(f"wall {out['wall_s']:.0f}s ({parts}); load average at start "
           f"{[round(x, 2) for x in machine['loadavg_at_start']]}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(out, indent=1))
-    log(f"wrote {args.json}")
+    write_results(args.json, out)
     return 0
 
 
