@@ -157,30 +157,123 @@ def inference_compare() -> str:
     return "\n".join(lines)
 
 
-def sparsity() -> str:
-    d = _load("sparsity", "full", "sparsity.json")
-    part = next(k for k in d["results"] if k.startswith("dirichlet"))
+SPARSITY_LABELS = {
+    "fedavg": "FedAvg (float32)",
+    "fedavg_q8": "FedAvg + 8-bit + zstd",
+    "fedavg_q4": "FedAvg + 4-bit + zstd",
+    "topk": "top-k 10 % + error feedback",
+    "cs50": "CS s=0.5",
+    "cs70": "CS s=0.7",
+    "cs90": "CS s=0.9",
+    "combined": "combined (CS + 4-bit + zstd + kept updates)",
+}
+
+
+def _sparsity_rows(d: dict[str, Any], part: str) -> str:
+    """One partition's table: validation accuracy (every choice was made on it) and the
+    test accuracy of the final model the clients decode, scored once."""
     res, eta = d["results"][part], d["config"]["eta"]
-    labels = {
-        "fedavg": "FedAvg",
-        "topk": "top-k 10 % + error feedback",
-        "cs50": f"CS s=0.5, η={eta:g}",
-        "cs70": f"CS s=0.7, η={eta:g}",
-        "cs90": f"CS s=0.9, η={eta:g}",
-        "combined": "combined (CS + 4-bit + zstd + kept updates, η=1.5)",
-    }
     base = res["fedavg"]["bytes_total"]
-    lines = ["| method | final accuracy | MB up | MB down | MB total | FedAvg ÷ method |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| method | setting | val acc | test acc (once) | MB up | MB down | MB total "
+             "| FedAvg ÷ method |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for key, m in res.items():
-        lines.append(_row([labels.get(key, key), f"{m['final_accuracy']:.4f}",
+        spec = m.get("spec", key)
+        setting = (f"η={eta:g}" if key.startswith("cs") else
+                   spec.partition(":")[2].replace(",", ", ") if ":" in spec else "")
+        lines.append(_row([SPARSITY_LABELS.get(key, key), setting,
+                           f"{m['final_val_accuracy']:.4f}", f"{m['final_accuracy']:.4f}",
                            f"{m['bytes_up'] / 1e6:.2f}", f"{m['bytes_down'] / 1e6:.2f}",
                            f"{m['bytes_total'] / 1e6:.2f}", f"{base / m['bytes_total']:.2f}×"]))
     return "\n".join(lines)
 
 
+def sparsity_quick() -> str:
+    d = _load("sparsity", "sparsity.json")
+    return _sparsity_rows(d, next(iter(d["results"])))
+
+
+def sparsity_full_dirichlet() -> str:
+    d = _load("sparsity", "full", "sparsity.json")
+    return _sparsity_rows(d, next(k for k in d["results"] if k.startswith("dirichlet")))
+
+
+def sparsity_full_shards() -> str:
+    return _sparsity_rows(_load("sparsity", "full", "sparsity.json"), "shards")
+
+
+def sparsity_tuning() -> str:
+    d = _load("sparsity", "tuning.json")
+    chosen = d["chosen"]
+    lines = ["| stage | method | local training | validation accuracy | chosen |",
+             "|---|---|---|---:|---|"]
+    for c in d["candidates"]:
+        args = dict(zip(c["args"][::2], c["args"][1::2], strict=True))
+        local = (f"lr {args.get('--lr')}, batch {args.get('--batch-size')}, "
+                 f"≤{args.get('--local-steps')} steps")
+        method = c["method"] + (f", η={args['--eta']}" if "--eta" in args else "")
+        picked = ((c["method"] == "cs50" and float(args.get("--eta", -1)) == chosen["eta"])
+                  or c["method"] == chosen["combined"]
+                  or (c["method"] == "fedavg" and float(args["--lr"]) == chosen["lr"]
+                      and int(args["--batch-size"]) == chosen["batch_size"]
+                      and int(args["--local-steps"]) == chosen["local_steps"]))
+        if c["method"] == "cs50" and picked:  # CS takes the chosen local training too
+            picked = float(args["--lr"]) == chosen["lr"]
+        lines.append(_row([c["stage"], method, local, f"{c['val_accuracy']:.4f}",
+                           "yes" if picked else ""]))
+    return "\n".join(lines)
+
+
+def fl_example() -> str:
+    d = _load("fl_example", "runs.json")
+    lines = ["| partition | accuracy after round 5 / 10 / 15 / 20 | final loss | wall | "
+             "CPU (user + sys) | bytes up / down | function-s | cold starts "
+             "| aggregation latency per round |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in d["runs"]:
+        accs = [f"{a:.4f}" for a in r["accuracy_at"].values()]
+        accs[-1] = f"**{accs[-1]}**"
+        lat = r["aggregation_latency_s"]
+        lines.append(_row([
+            r["partition"], " / ".join(accs), f"{r['final_loss']:.3f}", f"{r['wall_s']:.1f} s",
+            f"{r['cpu_s']:.0f} s", f"{r['bytes_up'] / 1e6:.1f} MB / {r['bytes_down'] / 1e6:.1f} MB",
+            f"{r['function_seconds']:.0f}", str(r["cold_starts"]),
+            f"{min(lat) * 1e3:.0f}–{max(lat) * 1e3:.0f} ms"]))
+    return "\n".join(lines)
+
+
+def vs_flower() -> str:
+    d = _load("vs_flower", "quick.json")
+    lines = ["| system | final accuracy | wall (s) | overhead / round (s) "
+             "| beyond training / round (s) | peak memory, all processes (PSS, MB) "
+             "| MB up | MB down |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for system, label in (("strato", "Strato (`strato run`)"),
+                          ("flower", f"Flower {d['versions']['flwr']} simulation (Ray "
+                                     f"{d['versions']['ray']})")):
+        lines.append(_row([label, f"{d[f'{system}_final_accuracy']:.4f}",
+                           f"{d[f'{system}_wall_s']:.1f}",
+                           f"{d[f'{system}_overhead_s_per_round']:.3f}",
+                           f"{d[f'{system}_overhead_beyond_training_s_per_round']:.3f}",
+                           f"{d[f'{system}_peak_pss_mb']:.0f}",
+                           f"{d[f'{system}_bytes_up'] / 1e6:.1f}",
+                           f"{d[f'{system}_bytes_down'] / 1e6:.1f}"]))
+    lines += ["", "| key | value | target | met |", "|---|---:|---|---|"]
+    for key, t in d["targets"].items():
+        lines.append(_row([f"`{key}`", f"{t['value']:.4f}", t["target"],
+                           "yes" if t["met"] else "NO"]))
+    lines.append(_row(["`overhead_beyond_training_ratio` (context)",
+                       f"{d['overhead_beyond_training_ratio']:.4f}", "", ""]))
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
-    "sparsity": sparsity,
+    "vs-flower": vs_flower,
+    "fl-example": fl_example,
+    "sparsity-quick": sparsity_quick,
+    "sparsity-full-dirichlet": sparsity_full_dirichlet,
+    "sparsity-full-shards": sparsity_full_shards,
+    "sparsity-tuning": sparsity_tuning,
     "primitives": primitives,
     "aggregation-quick": aggregation_quick,
     "aggregation-full": aggregation_full,
