@@ -211,6 +211,9 @@ OWNER_SCRIPT = textwrap.dedent(
     """
     import signal, sys, time
     from strato.services.shm import ShmPool
+    # A process started under nohup inherits SIGHUP ignored, and then the pool rightly
+    # leaves SIGHUP alone; this owner stands for one that a hang-up would kill.
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     if sys.argv[1] == "dfl":
         signal.signal(signal.SIGINT, signal.SIG_DFL)
     pool = ShmPool()
@@ -375,3 +378,24 @@ def test_a_new_pool_sweeps_orphans_but_not_live_owners(pool: ShmPool) -> None:
         alive.communicate(timeout=30)
     assert not any(exists(n) for n in alive_names)
     mine.release()
+
+
+def test_a_hang_up_ignored_by_the_parent_stays_ignored() -> None:
+    """Under nohup SIGHUP arrives ignored: the pool must not turn it into a kill."""
+    script = textwrap.dedent(
+        """
+        import os, signal
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        from strato.services.shm import ShmPool
+        pool = ShmPool()
+        lease = pool.lease(100)
+        os.kill(os.getpid(), signal.SIGHUP)
+        print(signal.getsignal(signal.SIGHUP) == signal.SIG_IGN, pool.segment_names, flush=True)
+        lease.release()
+        pool.close()
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("True ['strato-"), proc.stdout
