@@ -211,9 +211,6 @@ OWNER_SCRIPT = textwrap.dedent(
     """
     import signal, sys, time
     from strato.services.shm import ShmPool
-    # A process started under nohup inherits SIGHUP ignored, and then the pool rightly
-    # leaves SIGHUP alone; this owner stands for one that a hang-up would kill.
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     if sys.argv[1] == "dfl":
         signal.signal(signal.SIGINT, signal.SIG_DFL)
     pool = ShmPool()
