@@ -154,8 +154,22 @@ def log(message: str) -> None:
     print(f"[{time.monotonic() - _STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
+def provenance() -> dict[str, Any]:
+    """When and where a result was measured: every results JSON carries these keys
+    (with its ``command``), so a figure in the docs can be traced and rerun."""
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "machine": {"nproc": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
+                    "loadavg": list(os.getloadavg()),
+                    "mem_available_gib": round(mem_available() / 2**30, 1)},
+    }
+
+
 def write_results(path: Any, record: dict[str, Any]) -> None:
-    """A benchmark's results JSON (its directory made if needed), and say where."""
+    """A benchmark's results JSON (its directory made if needed, with the date and the
+    machine unless the record has them), and say where."""
+    for key, value in provenance().items():
+        record.setdefault(key, value)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1))
     log(f"wrote {path}")

@@ -42,7 +42,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _aggregation_common import Workload, cpu_count, log, median, mem_available
+from _aggregation_common import Workload, cpu_count, log, median, mem_available, provenance
 
 HERE = Path(__file__).resolve().parent
 M = 1_000_000
@@ -444,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         "variants": args.variants,
         "command": " ".join(["python", "benchmarks/aggregation.py", *(argv or sys.argv[1:])]),
         "wall_s": time.monotonic() - started,
+        **provenance(),
     })
     text = table(configs)
     print(text)

@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _aggregation_common import provenance
 from _sparsity_data import (
     Dataset,
     TrainConfig,
@@ -343,7 +344,7 @@ def tune(args: argparse.Namespace, argv: list[str]) -> int:
               "the clients decode (6,000 images held out of the training set)",
               "partition": f"dirichlet({args.alpha})", "rounds": args.rounds,
               "wall_s": round(time.perf_counter() - started, 1),
-              "chosen": chosen, "candidates": log}
+              "chosen": chosen, "candidates": log, **provenance()}
     args.tuning.parent.mkdir(parents=True, exist_ok=True)
     args.tuning.write_text(json.dumps(record, indent=1))
     print(f"chosen on validation: {json.dumps(chosen)}; wrote {args.tuning}")
@@ -394,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
               "tuned_on": "validation", "settings": args.tuned,
               "config": {k: (str(v) if isinstance(v, Path) else v)
                          for k, v in vars(args).items() if k not in ("worker", "tuned")},
-              "results": all_results}
+              "results": all_results, **provenance()}
     (out / "sparsity.json").write_text(json.dumps(record, indent=1))
     if not args.no_plot:
         plot(all_results, out / "sparsity.png")
@@ -412,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         first = next(iter(all_results.values()))
         keys = summary_keys(first)
-        keys.update(partition=next(iter(all_results)), rounds=args.rounds, wall_s=round(wall, 1))
+        keys.update(partition=next(iter(all_results)), rounds=args.rounds, wall_s=round(wall, 1),
+                    command=record["command"], **provenance())
         Path(args.json).write_text(json.dumps(keys, indent=1))
         print(f"summary: {json.dumps(keys)}")
     return 0
