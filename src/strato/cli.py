@@ -264,7 +264,7 @@ def _job_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--sparsity", type=float,
                      help="cs: fraction of every kernel the server prunes, in [0, 1) (default 0.5)")
     cmd.add_argument("--eta", type=float,
-                     help="cs: aggregation rate of the complements (default 1.5); "
+                     help="cs: aggregation rate of the complements (default 4); "
                      "fedadam/fedyogi/fedadagrad/fedavgm: the server learning rate")
     cmd.add_argument("--bits", type=_number,
                      help="cs: 32 (float32, default), 8 or 4 (per-layer quantized kernels "
@@ -275,7 +275,7 @@ def _job_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--kept-rate", type=_number,
                      help="cs: kept weights move by this rate times their mean change and "
                      "uploads are dense deltas (default: frozen, as in faithful CS; "
-                     "cs-combined: 1)")
+                     "cs-combined: 0.5)")
     cmd.add_argument("--partition", choices=["iid", "dirichlet", "shards"])
     cmd.add_argument("--seed", type=int)
     cmd.add_argument(

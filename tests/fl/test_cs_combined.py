@@ -131,8 +131,10 @@ def test_cs_combined_run_moves_coded_payloads_and_merges_them(app: Path, tmp_pat
         assert rows[r]["bytes_down"] == 2 * len(down)
 
         # The new model is the server's merge of those very uploads, then per-layer pruning:
-        # kept weights move by kept_rate (1) times their mean change, the complement
-        # regrows at η (1.5) times its mean, biases take the mean; round 1 is FedAvg.
+        # kept weights move by kept_rate times their mean change, the complement
+        # regrows at η times its mean, biases take the mean; round 1 is FedAvg.
+        cfg = complement_options({}, "cs-combined").config
+        assert cfg.kept_rate is not None
         mean = weighted_mean(rows_r)
         w = base.flat()
         if r == 1:
@@ -140,8 +142,8 @@ def test_cs_combined_run_moves_coded_payloads_and_merges_them(app: Path, tmp_pat
         else:
             ref = w.copy()
             kept, grow = kernels & (w != 0), kernels & (w == 0)
-            ref[kept] = w[kept] + 1.0 * (mean[kept] - w[kept])
-            ref[grow] = 1.5 * mean[grow]
+            ref[kept] = w[kept] + cfg.kept_rate * (mean[kept] - w[kept])
+            ref[grow] = cfg.eta * mean[grow]
             ref[~kernels] = mean[~kernels]
         prune_flat(ref, layout, 0.5)
         assert np.allclose(record[r].flat(), ref, rtol=1e-5, atol=1e-6), r
@@ -241,7 +243,7 @@ def test_bad_toml_option_is_a_one_line_error_from_the_command(app: Path, tmp_pat
 def test_options_resolve_the_preset_and_overrides() -> None:
     combined = complement_options({}, "cs-combined")
     assert (combined.config.sparsity, combined.config.eta, combined.config.kept_rate) == (
-        0.5, 1.5, 1.0)
+        0.5, 4.0, 0.5)
     assert combined.wire.down == WireFormat(bits=4, mask="implicit", zstd_level=19)
     assert combined.wire.first_down == WireFormat(bits=8, zstd_level=19)
     assert combined.wire.deltas

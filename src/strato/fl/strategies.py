@@ -63,10 +63,12 @@ __all__ = [
 F32 = npt.NDArray[np.float32]
 
 COMPLEMENT_NAMES = ("cs", "complement", "cs-combined")
-# The combined mode of docs/sparsity.md (benchmarks/sparsity.py's "combined").
+# The combined mode of docs/sparsity.md (benchmarks/sparsity.py's "combined"), with the
+# eta and kept rate its validation tuning chose (benchmarks/results/sparsity/tuning.json).
 COMBINED_DEFAULTS: dict[str, Any] = {
-    "sparsity": 0.5, "eta": 1.5, "bits": 4, "zstd": 19, "kept_rate": 1.0,
+    "sparsity": 0.5, "eta": 4.0, "bits": 4, "zstd": 19, "kept_rate": 0.5,
 }
+DEFAULT_ETA = 4.0  # faithful CS: the eta chosen on the same validation split
 _OPTIONS = ("sparsity", "eta", "bits", "zstd", "kept_rate")
 _INSTALL = "pip install 'strato[compress]'"
 
@@ -120,7 +122,7 @@ def complement_options(options: dict[str, Any], name: str = "cs") -> ComplementO
                           f"(accepted: {', '.join(_OPTIONS)})")
     given = {**(COMBINED_DEFAULTS if is_combined(name) else {}), **options}
     sparsity = _number("sparsity", given.get("sparsity", 0.5))
-    eta = _number("eta", given.get("eta", 1.5))
+    eta = _number("eta", given.get("eta", DEFAULT_ETA))
     bits = _integer("bits", given.get("bits", 32), "32, 8 or 4")
     if bits not in (32, 8, 4):
         raise ConfigError(f"strategy cs: option bits must be 32, 8 or 4, got {bits}")
