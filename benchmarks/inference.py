@@ -125,7 +125,9 @@ def main() -> None:
     ap.add_argument("--table", metavar="JSON", help="print a results file as a markdown table")
     args = ap.parse_args()
     if args.table:
-        print(markdown_table(json.loads(Path(args.table).read_text())))
+        from report import inference_runs_table
+
+        print(inference_runs_table(json.loads(Path(args.table).read_text())))
         return
 
     make = generate_network if args.network == "generated" else random_network
@@ -138,14 +140,15 @@ def main() -> None:
                                "machine": {"cpus": os.cpu_count(),
                                            "loadavg_at_start": list(os.getloadavg())}}
     if args.volumes_only:
-        vols = {}
+        vols, part_s = {}, {}
         for method in args.partitions:
             for w in args.workers:
                 part, secs = _timed(make_partition, method, net.layers, w)
                 vols[f"{method}/{w}"] = int(communication_volume(net.layers, part).sum())
+                part_s[f"{method}/{w}"] = secs
                 print(f"volume {method:10s} W={w}: {vols[f'{method}/{w}']:>10d} rows "
                       f"(partitioned in {secs:.1f} s)")
-        results["volumes"] = vols
+        results["volumes"], results["partition_s"] = vols, part_s
         _write(args.out, results)
         return
 
@@ -232,37 +235,6 @@ def _launch_test(svc: Any, net: Any, y: Any, workers: int) -> dict[str, Any]:
         print(f"launch W={workers} {label}: cold {cold['launch_s']:.2f} s, "
               f"warm {warm['launch_s']:.3f} s", flush=True)
     return out
-
-
-def markdown_table(doc: dict[str, Any]) -> str:
-    """One row per run: correctness, rate, volume, bytes, messages, cost, prediction;
-    above it, the in-process comparison when the file has one."""
-    lines = []
-    if "kernel_s" in doc:
-        lines += [
-            f"{doc.get('network', 'generated')} network, {doc['neurons']}×{doc['layers']}, "
-            f"{doc['inputs']:,} inputs, one process: scipy oracle {doc['scipy_s']:.1f} s; "
-            f"worker kernel (all rows) {doc['kernel_s']:.1f} s ({doc['kernel_rate']:.3g} "
-            f"edges/s); python-graphblas on {doc.get('graphblas_threads', 'all')} thread(s), "
-            f"layer loop only, {doc['graphblas_s']:.1f} s ({doc['graphblas_rate']:.3g}; "
-            f"{doc.get('graphblas_convert_s', float('nan')):.1f} s more converting the "
-            f"layers); equal to the oracle: {doc['kernel_equal']}, {doc['graphblas_equal']}.",
-            "",
-        ]
-    lines += [
-        "| partition | W | channel | = oracle | inference s | edges/s | volume rows "
-        "| MB exchanged | messages | cost $ | predicted $ | worst pred. error | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in doc["runs"]:
-        lines.append(
-            f"| {r['partition'] if r['workers'] > 1 else '—'} | {r['workers']} | {r['channel']} "
-            f"| {'yes' if r['equal'] else '**NO**'} | {r['inference_s']:.1f} "
-            f"| {r['rate']:.3g} | {r['volume_rows']:,} | {r['bytes'] / 1e6:.1f} "
-            f"| {r['messages']:,} | {r['cost_usd']:.5f} | {r['predicted_cost_usd']:.5f} "
-            f"| {100 * r['worst_ratio']:.1f}% | {r['peak_rss_total_mb']:,.0f} |"
-        )
-    return "\n".join(lines)
 
 
 def _write(path: str, doc: dict[str, Any]) -> None:

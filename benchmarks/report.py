@@ -9,7 +9,8 @@ A table in ``docs/*.md`` that comes from results sits between two markers:
     ...the table, as this script renders it...
     <!-- /report -->
 
-NAME is one of ``RENDERERS``; each reads its JSON files and returns markdown. Nothing
+NAME is one of ``RENDERERS``; each reads its JSON files (each must record its
+``command``, ``date`` and ``machine``) and returns markdown. Nothing
 between the markers is written by hand: change the results (rerun the benchmark,
 commit its JSON), then run this script. The test suite runs ``--check``.
 """
@@ -31,8 +32,18 @@ BLOCK = re.compile(r"(<!-- report: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /re
                    re.DOTALL)
 
 
+PROVENANCE = ("command", "date", "machine")
+
+
 def _load(*parts: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(RESULTS.joinpath(*parts).read_text())
+    """A committed results file; one without its command, date or machine cannot be
+    traced or rerun, so no table is rendered from it."""
+    path = RESULTS.joinpath(*parts)
+    data: dict[str, Any] = json.loads(path.read_text())
+    missing = [key for key in PROVENANCE if key not in data]
+    if missing:
+        raise SystemExit(f"{path}: no {', '.join(missing)} "
+                         "(every results file records its command, date and machine)")
     return data
 
 
@@ -82,6 +93,53 @@ def aggregation_quick() -> str:
 def aggregation_full() -> str:
     return _aggregation("full.json")
 
+
+# the issue's targets for the aggregation benchmark's keys: (key, label, bound, higher
+# is better)
+AGGREGATION_TARGETS = [
+    ("speedup_vs_eager_server", "`speedup_vs_eager_server` (completion)", 0.8, True),
+    ("cost_ratio_vs_eager_server", "`cost_ratio_vs_eager_server` (60 s idle per round)", 5.0,
+     True),
+    ("speedup_vs_flower", "`speedup_vs_flower` (completion)", 5.0, True),
+    ("speedup_vs_serverful", "`speedup_vs_serverful` (the lazy server)", 5.0, True),
+    ("fraction_of_floor", "`fraction_of_floor`", 0.5, True),
+    ("cost_ratio_vs_serverful", "`cost_ratio_vs_serverful` (no idle time)", 3.0, True),
+    ("peak_rss_ratio_1000_vs_10", "`peak_rss_ratio_1000_vs_10` (1M params)", 1.5, False),
+    ("autoscaler_gap", "`autoscaler_gap` (worst level)", 0.15, False),
+    ("placement_cross_node_ratio", "`placement_cross_node_ratio` (4 nodes)", 2.0, True),
+]
+
+
+def aggregation_quick_runs() -> str:
+    runs = [_load("aggregation", "quick.json"), _load("aggregation", "quick-run2.json")]
+    lines = ["| key | " + " | ".join(f"run {i + 1} ({r['wall_s']:.0f} s)"
+                                   for i, r in enumerate(runs)) + " | target | met |",
+             "|---|" + "---:|" * len(runs) + "---|---|"]
+    for key, label, bound, higher in AGGREGATION_TARGETS:
+        values = [r.get(key) for r in runs]
+        met = [v is not None and (v >= bound if higher else v <= bound) for v in values]
+        verdict = ("in every run" if all(met) else "**missed** in every run" if not any(met)
+                   else f"in {sum(met)} run(s) of {len(runs)}")
+        lines.append(_row([label, *("—" if v is None else f"{v:.2f}" for v in values),
+                           f"{'≥' if higher else '≤'} {bound:g}", verdict]))
+    return "\n".join(lines)
+
+def aggregation_executors() -> str:
+    """The full run's strato variants side by side: node threads or Runtime functions,
+    float32 or float64 sums, per model size and client count."""
+    d = _load("aggregation", "full.json")
+    lines = ["| clients | params | variant (executor, sums) | completion (ms) | CPU-s, every "
+             "process | billed function-s |", "|---:|---:|---|---:|---:|---:|"]
+    for cfg in d["configurations"]:
+        wl = cfg["workload"]
+        for name, row in cfg["summary"].items():
+            if not name.startswith("strato"):
+                continue
+            variant = cfg[name]["variant"].replace(":", ", ")
+            lines.append(_row([str(wl["clients"]), f"{wl['params']:,}", variant,
+                               f"{row['completion_s'] * 1e3:.1f}", f"{row['cost_s']:.3f}",
+                               f"{row['billed_s']:.3f}"]))
+    return "\n".join(lines)
 
 def round_path() -> str:
     before = _load("round_path", "before.json")
@@ -157,6 +215,105 @@ def inference_compare() -> str:
     return "\n".join(lines)
 
 
+
+def inference_runs_table(doc: dict[str, Any]) -> str:
+    """One row per distributed run of ``benchmarks/inference.py``: correctness, rate,
+    volume, bytes, messages, measured and predicted cost, peak memory."""
+    lines = [
+        "| partition | W | channel | = oracle | inference s | edges/s | volume rows "
+        "| MB exchanged | messages | cost $ | predicted $ | worst pred. error | peak RSS MB |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in doc["runs"]:
+        lines.append(_row([
+            r["partition"] if r["workers"] > 1 else "—", str(r["workers"]), r["channel"],
+            "yes" if r["equal"] else "**NO**", f"{r['inference_s']:.1f}", f"{r['rate']:.3g}",
+            f"{r['volume_rows']:,}", f"{r['bytes'] / 1e6:.1f}", f"{r['messages']:,}",
+            f"{r['cost_usd']:.5f}", f"{r['predicted_cost_usd']:.5f}",
+            f"{100 * r['worst_ratio']:.1f}%", f"{r['peak_rss_total_mb']:,.0f}",
+        ]))
+    return "\n".join(lines)
+
+
+def _inference_matrix(neurons: int) -> str:
+    d = _load("inference", f"matrix-{neurons}.json")
+    head = (f"{d['neurons']}×{d['layers']}, {d['inputs']:,} inputs ({d['categories']:,} "
+            f"categories), {d['date'][:10]}: scipy oracle {d['scipy_s']:.1f} s "
+            f"({d['scipy_rate']:.3g} edges/s). `{d['command']}`")
+    worst = max(d["runs"], key=lambda r: r["worst_ratio"])
+    op = max(worst["measured_over_predicted"].items(), key=lambda kv: abs(kv[1] - 1))[0]
+    tail = (f"Prediction error over these {len(d['runs'])} runs: at most "
+            f"{100 * worst['worst_ratio']:.1f}% for any counted operation ({op}, "
+            f"{worst['partition']} W = {worst['workers']} {worst['channel']}); "
+            f"{sum(r['equal'] for r in d['runs'])} of {len(d['runs'])} runs equal the oracle.")
+    return head + "\n\n" + inference_runs_table(d) + "\n\n" + tail
+
+
+def inference_matrix_1024() -> str:
+    return _inference_matrix(1024)
+
+
+def inference_matrix_4096() -> str:
+    return _inference_matrix(4096)
+
+
+def inference_launch() -> str:
+    d = _load("inference", "matrix-1024.json")
+    launch = d["launch"]
+    lines = ["| launch of W = 8 | cold (s) | warm (s) |", "|---|---:|---:|"]
+    for key, label in (("flat", "flat"), ("tree-b2", "tree, b = 2"), ("tree-b4", "tree, b = 4")):
+        lines.append(_row([label, f"{launch[key]['cold_launch_s']:.2f}",
+                           f"{launch[key]['warm_launch_s']:.3f}"]))
+    return "\n".join(lines)
+
+
+def inference_volumes() -> str:
+    d = _load("inference", "volumes-4096.json")
+    vols = d["volumes"]
+    (w,) = {int(k.split("/")[1]) for k in vols}
+    base = vols[f"random/{w}"]
+    lines = [f"N = {d['neurons']}, L = {d['layers']}, W = {w}: `{d['command']}`", "",
+             "| partitioner | volume (rows) | ÷ random | partitioning s |", "|---|---:|---:|---:|"]
+    for key, v in vols.items():
+        method = key.split("/")[0]
+        secs = d.get("partition_s", {}).get(key)
+        lines.append(_row([method, f"{v:,}", f"{v / base:.3f}",
+                           "—" if secs is None else f"{secs:.1f}"]))
+    return "\n".join(lines)
+
+
+AWS_LABELS = {
+    "lambda_gb_s": "Lambda compute",
+    "lambda_requests": "Lambda requests",
+    "s3_put_requests": "S3 PUT/LIST",
+    "s3_get_requests": "S3 GET/HEAD",
+    "sns_requests": "SNS requests",
+    "sqs_requests": "SQS requests",
+    "dynamodb_write_units": "DynamoDB write units",
+    "dynamodb_read_units": "DynamoDB read units",
+    "dynamodb_stream_reads": "DynamoDB stream reads",
+    "sfn_transitions": "Step Functions transitions",
+}
+
+
+def aws_round_cost() -> str:
+    d = _load("aws", "round_cost.json")
+    lines = [f"{d['rounds']} rounds of {d['clients']} clients, data: {d['data']}, final accuracy "
+             f"{d['final_accuracy']:.3f}, {d['date'][:10]}: `{d['command']}`", "",
+             "| item | per round | unit | $ per round |", "|---|---:|---|---:|"]
+    for key, label in AWS_LABELS.items():
+        q = d["per_round"].get(key, 0.0)
+        lines.append(_row([label, f"{q:,.1f}", d["units"].get(key, ""),
+                           f"{d['usd_per_round'].get(key, 0.0):.7f}"]))
+    lines.append(_row(["**total**", "", "", f"**{d['usd_total_per_round']:.5f}**"]))
+    lines += ["", f"Where the GB-s went (all {d['rounds']} rounds):", "",
+              "| function | invocations | cold starts | GB-s |", "|---|---:|---:|---:|"]
+    for name, f in d["functions"].items():
+        lines.append(_row([f"`{name}`", str(f["invocations"]), str(f["cold_starts"]),
+                           f"{f['gb_s']:.1f}"]))
+    return "\n".join(lines)
+
+
 SPARSITY_LABELS = {
     "fedavg": "FedAvg (float32)",
     "fedavg_q8": "FedAvg + 8-bit + zstd",
@@ -192,6 +349,35 @@ def sparsity_quick() -> str:
     d = _load("sparsity", "sparsity.json")
     return _sparsity_rows(d, next(iter(d["results"])))
 
+
+
+def sparsity_targets() -> str:
+    d = _load("sparsity", "sparsity.json")
+    part = next(iter(d["results"]))
+    r = d["results"][part]
+    fed = r["fedavg"]
+
+    def ratio(m: str) -> float:
+        return float(fed["bytes_total"] / r[m]["bytes_total"])
+
+    def gap(m: str) -> float:
+        return float(100 * (r[m]["final_accuracy"] - fed["final_accuracy"]))
+
+    def acc(m: str) -> str:
+        return (f"{100 * r[m]['final_accuracy']:.2f} % vs {100 * fed['final_accuracy']:.2f} % "
+                f"({gap(m):+.2f})")
+
+    rows = [
+        ("faithful CS s=0.5: bytes ratio ≥ 1.8", f"{ratio('cs50'):.2f}", ratio("cs50") >= 1.8),
+        ("faithful CS s=0.5: accuracy within 2 points of FedAvg", acc("cs50"), gap("cs50") >= -2),
+        ("combined: bytes ratio ≥ 8", f"{ratio('combined'):.2f}", ratio("combined") >= 8),
+        ("combined: accuracy within 1 point of FedAvg", acc("combined"), gap("combined") >= -1),
+        ("`--quick` under 5 minutes", f"{d['wall_s']:.0f} s", d["wall_s"] < 300),
+    ]
+    lines = [f"| target | measured ({part}, `{d['command']}`, test set once) | |",
+             "|---|---|---|"]
+    lines += [_row([t, v, "met" if ok else "**missed**"]) for t, v, ok in rows]
+    return "\n".join(lines)
 
 def sparsity_full_dirichlet() -> str:
     d = _load("sparsity", "full", "sparsity.json")
@@ -242,6 +428,24 @@ def fl_example() -> str:
     return "\n".join(lines)
 
 
+def fl_strategies() -> str:
+    d = _load("fl_example", "strategies.json")
+    base = next(r for r in d["runs"] if r["strategy"] == "fedavg")
+    base_total = base["bytes_up"] + base["bytes_down"]
+    lines = [f"{d['date'][:10]}, data: {d['data']}: `{d['command']}`", "",
+             "| strategy | final accuracy | accuracy after round 10 / 15 | MB up | MB down "
+             "| FedAvg ÷ it (bytes, total) | wall |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for r in d["runs"]:
+        accs = [r["accuracy_at"].get(k) for k in ("10", "15")]
+        total = r["bytes_up"] + r["bytes_down"]
+        lines.append(_row([
+            f"`{r['strategy']}`", f"{r['final_accuracy']:.4f}",
+            " / ".join("—" if a is None else f"{a:.4f}" for a in accs),
+            f"{r['bytes_up'] / 1e6:.2f}", f"{r['bytes_down'] / 1e6:.2f}",
+            f"{base_total / total:.2f}×", f"{r['wall_s']:.0f} s"]))
+    return "\n".join(lines)
+
 def vs_flower() -> str:
     d = _load("vs_flower", "quick.json")
     lines = ["| system | final accuracy | wall (s) | overhead / round (s) "
@@ -270,15 +474,24 @@ def vs_flower() -> str:
 RENDERERS: dict[str, Callable[[], str]] = {
     "vs-flower": vs_flower,
     "fl-example": fl_example,
+    "fl-strategies": fl_strategies,
     "sparsity-quick": sparsity_quick,
     "sparsity-full-dirichlet": sparsity_full_dirichlet,
     "sparsity-full-shards": sparsity_full_shards,
     "sparsity-tuning": sparsity_tuning,
+    "sparsity-targets": sparsity_targets,
     "primitives": primitives,
     "aggregation-quick": aggregation_quick,
     "aggregation-full": aggregation_full,
+    "aggregation-quick-runs": aggregation_quick_runs,
+    "aggregation-executors": aggregation_executors,
     "round-path": round_path,
     "inference-compare": inference_compare,
+    "inference-matrix-1024": inference_matrix_1024,
+    "inference-matrix-4096": inference_matrix_4096,
+    "inference-launch": inference_launch,
+    "inference-volumes": inference_volumes,
+    "aws-round-cost": aws_round_cost,
 }
 
 

@@ -3,10 +3,13 @@ results: a hand edit, or results committed without re-rendering, fails here."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "report.py"
@@ -39,3 +42,24 @@ def test_a_hand_edited_table_is_caught_and_rewritten(tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(SCRIPT), "--docs", str(docs)], check=True,
                    capture_output=True, timeout=120, cwd=ROOT)
     assert page.read_text() == text
+
+
+def test_a_results_file_without_its_provenance_renders_nothing(tmp_path: Path) -> None:
+    import report
+
+    results = tmp_path / "results"
+    (results / "primitives").mkdir(parents=True)
+    original = report.RESULTS / "primitives" / "quick.json"
+    doc = json.loads(original.read_text())
+    del doc["date"]
+    (results / "primitives" / "quick.json").write_text(json.dumps(doc))
+    saved = report.RESULTS
+    report.RESULTS = results
+    try:
+        with pytest.raises(SystemExit, match="no date"):
+            report.primitives()
+        doc["date"] = "2026-12-03"
+        (results / "primitives" / "quick.json").write_text(json.dumps(doc))
+        assert "| invoke, warm" in report.primitives()
+    finally:
+        report.RESULTS = saved
