@@ -63,3 +63,12 @@ def test_a_results_file_without_its_provenance_renders_nothing(tmp_path: Path) -
         assert "| invoke, warm" in report.primitives()
     finally:
         report.RESULTS = saved
+
+
+def test_every_committed_results_file_records_its_command_date_and_machine() -> None:
+    files = sorted((ROOT / "benchmarks" / "results").rglob("*.json"))
+    assert len(files) >= 10
+    for path in files:
+        doc = json.loads(path.read_text())
+        missing = [key for key in ("command", "date", "machine") if key not in doc]
+        assert not missing, f"{path.relative_to(ROOT)} lacks {missing}"
