@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -148,3 +151,49 @@ def test_real_mnist_when_present() -> None:
     assert ds.train_x.shape == (60000, 1, 28, 28) and ds.test_x.shape == (10000, 1, 28, 28)
     assert ds.mean == pytest.approx(0.1307, abs=1e-4) and ds.std == pytest.approx(0.3081, abs=1e-4)
     assert sorted(np.unique(ds.train_y).tolist()) == list(range(10))
+
+
+def test_digits_read_from_the_file_equal_scikit_learns_and_load_without_importing_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sk = pytest.importorskip("sklearn.datasets")
+    from strato.data import datasets
+
+    images, labels = datasets._digits_arrays()
+    bunch = sk.load_digits()
+    assert np.array_equal(images, bunch.images.astype(np.uint8))
+    assert np.array_equal(labels, bunch.target) and labels.dtype == np.int64
+    # a fresh interpreter loads the digits without importing scikit-learn
+    code = ("import sys; from strato.data.datasets import load_dataset; "
+            "ds = load_dataset(); print(ds.name, 'sklearn' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != DATA_DIR_ENV}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=120, check=True).stdout.split()
+    assert out == ["digits", "False"]
+
+
+def test_digits_fall_back_to_scikit_learns_api_and_say_when_it_is_missing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    pytest.importorskip("sklearn")
+    import importlib.util
+
+    from strato.data import datasets
+
+    expected = datasets._digits_arrays()
+    real_find_spec = importlib.util.find_spec
+
+    def moved(name: str, *args: object) -> object:  # the CSV is not where it used to be
+        spec = real_find_spec(name)
+        if name == "sklearn" and spec is not None:
+            spec = importlib.util.spec_from_file_location("sklearn", tmp_path / "x.py",
+                                                          submodule_search_locations=[str(tmp_path)])
+        return spec
+
+    monkeypatch.setattr(datasets.importlib.util, "find_spec", moved)
+    got = datasets._digits_arrays()
+    assert np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
+    monkeypatch.setattr(datasets.importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    with pytest.raises(ConfigError, match="scikit-learn is not installed"):
+        load_dataset()
