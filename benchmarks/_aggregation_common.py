@@ -217,8 +217,10 @@ class _Timespec(ctypes.Structure):
 
 try:
     _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
-    _LIBC.clock_getcpuclockid, _LIBC.clock_gettime  # noqa: B018 - both must exist
-except (OSError, AttributeError):
+except OSError:
+    _LIBC = None
+if _LIBC is not None and not (hasattr(_LIBC, "clock_getcpuclockid")
+                              and hasattr(_LIBC, "clock_gettime")):
     _LIBC = None
 
 

@@ -44,9 +44,7 @@ def run_one(partition: str, data_dir: str | None, out: Path,
             rounds: int | None = None, strategy: str = "fedavg") -> dict[str, Any]:
     name, *options = shlex.split(strategy)
     cmd = [sys.executable, "-m", "strato", "run", str(APP), "--partition", partition,
-           "--out", str(out)]
-    if strategy != "fedavg":
-        cmd += ["--strategy", name, *options]
+           "--out", str(out), "--strategy", name, *options]
     if rounds:
         cmd += ["--rounds", str(rounds)]
     if data_dir:

@@ -446,6 +446,7 @@ def fl_strategies() -> str:
             f"{base_total / total:.2f}×", f"{r['wall_s']:.0f} s"]))
     return "\n".join(lines)
 
+
 def vs_flower() -> str:
     d = _load("vs_flower", "quick.json")
     lines = ["| system | final accuracy | wall (s) | overhead / round (s) "

@@ -68,7 +68,6 @@ COMPLEMENT_NAMES = ("cs", "complement", "cs-combined")
 COMBINED_DEFAULTS: dict[str, Any] = {
     "sparsity": 0.5, "eta": 4.0, "bits": 4, "zstd": 19, "kept_rate": 0.5,
 }
-DEFAULT_ETA = 4.0  # faithful CS: the eta chosen on the same validation split
 _OPTIONS = ("sparsity", "eta", "bits", "zstd", "kept_rate")
 _INSTALL = "pip install 'strato[compress]'"
 
@@ -121,8 +120,8 @@ def complement_options(options: dict[str, Any], name: str = "cs") -> ComplementO
         raise ConfigError(f"strategy {name}: unknown option {', '.join(unknown)} "
                           f"(accepted: {', '.join(_OPTIONS)})")
     given = {**(COMBINED_DEFAULTS if is_combined(name) else {}), **options}
-    sparsity = _number("sparsity", given.get("sparsity", 0.5))
-    eta = _number("eta", given.get("eta", DEFAULT_ETA))
+    sparsity = _number("sparsity", given.get("sparsity", ComplementConfig.sparsity))
+    eta = _number("eta", given.get("eta", ComplementConfig.eta))
     bits = _integer("bits", given.get("bits", 32), "32, 8 or 4")
     if bits not in (32, 8, 4):
         raise ConfigError(f"strategy cs: option bits must be 32, 8 or 4, got {bits}")
