@@ -26,13 +26,15 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
-BACKENDS = ("embedded", "aws")
+BACKENDS = ("embedded", "aws", "ray")
 
 
 def _import_backend(name: str) -> None:
     """Register the backend ``name`` with ``strato.services`` (its package does, on import)."""
     if name == "aws":
         import strato.backends.aws  # noqa: F401 - imported to register the backend
+    elif name == "ray":
+        import strato.backends.ray  # noqa: F401 - imported to register the backend
     elif name != "embedded":
         raise StratoError(f"unknown backend {name!r} ({', '.join(BACKENDS)})")
 
@@ -61,6 +63,16 @@ def _apply_backend(opts: RunOptions, args: argparse.Namespace) -> None:
     given = aws_cli.given_flags(args)
     if args.remote_clients is not None:
         given.append("--remote-clients")
+    address = getattr(args, "address", None)
+    if address is not None and args.backend != "ray":
+        raise StratoError("--address only applies with --backend ray")
+    if args.backend == "ray":
+        if given:
+            raise StratoError(f"{', '.join(given)} only apply with --backend aws")
+        if not args.resume:
+            _import_backend("ray")
+            opts.services = {"backend": "ray", "address": address}
+        return
     if args.backend != "aws":
         if given:
             raise StratoError(f"{', '.join(given)} only apply with --backend aws")
@@ -301,6 +313,11 @@ def _parser() -> argparse.ArgumentParser:
     from strato.backends.aws import cli as aws_cli
 
     aws_cli.add_where_arguments(run)  # --endpoint-url, --region, --prefix
+    run.add_argument(
+        "--address", metavar="ADDR",
+        help="ray: the cluster to join (HOST:PORT of its head, or 'auto'); default: start "
+        "a local Ray on this machine",
+    )  # fmt: skip
     run.add_argument(
         "--remote-clients", type=int, metavar="N",
         help="aws: clients join with `strato client --backend aws`; round 1 starts once N "

@@ -18,6 +18,7 @@ from strato.services import Services, embedded
 BACKENDS: dict[str, Callable[[Path], Services]] = {
     "embedded": lambda tmp: embedded(tmp / "services"),
     "aws": lambda tmp: __import__("aws_moto").services(tmp),  # moto, see aws_moto.py
+    "ray": lambda tmp: __import__("ray_local").services(tmp),  # a local Ray, see ray_local.py
 }
 
 
@@ -33,7 +34,7 @@ def services(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Service
 # Backends whose runtime workers are processes this client starts and can see (live
 # worker counts, keep-alive it controls, nested invocations it dispatches). On Lambda
 # the service owns the execution environments, so those properties are not observable.
-LOCAL_WORKER_BACKENDS = ("embedded",)
+LOCAL_WORKER_BACKENDS = ("embedded", "ray")  # ray: a local Ray, its actors on this machine
 
 
 @pytest.fixture(params=LOCAL_WORKER_BACKENDS)

@@ -1,0 +1,81 @@
+"""The state host: the actor on the head node that keeps a run's durable state.
+
+It opens the embedded backend's SQLite table, SQLite bus and blob directory under the
+run's root on the head's disk, and runs the calls the proxies of ``_parts`` send it:
+one generic entry point, ``call``, takes the part, the method and its JSON arguments
+(bytes apart) and returns ``(json, bytes | None)``; errors come back as
+``{"error": {type, message}}`` and are raised again in the caller as Strato's own.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict
+from typing import Any
+
+from strato.services.bus import Message, TopicSchema
+from strato.services.table import Change, Item
+
+__all__ = ["StateHost", "serve"]
+
+
+_METHODS = {
+    "table": {"create_table", "put", "get", "query", "delete", "read_stream"},
+    "bus": {"create_topic", "subscribe", "unsubscribe", "delete_queue", "publish", "receive",
+            "ack"},
+    "blobs": {"put", "put_content", "get", "exists", "list", "delete"},
+}
+
+
+def serve(part: Any, kind: str, method: str, call: Mapping[str, Any],
+          data: bytes | None) -> tuple[str, bytes | None]:
+    """Run one proxied call on the host's ``part``; returns ``(json, bytes | None)``."""
+    if method not in _METHODS[kind]:
+        raise ValueError(f"{kind} has no method {method!r}")
+    args, kwargs = list(call.get("args", ())), dict(call.get("kwargs", {}))
+    out_bytes: bytes | None = None
+    if kind == "bus" and method == "create_topic" and kwargs.get("schema") is not None:
+        kwargs["schema"] = TopicSchema.from_dict(kwargs["schema"])
+    if data is not None:
+        kwargs["data" if kind == "blobs" else "body"] = data
+    result = getattr(part, method)(*args, **kwargs)
+    if kind == "blobs" and method == "get":
+        out_bytes, result = bytes(result), None
+    elif isinstance(result, Item):
+        result = asdict(result)
+    elif isinstance(result, list) and result and isinstance(result[0], (Item, Change)):
+        result = [asdict(x) for x in result]
+    elif isinstance(result, list) and result and isinstance(result[0], Message):
+        result = [{**asdict(m), "body": base64.b64encode(m.body).decode()} for m in result]
+    return json.dumps({"result": result}), out_bytes
+
+
+class StateHost:
+    """The actor's body (see the module doc)."""
+
+    def __init__(self, root: str) -> None:
+        from pathlib import Path
+
+        from strato.services._blobs_local import LocalBlobStore
+        from strato.services._bus_sqlite import SqliteBus
+        from strato.services._table_sqlite import SqliteTable
+
+        base = Path(root)
+        base.mkdir(parents=True, exist_ok=True)
+        self.parts: dict[str, Any] = {
+            "table": SqliteTable(base / "table.sqlite"),
+            "bus": SqliteBus(base / "bus.sqlite"),
+            "blobs": LocalBlobStore(base / "blobs"),
+        }
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def call(self, part: str, method: str, args: str, data: bytes | None) -> tuple[str, Any]:
+        try:
+            return serve(self.parts[part], part, method, json.loads(args), data)
+        except Exception as exc:  # reported to the caller, raised there as its own type
+            return json.dumps({"error": {"type": type(exc).__name__, "message": str(exc)}}), None

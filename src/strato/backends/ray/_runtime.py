@@ -1,0 +1,466 @@
+"""Runtime on Ray: each warm function worker is a Ray actor (one process of its own).
+
+- **Pool.** Per function, idle actors are reused LIFO (a warm invocation); a new one is
+  a cold start, its init (process start, handler import) billed apart as ``init_s``.
+  A reaper kills actors idle longer than ``keep_alive_s``: scale to zero.
+- **Limits.** At most ``max_concurrency`` invocations of a function run at once, the
+  rest wait in arrival order. An invocation past ``timeout_s`` is stopped by killing
+  its actor (``InvocationTimeout``, not retried); an actor that dies mid-invocation is
+  replaced and the invocation retried up to ``retries`` times (``WorkerCrashed``).
+- **Where.** Actors take no CPU reservation (``num_cpus=0``): Strato's autoscaler and
+  placement decide how much runs where; ``place(name, node_id)`` pins a function's
+  new actors to a node (Ray's node affinity).
+- **Wire.** Events and results cross as JSON text (the event size is checked against
+  ``max_event_bytes`` before any worker starts); nothing of ours is pickled.
+- **Nested calls.** A handler's ``ctx.invoke_async`` checks the call against the specs
+  ``register`` records with the state host, then posts it to the inbox (a bus topic
+  and queue of its own) of the runtime that started the worker, which invokes it and
+  counts it like any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from strato.backends.ray._cluster import ensure_ray, state_client
+from strato.errors import (
+    FunctionError,
+    InvocationTimeout,
+    PayloadTooLarge,
+    StratoError,
+    UnknownFunction,
+    WorkerCrashed,
+)
+from strato.services import ENV_VAR, FunctionSpec, RuntimeStats
+
+__all__ = ["RayRuntime"]
+
+REGISTRY = "strato_ray_functions"  # the state host's table of registered specs
+INBOX_ENV = "STRATO_RAY_INBOX"  # the bus topic of the runtime that started a worker
+_MAX_MESSAGE_CHARS = 2000
+
+
+class _Worker:
+    """The actor body: imports the handler once, then serves invocations."""
+
+    def __init__(self, name: str, handler: str, env: dict[str, str]) -> None:
+        started = time.perf_counter()
+        os.environ.update(env)
+        for entry in reversed(env.get("PYTHONPATH", "").split(os.pathsep)):
+            if entry and entry not in sys.path:
+                sys.path.insert(0, entry)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)  # a handler reading stdin sees EOF
+        os.close(devnull)
+        sys.stdin = open(0, closefd=False)  # noqa: SIM115 - fd 0 stays open
+        self.name = name
+        self.cold = True
+        self.error: dict[str, str] | None = None
+        try:
+            from strato.services._worker import _load
+
+            self.handler = _load(handler)
+        except Exception as exc:  # reported by the first invocation, as Lambda does
+            self.error = _fields(exc)
+        self.init_s = time.perf_counter() - started
+
+    def ready(self) -> tuple[int, float]:
+        return os.getpid(), self.init_s
+
+    def invoke(self, invocation_id: str, event: str, timeout_s: float) -> str:
+        if self.error is not None:
+            return json.dumps({"ok": False, **self.error})
+        ctx = _Context(self.name, invocation_id, self.cold, timeout_s)
+        self.cold = False
+        try:
+            result = self.handler(json.loads(event), ctx)
+            return json.dumps({"ok": True, "result": result})
+        except Exception as exc:
+            return json.dumps({"ok": False, **_fields(exc)})
+
+
+def _fields(exc: BaseException) -> dict[str, str]:
+    import traceback
+
+    return {"type": type(exc).__name__, "message": str(exc),
+            "traceback": "".join(traceback.format_exception(exc))}
+
+
+class _Context:
+    def __init__(self, name: str, invocation_id: str, cold: bool, timeout_s: float) -> None:
+        self.function_name = name
+        self.invocation_id = invocation_id
+        self.cold_start = cold
+        self._deadline = time.monotonic() + timeout_s
+
+    def remaining_s(self) -> float:
+        return max(0.0, self._deadline - time.monotonic())
+
+    def attach(self, ref: Mapping[str, Any]) -> memoryview:
+        from strato.services import shm
+
+        return shm.attach(ref)
+
+    def invoke_async(self, name: str, event: Mapping[str, Any]) -> None:
+        """Hand the call to the runtime that started this worker (its inbox on the bus),
+        after the checks a direct call makes: the function exists, the event fits."""
+        from strato.services import connect_from_env
+
+        if "services" not in _NESTED:
+            _NESTED["services"] = connect_from_env()
+        svc = _NESTED["services"]
+        got = svc.table.get(REGISTRY, name)
+        if got is None:
+            raise UnknownFunction(f"no function named {name!r} is registered")
+        body = json.dumps({"name": name, "event": event}, separators=(",", ":"))
+        limit = int(got.value.get("max_event_bytes", 0)) or None
+        if limit is not None and len(body.encode()) > limit:
+            raise PayloadTooLarge(f"event for function {name!r} is over its limit of {limit}")
+        svc.bus.publish(os.environ[INBOX_ENV], body)
+
+
+_NESTED: dict[str, Any] = {}
+
+
+@dataclass
+class _Function:
+    spec: FunctionSpec
+    idle: list[tuple[Any, float]] = field(default_factory=list)  # (actor, idle since)
+    busy: int = 0
+    running: int = 0
+    waiters: deque[threading.Event] = field(default_factory=deque)
+    stats: RuntimeStats = field(default_factory=RuntimeStats)
+    node: str | None = None
+
+
+class RayRuntime:
+    """``Runtime`` on Ray (see the module doc); ``config`` is the run's Services config."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = dict(config)
+        self._ray = ensure_ray(config)
+        self._state = state_client(config)
+        self._lock = threading.Lock()
+        self._functions: dict[str, _Function] = {}
+        self._closed = False
+        self._busy_actors: set[Any] = set()
+        self._wake = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, name="strato-ray-reaper", daemon=True)
+        self._reaper.start()
+        self._inbox = f"strato-ray-inbox-{uuid.uuid4().hex[:12]}"
+        self._inbox_thread: threading.Thread | None = None
+
+    # ---- the Runtime protocol ---------------------------------------------------------
+
+    def register(self, spec: FunctionSpec) -> None:
+        from strato.services._runtime_process import _check_spec
+
+        _check_spec(spec)
+        record = {**dataclasses.asdict(spec), "env": dict(spec.env)}
+        self._state.call("table", "create_table", REGISTRY)
+        self._state.call("table", "put", REGISTRY, spec.name, record)
+        self._start_inbox()
+        with self._lock:
+            self._open()
+            fn = self._functions.get(spec.name)
+            if fn is None:
+                self._functions[spec.name] = _Function(spec)
+                return
+            if fn.spec != spec:
+                fn.spec, stale, fn.idle = spec, fn.idle, []
+                self._grant(fn)
+            else:
+                stale = []
+        for actor, _ in stale:
+            self._ray.kill(actor)
+
+    def invoke(self, name: str, event: Mapping[str, Any]) -> Any:
+        return self._run(name, self._encode(name, event))
+
+    def invoke_async(self, name: str, event: Mapping[str, Any]) -> Future[Any]:
+        body = self._encode(name, event)
+        future: Future[Any] = Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(self._run(name, body))
+            except BaseException as exc:  # delivered through the future
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name=f"strato-invoke-{name}", daemon=True).start()
+        return future
+
+    def stats(self, name: str | None = None) -> RuntimeStats:
+        with self._lock:
+            if name is not None:
+                return self._stats_of(self._function(name))
+            total = RuntimeStats()
+            for fn in self._functions.values():
+                one = self._stats_of(fn)
+                for f in dataclasses.fields(RuntimeStats):
+                    setattr(total, f.name, getattr(total, f.name) + getattr(one, f.name))
+            return total
+
+    def place(self, name: str, node_id: str | None) -> None:
+        """Start ``name``'s new actors on Ray node ``node_id`` (None: anywhere)."""
+        with self._lock:
+            self._function(name).node = node_id
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            actors = [a for fn in self._functions.values() for a, _ in fn.idle]
+            for fn in self._functions.values():
+                fn.idle = []
+                for waiter in fn.waiters:
+                    waiter.set()
+                fn.waiters.clear()
+            busy = list(self._busy_actors)
+        self._wake.set()
+        for actor in actors + busy:
+            self._ray.kill(actor)
+        if self._inbox_thread is not None:
+            self._inbox_thread.join(timeout=5.0)
+            with contextlib.suppress(StratoError):
+                self._state.call("bus", "delete_queue", self._inbox)
+        self._state.release()
+
+    # ---- nested invocations -----------------------------------------------------------
+
+    def _start_inbox(self) -> None:
+        with self._lock:
+            if self._inbox_thread is not None:
+                return
+            self._state.call("bus", "create_topic", self._inbox)
+            self._state.call("bus", "subscribe", self._inbox, self._inbox)
+            self._inbox_thread = threading.Thread(target=self._serve_inbox, daemon=True,
+                                                  name="strato-ray-inbox")
+            self._inbox_thread.start()
+
+    def _serve_inbox(self) -> None:
+        from strato.backends.ray._parts import RayBus
+
+        bus = RayBus(self._state)
+        while not self._closed:
+            try:
+                got = bus.receive(self._inbox, max_messages=10, wait_s=1.0)
+            except Exception:  # the state host is away (the run is ending, or it restarts)
+                time.sleep(0.5)
+                continue
+            for message in got:
+                call = json.loads(message.body)
+                # checked by the caller already; a closing runtime refuses
+                with contextlib.suppress(StratoError):
+                    self.invoke_async(str(call["name"]), call.get("event") or {})
+                bus.ack(self._inbox, message.receipt)
+
+    # ---- one invocation ---------------------------------------------------------------
+
+    def _open(self) -> None:
+        if self._closed:
+            raise StratoError("the runtime is closed")
+
+    def _function(self, name: str) -> _Function:
+        fn = self._functions.get(name)
+        if fn is None:
+            fn = self._lookup(name)
+        return fn
+
+    def _lookup(self, name: str) -> _Function:
+        """A function another runtime of this run registered (nested calls)."""
+        try:
+            got, _ = self._state.call("table", "get", REGISTRY, name)
+        except StratoError:
+            got = None
+        if got is None:
+            raise UnknownFunction(f"no function named {name!r} is registered")
+        record = dict(got["value"])
+        fn = _Function(FunctionSpec(**record))
+        self._functions[name] = fn
+        return fn
+
+    def _stats_of(self, fn: _Function) -> RuntimeStats:
+        return dataclasses.replace(fn.stats, live_workers=len(fn.idle) + fn.busy)
+
+    def _encode(self, name: str, event: Mapping[str, Any]) -> str:
+        with self._lock:
+            self._open()
+            spec = self._function(name).spec
+        try:
+            body = json.dumps(event, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            raise StratoError(f"event for function {name!r} is not JSON-serialisable: {exc}"
+                              ) from None
+        if len(body.encode()) > spec.max_event_bytes:
+            raise PayloadTooLarge(
+                f"event for function {name!r} is {len(body.encode())} bytes, over its limit of "
+                f"{spec.max_event_bytes}; pass large inputs by shared-memory reference"
+            )
+        return body
+
+    def _run(self, name: str, body: str) -> Any:
+        fn = self._take_slot(name)
+        invocation_id = uuid.uuid4().hex
+        attempt = 0
+        try:
+            while True:
+                try:
+                    return self._attempt(fn, invocation_id, body)
+                except _Died as died:
+                    with self._lock:
+                        self._open()
+                        fn.stats.crashes += 1
+                        if attempt >= fn.spec.retries:
+                            raise WorkerCrashed(
+                                f"function {name!r}: {died}; gave up after {attempt} "
+                                f"retr{'y' if attempt == 1 else 'ies'}") from None
+                        fn.stats.retries += 1
+                    attempt += 1
+        except (FunctionError, InvocationTimeout, WorkerCrashed):
+            with self._lock:
+                fn.stats.errors += 1
+            raise
+        finally:
+            with self._lock:
+                fn.running -= 1
+                self._grant(fn)
+
+    def _take_slot(self, name: str) -> _Function:
+        with self._lock:
+            self._open()
+            fn = self._function(name)
+            if fn.running < fn.spec.max_concurrency and not fn.waiters:
+                fn.running += 1
+                fn.stats.invocations += 1
+                return fn
+            turn = threading.Event()
+            fn.waiters.append(turn)
+        turn.wait()
+        with self._lock:
+            self._open()
+            fn.stats.invocations += 1
+            return fn
+
+    def _grant(self, fn: _Function) -> None:
+        while fn.waiters and fn.running < fn.spec.max_concurrency:
+            fn.running += 1
+            fn.waiters.popleft().set()
+
+    def _attempt(self, fn: _Function, invocation_id: str, body: str) -> Any:
+        ray = self._ray
+        actor, spec = self._acquire(fn)
+        started = time.monotonic()
+        try:
+            ref = actor.invoke.remote(invocation_id, body, spec.timeout_s)
+            try:
+                reply = json.loads(ray.get(ref, timeout=spec.timeout_s))
+            except ray.exceptions.GetTimeoutError:
+                ray.kill(actor)
+                with self._lock:
+                    fn.busy -= 1
+                    self._busy_actors.discard(actor)
+                    fn.stats.timeouts += 1
+                raise InvocationTimeout(
+                    f"function {spec.name!r} ran past its timeout of {spec.timeout_s:g} s "
+                    "and was stopped") from None
+            except ray.exceptions.RayActorError as exc:
+                self._discard(fn, actor)
+                raise _Died(f"its worker died ({type(exc).__name__})") from None
+        finally:
+            billed = time.monotonic() - started
+            with self._lock:
+                fn.stats.billed_s += billed
+                fn.stats.gb_s += billed * spec.memory_mb / 1024.0
+        with self._lock:
+            fn.busy -= 1
+            self._busy_actors.discard(actor)
+            if not self._closed and fn.spec == spec:
+                fn.idle.append((actor, time.monotonic()))
+                actor = None
+        if actor is not None:
+            ray.kill(actor)
+        if not reply.get("ok"):
+            from strato.services._runtime_process import RemoteFunctionError
+
+            raise RemoteFunctionError(spec.name, reply)
+        return reply.get("result")
+
+    def _acquire(self, fn: _Function) -> tuple[Any, FunctionSpec]:
+        with self._lock:
+            self._open()
+            spec = fn.spec
+            if fn.idle:
+                actor, _ = fn.idle.pop()
+                fn.busy += 1
+                self._busy_actors.add(actor)
+                return actor, spec
+            fn.busy += 1  # counted live from now: its start is under way
+            fn.stats.cold_starts += 1
+            node = fn.node
+        try:
+            actor = self._start(spec, node)
+        except BaseException:
+            with self._lock:
+                fn.busy -= 1
+            raise
+        with self._lock:
+            self._busy_actors.add(actor)
+        return actor, spec
+
+    def _start(self, spec: FunctionSpec, node: str | None) -> Any:
+        ray = self._ray
+        env = {**{k: str(v) for k, v in spec.env.items()}, ENV_VAR: json.dumps(self.config),
+               INBOX_ENV: self._inbox}
+        options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "max_concurrency": 1,
+                                   "runtime_env": {"env_vars": env}}
+        if node is not None:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
+        actor = ray.remote(_Worker).options(**options).remote(spec.name, spec.handler, env)
+        try:
+            _pid, init_s = ray.get(actor.ready.remote(), timeout=max(60.0, spec.timeout_s))
+        except Exception as exc:
+            ray.kill(actor)
+            raise _Died(f"its worker did not start ({type(exc).__name__}: {exc})") from None
+        with self._lock:
+            self._functions[spec.name].stats.init_s += init_s
+        return actor
+
+    def _discard(self, fn: _Function, actor: Any) -> None:
+        with self._lock:
+            fn.busy -= 1
+            self._busy_actors.discard(actor)
+        self._ray.kill(actor)
+
+    def _reap(self) -> None:
+        while not self._wake.wait(0.2):
+            now = time.monotonic()
+            gone = []
+            with self._lock:
+                for fn in self._functions.values():
+                    keep = [(a, t) for a, t in fn.idle if now - t < fn.spec.keep_alive_s]
+                    gone += [a for a, t in fn.idle if now - t >= fn.spec.keep_alive_s]
+                    fn.idle = keep
+            for actor in gone:
+                self._ray.kill(actor)
+
+
+class _Died(Exception):
+    """The invocation's actor died (or never started)."""
