@@ -31,12 +31,12 @@ BACKENDS = ("embedded", "aws", "ray")
 
 def _import_backend(name: str) -> None:
     """Register the backend ``name`` with ``strato.services`` (its package does, on import)."""
-    if name == "aws":
-        import strato.backends.aws  # noqa: F401 - imported to register the backend
-    elif name == "ray":
-        import strato.backends.ray  # noqa: F401 - imported to register the backend
-    elif name != "embedded":
+    if name not in BACKENDS:
         raise StratoError(f"unknown backend {name!r} ({', '.join(BACKENDS)})")
+    if name != "embedded":
+        import importlib
+
+        importlib.import_module(f"strato.backends.{name}")  # registers it
 
 
 def _configure_kernels() -> None:
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from strato.inference.cli import main_infer
 
-        extra["infer"] = main_infer
+        extra["infer"] = lambda rest: main_infer(rest, import_backend=_import_backend)
     except ImportError:
         pass
     if argv[:1] == ["client"] and _wants_backend(argv[1:]) is not None:

@@ -361,6 +361,12 @@ def _finish(
         "config": opts.config.to_dict(),
         "per_round": rows,
     }
+    where = getattr(svc.runtime, "placement", None)  # a backend with nodes says where
+    if callable(where):
+        try:
+            summary["placement"] = where()
+        except Exception as exc:  # a report must not fail a finished run
+            summary["placement"] = {"error": str(exc)}
     (opts.out / "summary.json").write_text(json.dumps(summary, indent=2))
     curves = report.write_curves(opts.out / "curves.png", rows)
     _say(

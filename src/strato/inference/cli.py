@@ -7,7 +7,7 @@
 
 The network is generated from ``--seed`` (or read from challenge TSV files with
 ``--network-dir``), the inputs are MNIST from ``--data-dir`` (or a challenge
-``sparse-images`` TSV with ``--images-file``). The run uses the embedded primitives
+``sparse-images`` TSV with ``--images-file``). The run uses the primitives of ``--backend``
 under ``--root`` (a temporary directory by default). Bad input is one line on stderr
 and exit status 2.
 """
@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -80,14 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-mb", type=int, default=2048, help="memory per function")
     p.add_argument("--latency-target", type=float, help="seconds, for --workers/--channel auto")
     p.add_argument("--max-workers", type=int, default=8, help="largest W tried by auto")
-    p.add_argument("--root", help="directory for the embedded services (default: temporary)")
+    p.add_argument("--root", help="directory for the services' files (default: temporary)")
+    p.add_argument("--backend", choices=["embedded", "ray"], default="embedded",
+                   help="where the workers run (ray: as Ray actors; default: embedded)")
+    p.add_argument("--address", help="ray: the cluster to join (default: a local Ray)")
     return p
 
 
-def main_infer(argv: list[str]) -> int:
+def main_infer(argv: list[str], import_backend: Callable[[str], None] | None = None) -> int:
+    """``strato infer``; ``import_backend(name)`` registers a backend other than the
+    embedded one (the command line passes it in: only it imports backends)."""
     try:
         args = build_parser().parse_args(argv)
         _validate(args)
+        if args.backend != "embedded":
+            if import_backend is None:
+                raise ConfigError(f"--backend {args.backend} is not available here")
+            import_backend(args.backend)
         return _run(args)
     except StratoError as exc:
         print(f"strato infer: error: {exc}", file=sys.stderr)
@@ -113,6 +123,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise ConfigError("--branching and --group-size must be ≥ 1, --memory-mb ≥ 128")
     if isinstance(args.workers, int) and args.workers > args.neurons:
         raise ConfigError(f"--workers must be at most --neurons ({args.neurons})")
+    if args.address is not None and args.backend != "ray":
+        raise ConfigError("--address only applies with --backend ray")
     if args.max_workers < 1:
         raise ConfigError(f"--max-workers must be ≥ 1, got {args.max_workers}")
     if args.latency_target is not None and args.latency_target <= 0:
@@ -153,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
     from strato.inference.partition import communication_volume, make_partition
     from strato.inference.planner import choose, predict
     from strato.inference.run import RunOptions, run_distributed
-    from strato.services import embedded
+    from strato.services import connect
 
     network, images = _load(args)
     layers, biases = network.layers, network.biases
@@ -180,7 +192,10 @@ def _run(args: argparse.Namespace) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="strato-infer-") as tmp:
         root = args.root or tmp
-        with embedded(root) as services:
+        config = {"backend": args.backend, "root": str(Path(root).resolve())}
+        if args.backend == "ray":
+            config["address"] = args.address
+        with connect(config) as services:
             result = run_distributed(services, layers, biases, images, best.partition, options)
     measured = result["counts"]
     edges = network.edges

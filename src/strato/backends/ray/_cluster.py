@@ -24,7 +24,7 @@ from typing import Any
 
 from strato import errors
 
-__all__ = ["NAMESPACE", "StateClient", "ensure_ray", "raise_remote", "state_client"]
+__all__ = ["NAMESPACE", "StateClient", "ensure_ray", "node_id", "raise_remote", "state_client"]
 
 NAMESPACE = "strato"
 HEAD_RESOURCE = "node:__internal_head__"  # Ray gives the head node this resource
@@ -72,8 +72,13 @@ class StateClient:
         self.users = 0
         self.owner = False
         self._actor: Any = None
+        self._making = threading.Lock()
 
     def actor(self) -> Any:
+        with self._making:  # one handle per process: a second one made at once dies
+            return self._make()
+
+    def _make(self) -> Any:
         if self._actor is None:
             ray = ensure_ray(self.config)
             try:
@@ -95,7 +100,8 @@ class StateClient:
         ray = ensure_ray(self.config)
         payload = None if data is None else bytes(data)
         text, blob = ray.get(self.actor().call.remote(
-            part, method, json.dumps({"args": list(args), "kwargs": kwargs}), payload))
+            part, method, json.dumps({"args": list(args), "kwargs": kwargs}), payload,
+            node_id(ray)))
         reply = json.loads(text)
         if "error" in reply:
             raise_remote(reply["error"])
@@ -125,6 +131,16 @@ class StateClient:
             if ray.is_initialized():
                 with contextlib.suppress(Exception):
                     ray.kill(actor)
+
+
+def node_id(ray: Any) -> str:
+    """The Ray node this process runs on."""
+    if "node" not in _THIS:
+        _THIS["node"] = str(ray.get_runtime_context().get_node_id())
+    return _THIS["node"]
+
+
+_THIS: dict[str, str] = {}
 
 
 def _has_head_resource(ray: Any) -> bool:

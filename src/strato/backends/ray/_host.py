@@ -71,11 +71,26 @@ class StateHost:
             "blobs": LocalBlobStore(base / "blobs"),
         }
 
+        # bytes in and out per caller's node: what crossed nodes to reach this state
+        self.traffic: dict[str, int] = {}
+
     def ping(self) -> int:
         return os.getpid()
 
-    def call(self, part: str, method: str, args: str, data: bytes | None) -> tuple[str, Any]:
+    def call(self, part: str, method: str, args: str, data: bytes | None,
+             caller: str = "") -> tuple[str, Any]:
         try:
-            return serve(self.parts[part], part, method, json.loads(args), data)
+            text, out = serve(self.parts[part], part, method, json.loads(args), data)
         except Exception as exc:  # reported to the caller, raised there as its own type
-            return json.dumps({"error": {"type": type(exc).__name__, "message": str(exc)}}), None
+            text = json.dumps({"error": {"type": type(exc).__name__, "message": str(exc)}})
+            out = None
+        moved = len(args) + len(data or b"") + len(text) + len(out or b"")
+        self.traffic[caller] = self.traffic.get(caller, 0) + moved
+        return text, out
+
+    def where(self) -> dict[str, Any]:
+        """This host's node and the bytes it exchanged with callers on each node."""
+        import ray
+
+        return {"node": ray.get_runtime_context().get_node_id(),
+                "bytes_by_caller_node": dict(self.traffic)}

@@ -8,8 +8,10 @@
   its actor (``InvocationTimeout``, not retried); an actor that dies mid-invocation is
   replaced and the invocation retried up to ``retries`` times (``WorkerCrashed``).
 - **Where.** Actors take no CPU reservation (``num_cpus=0``): Strato's autoscaler and
-  placement decide how much runs where; ``place(name, node_id)`` pins a function's
-  new actors to a node (Ray's node affinity).
+  placement decide how much runs where. New actors go to the alive nodes in turn
+  (soft node affinity: a node gone meanwhile is skipped); ``place(name, node_id)`` pins
+  a function's new actors to a node. ``placement()`` says where each function ran
+  and how many bytes crossed nodes to reach the state host.
 - **Wire.** Events and results cross as JSON text (the event size is checked against
   ``max_event_bytes`` before any worker starts); nothing of ours is pickled.
 - **Nested calls.** A handler's ``ctx.invoke_async`` checks the call against the specs
@@ -28,6 +30,7 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import Future
@@ -76,8 +79,10 @@ class _Worker:
             self.error = _fields(exc)
         self.init_s = time.perf_counter() - started
 
-    def ready(self) -> tuple[int, float]:
-        return os.getpid(), self.init_s
+    def ready(self) -> tuple[int, float, str]:
+        import ray
+
+        return os.getpid(), self.init_s, str(ray.get_runtime_context().get_node_id())
 
     def invoke(self, invocation_id: str, event: str, timeout_s: float) -> str:
         if self.error is not None:
@@ -142,7 +147,8 @@ class _Function:
     running: int = 0
     waiters: deque[threading.Event] = field(default_factory=deque)
     stats: RuntimeStats = field(default_factory=RuntimeStats)
-    node: str | None = None
+    node: str | None = None  # pinned by place()
+    turn: int = -1  # round robin of its new actors over the alive nodes
 
 
 class RayRuntime:
@@ -156,6 +162,8 @@ class RayRuntime:
         self._functions: dict[str, _Function] = {}
         self._closed = False
         self._busy_actors: set[Any] = set()
+        self._node_of: dict[Any, str] = {}  # actor -> the Ray node it runs on
+        self._ran: dict[str, dict[str, int]] = {}  # node -> function -> invocations
         self._wake = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="strato-ray-reaper", daemon=True)
         self._reaper.start()
@@ -214,6 +222,21 @@ class RayRuntime:
                 for f in dataclasses.fields(RuntimeStats):
                     setattr(total, f.name, getattr(total, f.name) + getattr(one, f.name))
             return total
+
+    def placement(self) -> dict[str, Any]:
+        """Where this run's functions ran and what crossed nodes: per Ray node, the
+        invocations of each function there; the bytes each node exchanged with the
+        state host (on the head), and their sum over the other nodes."""
+        with self._lock:
+            ran = {node: dict(fns) for node, fns in self._ran.items()}
+        host = self._ray.get(self._state.actor().where.remote())
+        by_node = host["bytes_by_caller_node"]
+        return {
+            "head_node": host["node"],
+            "invocations_by_node": ran,
+            "state_bytes_by_node": by_node,
+            "cross_node_bytes": sum(n for node, n in by_node.items() if node != host["node"]),
+        }
 
     def place(self, name: str, node_id: str | None) -> None:
         """Start ``name``'s new actors on Ray node ``node_id`` (None: anywhere)."""
@@ -366,6 +389,9 @@ class RayRuntime:
         ray = self._ray
         actor, spec = self._acquire(fn)
         started = time.monotonic()
+        with self._lock:
+            where = self._ran.setdefault(self._node_of.get(actor, "?"), {})
+            where[spec.name] = where.get(spec.name, 0) + 1
         try:
             ref = actor.invoke.remote(invocation_id, body, spec.timeout_s)
             try:
@@ -429,19 +455,35 @@ class RayRuntime:
                INBOX_ENV: self._inbox}
         options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "max_concurrency": 1,
                                    "runtime_env": {"env_vars": env}}
-        if node is not None:
-            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
+        # pinned, or the next alive node in turn: simulated clients use the whole cluster
+        target = node if node is not None else self._next_node(self._functions[spec.name])
+        if target is not None:  # soft: if that node is gone, Ray picks another
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(target, soft=True)
         actor = ray.remote(_Worker).options(**options).remote(spec.name, spec.handler, env)
         try:
-            _pid, init_s = ray.get(actor.ready.remote(), timeout=max(60.0, spec.timeout_s))
+            _pid, init_s, node_id = ray.get(actor.ready.remote(),
+                                            timeout=max(60.0, spec.timeout_s))
         except Exception as exc:
             ray.kill(actor)
             raise _Died(f"its worker did not start ({type(exc).__name__}: {exc})") from None
         with self._lock:
             self._functions[spec.name].stats.init_s += init_s
+            self._node_of[actor] = node_id
         return actor
+
+    def _next_node(self, fn: _Function) -> str | None:
+        """The alive node after the one this function's last new actor went to."""
+        alive = sorted(str(n["NodeID"]) for n in self._ray.nodes() if n.get("Alive"))
+        if not alive:
+            return None
+        with self._lock:
+            if fn.turn < 0:  # functions start at different nodes: the run spreads out
+                fn.turn = zlib.crc32(fn.spec.name.encode())
+            else:
+                fn.turn += 1
+            return alive[fn.turn % len(alive)]
 
     def _discard(self, fn: _Function, actor: Any) -> None:
         with self._lock:

@@ -1,0 +1,148 @@
+"""Strato on a 3-node Ray cluster on this machine (``strato.backends.ray.local``).
+
+The same app as the embedded backend's, unchanged, with its functions spread over the
+nodes; a worker node taken away mid-round loses no accepted update; and nothing of
+Ray is left running afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="the ray backend needs ray: pip install 'strato[ray]'")
+
+from strato.backends.ray.local import LocalCluster  # noqa: E402
+from strato.fl import state  # noqa: E402
+from strato.fl.config import load_job_config  # noqa: E402
+from strato.fl.run import RunOptions, run_job  # noqa: E402
+from strato.services import connect  # noqa: E402
+
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "mnist"
+pytestmark = pytest.mark.slow
+
+
+def _ray_processes() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines()
+            if ("raylet" in line or "gcs_server" in line) and "ps -eo" not in line]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    if ray.is_initialized():  # another module's local Ray: this module has its own cluster
+        ray.shutdown()
+    before = set(_ray_processes())
+    with LocalCluster(nodes=3, cpus=1) as c:
+        yield c
+    deadline = time.monotonic() + 20
+    while set(_ray_processes()) - before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not set(_ray_processes()) - before, "Ray processes outlived the cluster"
+
+
+def _options(out: Path, address: str, **overrides: Any) -> RunOptions:
+    config = load_job_config(EXAMPLE / "strato.toml").override(**overrides)
+    services = None if address == "embedded" else {"backend": "ray", "address": address}
+    return RunOptions(app_dir=EXAMPLE, out=out, config=config, quiet=True, services=services)
+
+
+def test_the_example_runs_unchanged_on_three_nodes(cluster: LocalCluster, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("STRATO_DATA_DIR", raising=False)  # the digits: quick, same on both
+    on_ray = run_job(_options(tmp_path / "ray", cluster.address, rounds=2))
+    embedded = run_job(_options(tmp_path / "embedded", "embedded", rounds=2))
+    assert on_ray["rounds"] == 2 and on_ray["updates_accepted"] == 20
+    assert on_ray["final_accuracy"] == pytest.approx(embedded["final_accuracy"], abs=0.005)
+    placement = on_ray["placement"]
+    ran = placement["invocations_by_node"]
+    assert sum(fns.get("client", 0) for fns in ran.values()) == 20
+    assert sum(fns.get("aggregate", 0) for fns in ran.values()) >= 2
+    assert len(ran) >= 2  # the functions spread over the nodes
+    assert placement["cross_node_bytes"] > 0  # updates from other nodes reached the head
+    assert placement["head_node"] in placement["state_bytes_by_node"]
+
+
+def test_losing_a_worker_node_mid_round_loses_no_update(cluster: LocalCluster, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("STRATO_DATA_DIR", raising=False)
+    out = tmp_path / "run"
+    opts = _options(out, cluster.address, rounds=2, clients_per_round=12)
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["summary"] = run_job(opts)
+        except BaseException as exc:  # reported below
+            import traceback
+
+            result["error"] = exc
+            result["traceback"] = traceback.format_exc()
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    # Mid-round 1: some of its updates are in, clients still train on every node.
+    svc_config = {"backend": "ray", "address": cluster.address,
+                  "root": str((out / "services").resolve())}
+    deadline = time.monotonic() + 120
+    accepted = 0
+    with connect(svc_config) as svc:
+        while time.monotonic() < deadline and runner.is_alive():
+            try:
+                accepted = len(svc.table.query(state.ACCEPTED))
+            except Exception:  # the run has not made its tables yet
+                accepted = 0
+            if accepted >= 3:
+                break
+            time.sleep(0.05)
+        assert accepted >= 3, f"round 1 never got going: {result}"
+        placement = {n["NodeID"]: n for n in ray.nodes() if n.get("Alive")}
+        victim = cluster.workers[0]
+        assert victim.node_id in placement
+        cluster.remove_node(victim)
+        runner.join(timeout=300)
+    assert not runner.is_alive(), "the run did not finish after the node was lost"
+    assert "error" not in result, result.get("error")
+    summary = result["summary"]
+    assert summary["rounds"] == 2
+    # every selected client reported and was counted once: 12 per round
+    assert summary["updates_accepted"] == 24
+    assert [r["accepted"] for r in summary["per_round"]] == [12, 12]
+    # the lost node had work of this run when it went
+    assert summary["placement"]["invocations_by_node"].get(victim.node_id)
+    cluster.workers.append(cluster._cluster.add_node(num_cpus=1))  # for later tests
+    os.sync()
+
+
+@pytest.mark.parametrize("channel", ["bus", "blob"])
+def test_inference_workers_as_actors_give_the_oracles_categories(
+    cluster: LocalCluster, tmp_path: Path, channel: str
+) -> None:
+    import numpy as np
+    from inference.conftest import random_inputs
+
+    from strato.inference.network import generate_network
+    from strato.inference.partition import make_partition
+    from strato.inference.reference import reference_inference
+    from strato.inference.run import RunOptions as InferOptions
+    from strato.inference.run import run_distributed
+
+    net = generate_network(1024, 4, seed=4)
+    x = random_inputs(1024, 300, 120, seed=5)
+    part = make_partition("hypergraph", net.layers, 3)
+    config = {"backend": "ray", "address": cluster.address, "root": str(tmp_path / "svc")}
+    with connect(config) as svc:
+        res = run_distributed(svc, net.layers, net.biases, x, part,
+                              InferOptions(channel=channel, branching=2, group_size=2,
+                                           timeout_s=120))
+        ran = svc.runtime.placement()["invocations_by_node"]  # type: ignore[attr-defined]
+    assert np.array_equal(res["categories"], reference_inference(net, x))
+    assert res["counts"]["invocations"] == 3
+    assert len(ran) >= 2  # the three workers went to different nodes
