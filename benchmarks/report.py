@@ -145,6 +145,7 @@ def round_path() -> str:
     before = _load("round_path", "before.json")
     full = _load("round_path", "full.json")
     quick = _load("round_path", "quick.json")
+    quick32 = _load("round_path", "quick-float32.json")
 
     def seconds(v: float | None) -> str:
         return "—" if v is None else f"{v:.3f} s"
@@ -183,14 +184,15 @@ def round_path() -> str:
     lines = [
         f"| key | before | full ({len(full['ran']['measured_rounds'])} measured rounds) "
         f"| quick ({len(quick['ran']['measured_rounds'])} measured round"
-        f"{'s' if len(quick['ran']['measured_rounds']) > 1 else ''}) | target (full run) |",
-        "|---|---:|---:|---:|---|",
+        f"{'s' if len(quick['ran']['measured_rounds']) > 1 else ''}) "
+        "| quick, float32 accumulator | target (full run) |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     for label, key, fmt in keys:
         lines.append(_row([label, fmt(before.get(key)), fmt(full.get(key)), fmt(quick.get(key)),
-                           target(key)]))
+                           fmt(quick32.get(key)), target(key)]))
     lines.append(_row(["`sharded_median_peak_mb` (64 × 25M, `function_memory_mb` 1024)",
-                       sharded(before), sharded(full), sharded(quick),
+                       sharded(before), sharded(full), sharded(quick), "not run",
                        target("sharded_median_peak_mb")]))
     return "\n".join(lines)
 
@@ -472,6 +474,23 @@ def vs_flower() -> str:
     return "\n".join(lines)
 
 
+def ray_accuracy() -> str:
+    d = _load("ray", "accuracy.json")
+    runs = d["runs"]
+    lines = [f"| backend ({d['data']}, {d['rounds']} rounds, seed 0) | final accuracy | wall s "
+             "| function-s |", "|---|---:|---:|---:|"]
+    for name, label in (("embedded", "embedded"), ("ray", "ray, 3 local nodes × 1 CPU")):
+        r = runs[name]
+        lines.append(_row([label, f"{r['final_accuracy']:.4f}", f"{r['wall_s']:.1f}",
+                           f"{r['function_seconds']:.1f}"]))
+    gap = d["accuracy_gap_points"]
+    met = "met" if d["targets"]["accuracy_gap_points"]["met"] else "**missed**"
+    lines.append("")
+    lines.append(f"Accuracy gap {gap:.2f} points (≤ 0.5: {met}); "
+                 f"{d['cross_node_bytes'] / 1e6:.1f} MB crossed nodes to reach the state host.")
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
     "vs-flower": vs_flower,
     "fl-example": fl_example,
@@ -493,6 +512,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "inference-launch": inference_launch,
     "inference-volumes": inference_volumes,
     "aws-round-cost": aws_round_cost,
+    "ray-accuracy": ray_accuracy,
 }
 
 
