@@ -118,6 +118,7 @@ def function_specs(cfg: JobConfig) -> list[FunctionSpec]:
             max_concurrency=1,
             keep_alive_s=120,
             env={**single, "OPENBLAS_NUM_THREADS": "1", "STRATO_FUNCTION": "aggregate"},
+            locality="state",  # it reads every update: where the blobs are
         ),
         FunctionSpec(
             "close_round",

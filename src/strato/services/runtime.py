@@ -37,6 +37,10 @@ class FunctionSpec:
     retries: int = 2
     max_event_bytes: int = 6 * 1024 * 1024  # Lambda's synchronous payload limit
     env: Mapping[str, str] = field(default_factory=dict)
+    # "state": run next to the run's durable state (the table and the blobs) where a
+    # backend has several nodes (Ray: on the head); "" anywhere. A hint: one-node
+    # backends and Lambda have nothing to choose.
+    locality: str = ""
 
 
 @dataclass

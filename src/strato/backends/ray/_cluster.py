@@ -73,6 +73,7 @@ class StateClient:
         self.owner = False
         self._actor: Any = None
         self._making = threading.Lock()
+        self._host_node: str | None = None
 
     def actor(self) -> Any:
         with self._making:  # one handle per process: a second one made at once dies
@@ -106,6 +107,16 @@ class StateClient:
         if "error" in reply:
             raise_remote(reply["error"])
         return reply.get("result"), blob
+
+    def host_node(self) -> str:
+        """The Ray node the state host runs on."""
+        if self._host_node is None:
+            ray = ensure_ray(self.config)
+            self._host_node = str(ray.get(self.actor().where.remote())["node"])
+        return self._host_node
+
+    def on_host_node(self) -> bool:
+        return self.host_node() == node_id(ensure_ray(self.config))
 
     def release(self) -> None:
         """One user fewer. The process that made the host stops it a few seconds after

@@ -92,7 +92,20 @@ class RayBus(_Proxy):
 
 
 class RayBlobStore(_Proxy):
+    """Blobs in the state host; a process on the host's node also gets ``locate``
+    (the blob's file, offset and length on this machine), which the aggregation
+    engine maps in place instead of copying the bytes over."""
+
     kind = "blobs"
+
+    def __init__(self, client: StateClient) -> None:
+        super().__init__(client)
+        if client.on_host_node():
+            self.locate = self._locate
+
+    def _locate(self, key: str) -> tuple[str, int, int]:
+        path, offset, length = self._call("locate", key)
+        return str(path), int(offset), int(length)
 
     def put(self, key: str, data: Any) -> str:
         return str(self._call("put", key, data=_bytes(data)))

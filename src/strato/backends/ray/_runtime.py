@@ -9,9 +9,11 @@
   replaced and the invocation retried up to ``retries`` times (``WorkerCrashed``).
 - **Where.** Actors take no CPU reservation (``num_cpus=0``): Strato's autoscaler and
   placement decide how much runs where. New actors go to the alive nodes in turn
-  (soft node affinity: a node gone meanwhile is skipped); ``place(name, node_id)`` pins
-  a function's new actors to a node. ``placement()`` says where each function ran
-  and how many bytes crossed nodes to reach the state host.
+  (node affinity; a node gone meanwhile: anywhere); a spec with
+  ``locality="state"`` (the aggregator) goes to the state host's node, where it maps
+  update blobs in place; ``place(name, node_id)`` pins a function's new actors to a
+  node. ``placement()`` says where each function ran and how many bytes crossed nodes
+  to reach the state host.
 - **Wire.** Events and results cross as JSON text (the event size is checked against
   ``max_event_bytes`` before any worker starts); nothing of ours is pickled.
 - **Nested calls.** A handler's ``ctx.invoke_async`` checks the call against the specs
@@ -78,6 +80,12 @@ class _Worker:
         except Exception as exc:  # reported by the first invocation, as Lambda does
             self.error = _fields(exc)
         self.init_s = time.perf_counter() - started
+
+    def exit(self) -> None:
+        """Leave now, as a process exits: shared memory this worker made is unlinked."""
+        import ray
+
+        ray.actor.exit_actor()  # type: ignore[no-untyped-call]
 
     def ready(self) -> tuple[int, float, str]:
         import ray
@@ -163,6 +171,7 @@ class RayRuntime:
         self._closed = False
         self._busy_actors: set[Any] = set()
         self._node_of: dict[Any, str] = {}  # actor -> the Ray node it runs on
+        self._pid_of: dict[Any, int] = {}  # actor -> its process id there
         self._ran: dict[str, dict[str, int]] = {}  # node -> function -> invocations
         self._wake = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="strato-ray-reaper", daemon=True)
@@ -192,7 +201,7 @@ class RayRuntime:
             else:
                 stale = []
         for actor, _ in stale:
-            self._ray.kill(actor)
+            self._retire(actor, graceful=True)
 
     def invoke(self, name: str, event: Mapping[str, Any]) -> Any:
         return self._run(name, self._encode(name, event))
@@ -256,8 +265,12 @@ class RayRuntime:
                 fn.waiters.clear()
             busy = list(self._busy_actors)
         self._wake.set()
-        for actor in actors + busy:
-            self._ray.kill(actor)
+        sweeps = [self._retire(actor, graceful=True) for actor in actors]
+        sweeps += [self._retire(actor, graceful=False) for actor in busy]
+        # the sweeps finish before close returns: nothing is left in /dev/shm after it
+        with contextlib.suppress(Exception):
+            self._ray.wait([r for r in sweeps if r is not None],
+                           num_returns=len([r for r in sweeps if r is not None]), timeout=15)
         if self._inbox_thread is not None:
             self._inbox_thread.join(timeout=5.0)
             with contextlib.suppress(StratoError):
@@ -397,7 +410,7 @@ class RayRuntime:
             try:
                 reply = json.loads(ray.get(ref, timeout=spec.timeout_s))
             except ray.exceptions.GetTimeoutError:
-                ray.kill(actor)
+                self._retire(actor, graceful=False)
                 with self._lock:
                     fn.busy -= 1
                     self._busy_actors.discard(actor)
@@ -420,7 +433,7 @@ class RayRuntime:
                 fn.idle.append((actor, time.monotonic()))
                 actor = None
         if actor is not None:
-            ray.kill(actor)
+            self._retire(actor, graceful=True)
         if not reply.get("ok"):
             from strato.services._runtime_process import RemoteFunctionError
 
@@ -450,17 +463,33 @@ class RayRuntime:
         return actor, spec
 
     def _start(self, spec: FunctionSpec, node: str | None) -> Any:
-        ray = self._ray
         env = {**{k: str(v) for k, v in spec.env.items()}, ENV_VAR: json.dumps(self.config),
                INBOX_ENV: self._inbox}
         options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "max_concurrency": 1,
                                    "runtime_env": {"env_vars": env}}
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        # pinned, or the next alive node in turn: simulated clients use the whole cluster
+        # pinned, next to the durable state, or the next alive node in turn (simulated
+        # clients use the whole cluster)
+        if node is None and spec.locality == "state":
+            node = self._state.host_node()
         target = node if node is not None else self._next_node(self._functions[spec.name])
-        if target is not None:  # soft: if that node is gone, Ray picks another
-            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(target, soft=True)
+        try:
+            return self._start_on(spec, env, options, target)
+        except _Died:
+            if target is None:
+                raise
+            return self._start_on(spec, env, options, None)  # that node went: anywhere
+
+    def _start_on(self, spec: FunctionSpec, env: dict[str, str], options: dict[str, Any],
+                  target: str | None) -> Any:
+        ray = self._ray
+        if target is not None:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            # hard affinity: Ray's soft affinity does not hold for actors that reserve
+            # no CPU (measured: they land elsewhere); a node gone meanwhile fails the
+            # start, and the caller starts the actor anywhere instead
+            options = {**options,
+                       "scheduling_strategy": NodeAffinitySchedulingStrategy(target, soft=False)}
         actor = ray.remote(_Worker).options(**options).remote(spec.name, spec.handler, env)
         try:
             _pid, init_s, node_id = ray.get(actor.ready.remote(),
@@ -471,6 +500,7 @@ class RayRuntime:
         with self._lock:
             self._functions[spec.name].stats.init_s += init_s
             self._node_of[actor] = node_id
+            self._pid_of[actor] = _pid
         return actor
 
     def _next_node(self, fn: _Function) -> str | None:
@@ -485,11 +515,36 @@ class RayRuntime:
                 fn.turn += 1
             return alive[fn.turn % len(alive)]
 
+    def _retire(self, actor: Any, *, graceful: bool) -> Any:
+        """Stop an actor: let it exit (its shared memory unlinked on the way out), or
+        kill it; then a task on its node unlinks what a killed worker left in
+        ``/dev/shm`` (a SIGKILLed process cleans nothing up itself)."""
+        with self._lock:
+            pid = self._pid_of.pop(actor, None)
+            node = self._node_of.pop(actor, None)
+        try:
+            if graceful:
+                actor.exit.remote()
+            else:
+                self._ray.kill(actor)
+        except Exception:  # already gone
+            pass
+        if pid is None or node is None:
+            return None
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        try:  # the sweep's ObjectRef; the node itself may be gone
+            return self._ray.remote(_sweep_after).options(
+                num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+            ).remote(pid)
+        except Exception:
+            return None
+
     def _discard(self, fn: _Function, actor: Any) -> None:
         with self._lock:
             fn.busy -= 1
             self._busy_actors.discard(actor)
-        self._ray.kill(actor)
+        self._retire(actor, graceful=False)
 
     def _reap(self) -> None:
         while not self._wake.wait(0.2):
@@ -501,7 +556,18 @@ class RayRuntime:
                     gone += [a for a, t in fn.idle if now - t >= fn.spec.keep_alive_s]
                     fn.idle = keep
             for actor in gone:
-                self._ray.kill(actor)
+                self._retire(actor, graceful=True)
+
+
+def _sweep_after(pid: int, wait_s: float = 10.0) -> int:
+    """On the node of a worker just stopped: once its process is gone, unlink the
+    shared-memory segments it left; returns how many."""
+    from strato.services import _shm_lifetime
+
+    deadline = time.monotonic() + wait_s
+    while _shm_lifetime.owner_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return len(_shm_lifetime.sweep_orphans(owners=[pid]))
 
 
 class _Died(Exception):
