@@ -44,6 +44,18 @@ def one_run(out: Path, rounds: int, data_dir: str | None, address: str | None) -
             "placement": summary.get("placement")}
 
 
+def _commit() -> str | None:
+    """The commit measured (with ``+changes`` when the work tree differs from it)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True,
+                              check=False).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD")
+    return None if not head else head + ("+changes" if git("status", "--porcelain") else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": "MNIST" if args.data_dir else "scikit-learn digits",
         "rounds": args.rounds,
         "runs": {"embedded": embedded, "ray": on_ray},
+        "commit": _commit(),
         "command": "python benchmarks/ray_accuracy.py" + " ".join(
             f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
     }

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from strato.codec import decode, encode
-from strato.data import load_dataset, partition
+from strato.data import load_dataset, load_digits, partition
 from strato.fl.app import DataInfo, Dataset
 from strato.fl.config import JobConfig
 from strato.params import Params
@@ -40,9 +40,12 @@ class PreparedData:
 
 
 def _load(data_dir: str | None) -> Any:
+    """The job's dataset: MNIST from ``data_dir``, or the digits when the job has none.
+    Not ``$STRATO_DATA_DIR`` here: a worker must load what the job recorded, whatever
+    its own environment says (a Ray node's may differ from the run process's)."""
     key = data_dir or ""
     if key not in _cache:
-        _cache[key] = load_dataset(data_dir)
+        _cache[key] = load_dataset(data_dir) if data_dir else load_digits()
     return _cache[key]
 
 

@@ -132,7 +132,7 @@ def test_inference_workers_as_actors_give_the_oracles_categories(
 ) -> None:
     import numpy as np
 
-    from inference.conftest import random_inputs
+    from sparse_inputs import random_inputs
     from strato.inference.network import generate_network
     from strato.inference.partition import make_partition
     from strato.inference.reference import reference_inference
@@ -151,3 +151,25 @@ def test_inference_workers_as_actors_give_the_oracles_categories(
     assert np.array_equal(res["categories"], reference_inference(net, x))
     assert res["counts"]["invocations"] == 3
     assert len(ran) >= 2  # the three workers went to different nodes
+
+
+def test_a_lost_state_host_is_made_again_on_the_same_files(cluster: LocalCluster,
+                                                           tmp_path: Path) -> None:
+    from strato.backends.ray._cluster import state_client
+    from strato.errors import StratoError
+
+    config = {"backend": "ray", "address": cluster.address, "root": str(tmp_path / "svc")}
+    with connect(config) as svc:
+        svc.table.create_table("t")
+        svc.table.put("t", "k", {"v": 1})
+        svc.blobs.put("b", b"bytes")
+        client = state_client(config)
+        try:
+            ray.kill(client.actor())  # as if the process that made it had gone
+        finally:
+            client.release()
+        with pytest.raises(StratoError, match="state host went away"):
+            svc.table.get("t", "k")
+        item = svc.table.get("t", "k")  # a new host, the same SQLite file
+        assert item is not None and item.value == {"v": 1}
+        assert bytes(svc.blobs.get("b")) == b"bytes"

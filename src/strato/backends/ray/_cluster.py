@@ -100,9 +100,19 @@ class StateClient:
         """Call ``method`` of the host's ``part``; returns ``(result, bytes | None)``."""
         ray = ensure_ray(self.config)
         payload = None if data is None else bytes(data)
-        text, blob = ray.get(self.actor().call.remote(
-            part, method, json.dumps({"args": list(args), "kwargs": kwargs}), payload,
-            node_id(ray)))
+        request = json.dumps({"args": list(args), "kwargs": kwargs})
+        try:
+            text, blob = ray.get(self.actor().call.remote(part, method, request, payload,
+                                                          node_id(ray)))
+        except ray.exceptions.RayActorError:
+            # The host went (with the process that made it, or its node): the next call
+            # makes a new one on the same files, which held everything durable. This
+            # call may or may not have taken effect, so it is not repeated blindly.
+            with self._making:
+                self._actor, self._host_node = None, None
+            raise errors.StratoError(
+                f"the run's state host went away during {part}.{method}; the next call "
+                "starts a new one on the same files") from None
         reply = json.loads(text)
         if "error" in reply:
             raise_remote(reply["error"])
