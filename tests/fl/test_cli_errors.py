@@ -63,5 +63,10 @@ def test_bad_numbers(tiny_app: Path, tmp_path: Path, args: list[str]) -> None:
     assert res.returncode == 2 and "Traceback" not in res.stderr
 
 
+def test_address_without_ray(tiny_app: Path, tmp_path: Path) -> None:
+    res = strato("run", str(tiny_app), "--address", "10.0.0.1:6379", "--out", str(tmp_path / "o"))
+    _assert_one_line_error(res, "--address only applies with --backend ray")
+
+
 def test_resume_of_nothing(tmp_path: Path) -> None:
     _assert_one_line_error(strato("run", "--resume", str(tmp_path)), "no run to resume")

@@ -22,6 +22,9 @@ from strato.inference.cli import main_infer
         ["--neurons", "1024", "--layers", "2", "--latency-target", "-1"],
         ["--neurons", "1024", "--layers", "2", "--json", "/nonexistent/dir/run.json"],
         ["--neurons", "1024", "--layers", "2", "--save-network", "/dev/null"],
+        ["--neurons", "1024", "--layers", "2", "--address", "10.0.0.1:6379"],  # no ray
+        ["--neurons", "1024", "--layers", "2", "--backend", "ray"],  # no backend given in
+        ["--neurons", "1024", "--layers", "2", "--backend", "pigeon"],
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
