@@ -52,6 +52,15 @@ from strato.services import ENV_VAR, FunctionSpec, RuntimeStats
 
 __all__ = ["RayRuntime"]
 
+# Environment variables that libraries read once, when they load: a spec that sets one
+# gets a worker process started with it. Others are set in the worker's own environment
+# before the handler is imported, on a worker Ray may have started ahead of time.
+# (PYTHONPATH is not one of them: the worker puts its entries on sys.path itself.)
+_READ_AT_LOAD = ("OMP_", "MKL_", "OPENBLAS_", "NUMBA_", "NUMEXPR_", "LD_")
+
+
+def _read_at_load(name: str) -> bool:
+    return name.startswith(_READ_AT_LOAD) or (name.startswith("PYTHON") and name != "PYTHONPATH")
 REGISTRY = "strato_ray_functions"  # the state host's table of registered specs
 INBOX_ENV = "STRATO_RAY_INBOX"  # the bus topic of the runtime that started a worker
 _MAX_MESSAGE_CHARS = 2000
@@ -465,8 +474,11 @@ class RayRuntime:
     def _start(self, spec: FunctionSpec, node: str | None) -> Any:
         env = {**{k: str(v) for k, v in spec.env.items()}, ENV_VAR: json.dumps(self.config),
                INBOX_ENV: self._inbox}
-        options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "max_concurrency": 1,
-                                   "runtime_env": {"env_vars": env}}
+        options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "max_concurrency": 1}
+        if any(_read_at_load(k) for k in spec.env):
+            # read when a library loads (numpy's BLAS is loaded before our code runs):
+            # only a fresh worker process started with them obeys them (~1 s slower)
+            options["runtime_env"] = {"env_vars": env}
         # pinned, next to the durable state, or the next alive node in turn (simulated
         # clients use the whole cluster)
         if node is None and spec.locality == "state":
