@@ -165,9 +165,17 @@ def test_a_lost_state_host_is_made_again_on_the_same_files(cluster: LocalCluster
         svc.blobs.put("b", b"bytes")
         client = state_client(config)
         try:
-            ray.kill(client.actor())  # as if the process that made it had gone
+            host = client.actor()
+            ray.kill(host)  # as if the process that made it had gone
         finally:
             client.release()
+        deadline = time.monotonic() + 30  # the kill is asynchronous: wait till it is gone
+        while time.monotonic() < deadline:
+            try:
+                ray.get(host.ping.remote(), timeout=5)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                break
+            time.sleep(0.05)
         with pytest.raises(StratoError, match="state host went away"):
             svc.table.get("t", "k")
         item = svc.table.get("t", "k")  # a new host, the same SQLite file
