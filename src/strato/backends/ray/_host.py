@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
@@ -73,6 +74,7 @@ class StateHost:
 
         # bytes in and out per caller's node: what crossed nodes to reach this state
         self.traffic: dict[str, int] = {}
+        self._counting = threading.Lock()  # calls run on up to 64 threads at once
 
     def ping(self) -> int:
         return os.getpid()
@@ -85,12 +87,15 @@ class StateHost:
             text = json.dumps({"error": {"type": type(exc).__name__, "message": str(exc)}})
             out = None
         moved = len(args) + len(data or b"") + len(text) + len(out or b"")
-        self.traffic[caller] = self.traffic.get(caller, 0) + moved
+        with self._counting:
+            self.traffic[caller] = self.traffic.get(caller, 0) + moved
         return text, out
 
     def where(self) -> dict[str, Any]:
         """This host's node and the bytes it exchanged with callers on each node."""
         import ray
 
+        with self._counting:
+            traffic = dict(self.traffic)
         return {"node": ray.get_runtime_context().get_node_id(),
-                "bytes_by_caller_node": dict(self.traffic)}
+                "bytes_by_caller_node": traffic}
