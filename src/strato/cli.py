@@ -93,7 +93,8 @@ def _apply_backend(opts: RunOptions, args: argparse.Namespace) -> None:
 
 def _run_options(args: argparse.Namespace) -> RunOptions:
     """The RunOptions of `strato run` and `strato serve` (same job arguments)."""
-    from strato.fl.config import load_job_config
+    from strato.data import dataset_name
+    from strato.fl.config import dataset_settings, load_job_config
     from strato.fl.run import RunOptions
 
     app_dir = Path(args.app_dir) if args.app_dir else None
@@ -107,7 +108,10 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
         _import_backend((recorded.get("services") or {}).get("backend", "embedded"))
     if app_dir is None:
         raise StratoError("give an APP_DIR (or --resume OUT)")
-    cfg = load_job_config(app_dir / "strato.toml")
+    # The job's shape may depend on the data it will have ([dataset.NAME] in strato.toml).
+    dataset = dataset_name(args.data_dir)
+    cfg = load_job_config(app_dir / "strato.toml", dataset)
+    shaped = dataset_settings(app_dir / "strato.toml", dataset)
     cfg = cfg.override(
         rounds=args.rounds,
         clients=args.clients,
@@ -121,8 +125,15 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
 
     check_strategy(cfg.strategy, cfg.strategy_options)
     out = Path(args.resume or args.out or f"runs/{app_dir.name}")
+    note = None
+    if shaped and not args.resume:
+        settings = ", ".join(f"{k} {v}" for k, v in shaped.items() if k != "train")
+        settings += "".join(f", {k} {v}" for k, v in dict(shaped.get("train", {})).items())
+        note = (f"job shaped for the {dataset} by [dataset.{dataset}] in "
+                f"{app_dir / 'strato.toml'}: {settings.lstrip(', ')}")
     return RunOptions(
-        app_dir=app_dir, out=out, config=cfg, data_dir=args.data_dir, resume=bool(args.resume)
+        app_dir=app_dir, out=out, config=cfg, data_dir=args.data_dir, resume=bool(args.resume),
+        shape_note=note,
     )
 
 
@@ -259,6 +270,17 @@ def _client(args: argparse.Namespace) -> int:
     )
 
 
+def _new(args: argparse.Namespace) -> int:
+    from strato.fl.scaffold import new_app
+
+    where = new_app(args.name, Path(args.dir))
+    readme = (where / "README.md").read_text().split("```bash\n", 1)[1].split("```", 1)[0]
+    print(f"wrote {where}: app.py, strato.toml, test_app.py, requirements.txt, README.md")
+    print(f"run it (and its tests) from {where} with:")
+    print(readme.rstrip())
+    return 0
+
+
 def _number(text: str) -> int | float:
     """A number option: an int when integral (bits 4, not 4.0); checked by the strategy."""
     value = float(text)
@@ -367,6 +389,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("deploy", help="deploy the FL infrastructure (strato deploy aws --help)",
                    add_help=False)  # fmt: skip
     sub.add_parser("infer", help="serverless distributed inference of a sparse DNN", add_help=False)
+    new = sub.add_parser("new", help="write a new app directory to start from")
+    new.add_argument("name", help="the app's name (and its directory's)")
+    new.add_argument("--dir", default=".", help="where to write it (default: here)")
+    new.set_defaults(func=_new)
     return p
 
 

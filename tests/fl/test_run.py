@@ -12,17 +12,23 @@ from pathlib import Path
 
 import pytest
 
-from fltools import cli_env, shm_segments, strato, strato_workers
+from fltools import TINY_TOML, cli_env, make_tiny_app, shm_segments, strato, strato_workers
 
 pytestmark = pytest.mark.slow
 
 
-def test_run_writes_summary_metrics_and_curves(tiny_app: Path, tmp_path: Path) -> None:
+def test_run_writes_summary_metrics_and_curves(tmp_path: Path) -> None:
+    # [dataset.digits] shapes the job for the data it has (here: the digits), and says so
+    toml = TINY_TOML.replace("clients = 6", "clients = 12") + "\n[dataset.digits]\nclients = 6\n"
+    app = make_tiny_app(tmp_path, toml)
     before = shm_segments()
     out = tmp_path / "out"
-    res = strato("run", str(tiny_app), "--out", str(out))
+    res = strato("run", str(app), "--out", str(out))
     assert res.returncode == 0, res.stderr
-    assert "digits" in res.stdout  # says which data it used
+    first = res.stdout.splitlines()[:2]
+    assert first[0].startswith("data: scikit-learn digits")  # says which data it used
+    assert first[1].startswith("job shaped for the digits by [dataset.digits]")
+    assert first[1].endswith(": clients 6")
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("round")]
     assert len(lines) == 3
     summary = json.loads((out / "summary.json").read_text())
@@ -41,6 +47,7 @@ def test_run_writes_summary_metrics_and_curves(tiny_app: Path, tmp_path: Path) -
     ):
         assert key in summary, key
     assert summary["rounds"] == 3 and len(summary["per_round"]) == 3
+    assert summary["config"]["clients"] == 6
     assert summary["updates_accepted"] == 9 and summary["updates_rejected"] == 0
     assert summary["final_accuracy"] > 0.4  # ten classes: chance is 0.1
     assert summary["bytes_up"] > 0 and summary["bytes_down"] > 0

@@ -8,7 +8,14 @@ clients, scheme, seed=...)`` splits the training set (``iid``, ``dirichlet``,
 
 from __future__ import annotations
 
-from strato.data.datasets import DATA_DIR_ENV, Dataset, load_dataset, load_digits, load_mnist
+from strato.data.datasets import (
+    DATA_DIR_ENV,
+    Dataset,
+    dataset_name,
+    load_dataset,
+    load_digits,
+    load_mnist,
+)
 from strato.data.mnist import MNIST_FILES, find_mnist_files, read_idx, read_mnist
 from strato.data.partition import SCHEMES, dirichlet, iid, partition, shards
 
@@ -17,6 +24,7 @@ __all__ = [
     "MNIST_FILES",
     "SCHEMES",
     "Dataset",
+    "dataset_name",
     "dirichlet",
     "find_mnist_files",
     "iid",

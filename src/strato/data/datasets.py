@@ -25,7 +25,7 @@ import numpy.typing as npt
 from strato.data.mnist import read_mnist
 from strato.errors import ConfigError
 
-__all__ = ["DATA_DIR_ENV", "Dataset", "load_dataset", "load_digits", "load_mnist"]
+__all__ = ["DATA_DIR_ENV", "Dataset", "dataset_name", "load_dataset", "load_digits", "load_mnist"]
 
 DATA_DIR_ENV = "STRATO_DATA_DIR"
 F32 = npt.NDArray[np.float32]
@@ -140,12 +140,16 @@ def load_digits(size: int | None = 28) -> Dataset:
                    mean, std)
 
 
+def dataset_name(data_dir: str | os.PathLike[str] | None = None) -> str:
+    """Which dataset ``load_dataset(data_dir)`` loads, without loading it."""
+    given = data_dir is not None and str(data_dir) != ""
+    return "mnist" if given or os.environ.get(DATA_DIR_ENV, "") else "digits"
+
+
 def load_dataset(data_dir: str | os.PathLike[str] | None = None, *,
                  digits_size: int | None = 28) -> Dataset:
     """MNIST from ``data_dir`` or ``$STRATO_DATA_DIR``; without either, the digits."""
-    if data_dir is not None and str(data_dir) != "":
-        return load_mnist(data_dir)
-    from_env = os.environ.get(DATA_DIR_ENV, "")
-    if from_env:
-        return load_mnist(from_env)
-    return load_digits(digits_size)
+    if dataset_name(data_dir) == "digits":
+        return load_digits(digits_size)
+    return load_mnist(data_dir if data_dir is not None and str(data_dir) != ""
+                      else os.environ[DATA_DIR_ENV])

@@ -38,7 +38,9 @@ def _tree(m: dict[str, Any]) -> str:
     if shards > 1:
         return f" ({shards} shards)"
     leaves = int(tree.get("leaves", 1))
-    return f" ({leaves} leaf{'s' if leaves != 1 else ''}, {int(tree.get('levels', 1))} levels)"
+    levels = int(tree.get("levels", 1))
+    return (f" ({leaves} {'leaf' if leaves == 1 else 'leaves'}, "
+            f"{levels} level{'' if levels == 1 else 's'})")
 
 
 class Progress:

@@ -55,6 +55,8 @@ class RunOptions:
     # The Services config of the backend to run on (e.g. {"backend": "aws", "prefix": ...,
     # "endpoint_url": ...}); None: the embedded backend in OUT/services.
     services: dict[str, Any] | None = None
+    # One line for the user when strato.toml shaped the job for its data ([dataset.NAME]).
+    shape_note: str | None = None
 
 
 # The updates stream wakes the aggregator: INSERTs only (an update is written once).
@@ -263,6 +265,8 @@ def run_job(opts: RunOptions) -> dict[str, Any]:
                 )
             )
         _say(opts, f"data: {job['dataset_note']}")
+        if opts.shape_note:
+            _say(opts, opts.shape_note)
         _register(svc, job)
         if opts.attach is not None:
             # Before the round loop starts: `strato serve` waits here for its first clients.
