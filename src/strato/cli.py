@@ -124,7 +124,7 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
     from strato.fl.strategies import check_strategy
 
     check_strategy(cfg.strategy, cfg.strategy_options)
-    out = Path(args.resume or args.out or f"runs/{app_dir.name}")
+    out = Path(args.resume or args.out or f"runs/{app_dir.resolve().name}")
     note = None
     if shaped and not args.resume:
         settings = ", ".join(f"{k} {v}" for k, v in shaped.items() if k != "train")

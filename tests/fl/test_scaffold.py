@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fltools import cli_env, strato
 
 
@@ -41,3 +43,15 @@ def test_new_refuses_a_bad_name_or_an_existing_directory(tmp_path: Path) -> None
     res = strato("new", "taken", "--dir", str(tmp_path))
     assert res.returncode == 2 and "already exists" in res.stderr
     assert list((tmp_path / "taken").iterdir()) == []
+
+
+def test_run_of_dot_writes_to_runs_named_after_the_app(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from strato import cli
+
+    app = tmp_path / "demo"
+    app.mkdir()
+    monkeypatch.chdir(app)
+    opts = cli._run_options(cli._parser().parse_args(["run", "."]))
+    assert opts.out == Path("runs/demo")
