@@ -491,6 +491,43 @@ def ray_accuracy() -> str:
     return "\n".join(lines)
 
 
+def ray_scale() -> str:
+    d = _load("ray", "scale-quick.json")
+    cfg = d["config"]
+    lines = [f"{cfg['clients']} clients × {cfg['params'] / 1e6:g}M float32, {cfg['rounds']} "
+             f"rounds per run, {cfg['nodes']} local nodes × 1 CPU; {d['date'][:10]}: "
+             f"`{d['command']}`", "",
+             "| run | completion s (median of rounds 2+) | aggregation bytes across nodes, "
+             "measured | predicted |", "|---|---:|---:|---:|"]
+    for kind, label in (("embedded", "embedded (one machine)"),
+                        ("ray-best-fit", "ray, leaves by best fit"),
+                        ("ray-round-robin", "ray, leaves dealt round robin")):
+        run = d["runs"][kind]
+        crossed = (run.get("placement") or {}).get("cross_node_bytes_by_function", {})
+        measured = sum(crossed.get(fn, 0) for fn in ("aggregate", "leaf"))
+        predicted = sum((r.get("nodes") or {}).get("predicted_cross_node_bytes", 0)
+                        for r in run["rounds"])
+        completions = sorted(r["completion_s"] for r in run["rounds"][1:])
+        mid = len(completions) // 2
+        median = (completions[mid] if len(completions) % 2
+                  else (completions[mid - 1] + completions[mid]) / 2)
+        cells = ["—", "—"] if kind == "embedded" else [f"{measured / 1e6:,.0f} MB",
+                                                       f"{predicted / 1e6:,.0f} MB"]
+        lines.append(_row([label, f"{median:.3f}", *cells]))
+    lines += ["", "| key | value | target | met |", "|---|---:|---|---|"]
+    for key, t in d["targets"].items():
+        value = "—" if t["value"] is None else f"{t['value']:.3f}"
+        lines.append(_row([f"`{key}`", value, t["target"], "yes" if t["met"] else "**NO**"]))
+    ten = d["prediction_10_nodes"]
+    lines += ["", f"Predicted for 10 nodes ({ten['clients']} clients spread evenly, "
+              f"{ten['update_bytes'] / 1e6:g} MB updates), per round: "
+              f"{ten['best_fit_bytes_per_round'] / 1e6:,.0f} MB with a leaf on each node, "
+              f"{ten['round_robin_bytes_per_round'] / 1e6:,.0f} MB with leaves dealt round "
+              f"robin, {ten['every_update_to_the_head_bytes_per_round'] / 1e6:,.0f} MB with "
+              "every update sent to the head."]
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
     "vs-flower": vs_flower,
     "fl-example": fl_example,
@@ -513,6 +550,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "inference-volumes": inference_volumes,
     "aws-round-cost": aws_round_cost,
     "ray-accuracy": ray_accuracy,
+    "ray-scale": ray_scale,
 }
 
 

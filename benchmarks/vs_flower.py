@@ -141,12 +141,14 @@ def run_measured(cmd: list[str], timeout_s: float, env: dict[str, str] | None = 
 # ---- the two systems ----------------------------------------------------------------
 
 
-def job(rounds: int | None) -> dict[str, Any]:
-    """The example's job settings, as ``strato run`` reads them."""
+def job(rounds: int | None, data_dir: str | None) -> dict[str, Any]:
+    """The example's job settings, as ``strato run`` reads them for the data it has
+    (without MNIST: the job ``[dataset.digits]`` shapes)."""
     sys.path.insert(0, str(ROOT / "src"))
+    from strato.data import dataset_name
     from strato.fl.config import load_job_config
 
-    cfg = load_job_config(APP / "strato.toml")
+    cfg = load_job_config(APP / "strato.toml", dataset_name(data_dir))
     return {"clients": cfg.clients, "clients_per_round": cfg.clients_per_round,
             "rounds": rounds or cfg.rounds, "seed": cfg.seed, "partition": cfg.partition,
             "alpha": cfg.dirichlet_alpha, "train": dict(cfg.train),
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:
         raise SystemExit(f"vs_flower needs Flower's simulation: pip install 'flwr[simulation]' "
                          f"({exc})") from None
-    cfg = job(args.rounds)
+    cfg = job(args.rounds, args.data_dir)
     started = time.monotonic()
     runs: dict[str, list[dict[str, Any]]] = {"strato": [], "flower": []}
     with tempfile.TemporaryDirectory(prefix="strato-vs-flower-") as tmp:

@@ -84,3 +84,15 @@ def fan_out(event: Any, ctx: Any) -> dict[str, Any]:
 
 def leaf(event: Any, ctx: Any) -> None:
     Path(event["path"]).write_text(str(event["i"]))
+
+
+def put_here(event: Any, ctx: Any) -> dict[str, Any]:
+    """Write a blob through the run's services; say where this worker runs. With
+    ``then``, also start another function on the node ``then`` names."""
+    from strato.services import connect_from_env
+
+    svc = connect_from_env()
+    svc.blobs.put(event["key"], event["data"].encode())
+    if "then" in event:
+        ctx.invoke_async(event["then"]["name"], event["then"]["event"], node=event["then"]["node"])
+    return {"node": getattr(svc.blobs, "node_id", ""), "pid": os.getpid()}

@@ -128,3 +128,16 @@ def test_nodes_must_be_named_once_and_have_cores() -> None:
         place_best_fit(tree, [NodeCapacity("a", 1), NodeCapacity("a", 1)])
     with pytest.raises(ConfigError, match="positive"):
         place_round_robin(tree, [NodeCapacity("a", 0)])
+
+
+def test_leaf_per_node_cross_bytes_counts_updates_read_across_and_partials_up() -> None:
+    from strato.control.placement import leaf_per_node_cross_bytes
+
+    landing = {"head": 30, "a": 40, "b": 30, "idle": 0}
+    # each leaf on its own node: only the two partials of the other nodes go up
+    assert leaf_per_node_cross_bytes(landing, {}, "head", 100, 7) == 2 * 7
+    # dealt in turn: every update is read on another node; the head's leaf is b's
+    dealt = {"head": "a", "a": "b", "b": "head"}
+    assert leaf_per_node_cross_bytes(landing, dealt, "head", 100, 7) == 100 * 100 + 2 * 7
+    # two nodes' updates on one leaf: one partial from it
+    assert leaf_per_node_cross_bytes({"a": 1, "b": 2}, {"b": "a"}, "head", 10, 3) == 2 * 10 + 3

@@ -118,7 +118,8 @@ class _LocalContext:
     def attach(self, ref: Mapping[str, Any]) -> memoryview:
         return shm.attach(ref)
 
-    def invoke_async(self, name: str, event: Mapping[str, Any]) -> None:
+    def invoke_async(self, name: str, event: Mapping[str, Any],
+                     node: str | None = None) -> None:
         raise NotImplementedError("aggregators on node threads do not start functions")
 
 

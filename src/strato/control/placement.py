@@ -32,6 +32,7 @@ __all__ = [
     "Tree",
     "build_tree",
     "cross_node_bytes",
+    "leaf_per_node_cross_bytes",
     "node_loads",
     "place_best_fit",
     "place_round_robin",
@@ -281,6 +282,29 @@ def cross_node_bytes(
         if agg.parent is not None and where[agg.parent] != where[agg.name]:
             total += partial_bytes
     return total
+
+
+def leaf_per_node_cross_bytes(
+    landing: Mapping[str, int],
+    leaf_node: Mapping[str, str],
+    root_node: str,
+    update_bytes: int,
+    partial_bytes: int,
+) -> int:
+    """Bytes a round moves between nodes when the updates landing on node n are added by
+    a leaf on ``leaf_node[n]`` (default: n itself) and every node holding a leaf, other
+    than the root's, sends one partial up: updates read by a leaf on another node, one
+    partial per such node. (The tree of a cluster of nodes: one leaf per landing node.)"""
+    total = 0
+    leaves = set()
+    for node, count in landing.items():
+        if count <= 0:
+            continue
+        at = leaf_node.get(node, node)
+        if at != node:
+            total += count * update_bytes
+        leaves.add(at)
+    return total + len(leaves - {root_node}) * partial_bytes
 
 
 def node_loads(tree: Tree, placement: Placement) -> dict[str, float]:

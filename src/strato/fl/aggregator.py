@@ -29,9 +29,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import threading
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +53,13 @@ from strato.aggregation import (
 from strato.codec import decode, encode, encode_into, encoded_size, read_header
 from strato.control import round as rules
 from strato.control.autoscaler import AutoscalerContext, AutoscalerState, TreeShape, decide
+from strato.control.placement import (
+    NodeCapacity,
+    build_tree,
+    leaf_per_node_cross_bytes,
+    place_best_fit,
+    place_round_robin,
+)
 from strato.errors import (
     CodecError,
     ConditionFailed,
@@ -64,12 +74,16 @@ from strato.fl.strategies import RoundAggregator, download_key
 from strato.params import Layout, Params
 from strato.services import Services
 
-__all__ = ["admit_batch", "close_round", "warm_up"]
+__all__ = ["admit_batch", "close_round", "leaf", "warm_up"]
+
+# ctx.invoke_async of the invocation at hand: (function, event, node)
+Invoke = Callable[..., None]
 
 BATCH = 4  # inputs a leaf adds per pass over memory (see aggregation.Cluster.begin_round)
 KEEP_ALIVE_S = 120.0  # an aggregator idle this long ends (scale to zero)
 ROUND_TIMEOUT_S = 600.0
 NONFINITE = "update holds NaN or Inf values"
+LOST = "update lost with the node it lay on; its client trains again: node"
 
 # Warm state of this worker: the agent (engine, autoscaler state, the open round).
 # An optimisation only: the table and the blobs are the truth.
@@ -92,6 +106,17 @@ class _Open:
     added: list[threading.Event] = field(default_factory=list)  # this invocation's inputs
     handed: int = 0  # updates handed to the engine this round (its quota: the selection)
     found_bad: int = 0  # of the engine's bad clients, how many were already refused
+    # updates lying on other nodes (a backend with several nodes): each node's leaf adds
+    # them there and sends its partial up at the close; per node, the leaf's current
+    # generation, the updates handed to it in that generation, and those still to send
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    gen: dict[str, int] = field(default_factory=dict)
+    at_leaf: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    to_send: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    leaf_bad: dict[str, str] = field(default_factory=dict)  # clients a leaf left out: why
+    targets: dict[str, str] = field(default_factory=dict)  # node -> where its updates go
+    landing: dict[str, int] = field(default_factory=dict)  # node -> updates lying there
+    partials: list[str] = field(default_factory=list)  # the leaves' partial blobs
 
 
 class _Landed:
@@ -138,6 +163,7 @@ class _Agent:
         self._last_model = -1
         self.open: _Open | None = None
         self.closed: set[int] = set()
+        self.invoke: Invoke | None = None  # the invocation at hand's, to reach the leaves
 
     # ---- rounds ---------------------------------------------------------------------
 
@@ -208,6 +234,27 @@ class _Agent:
             "placement": plan.placement.as_dict(),
             "autoscaler": {"expected_updates": expected, **inputs},
         }
+        self._place_leaves(opened)
+
+    def _place_leaves(self, opened: _Open) -> None:
+        """Several nodes (Ray): which node's leaf adds the updates lying on each node,
+        by ``control.placement`` over the cluster's alive nodes and their CPUs, a leaf
+        per node (best fit: each on its own node; round robin: dealt in turn)."""
+        nodes_of = getattr(self.svc.blobs, "nodes", None)
+        if nodes_of is None or self.invoke is None:
+            return
+        nodes = nodes_of()  # this node (the root's) first
+        if len(nodes) < 2:
+            return
+        names = [n for n, _ in nodes]
+        tree = build_tree(TreeShape.of(len(names), fan_in=len(names)), dict.fromkeys(names, 1))
+        caps = [NodeCapacity(n, max(cpus, 0.25)) for n, cpus in nodes]
+        policy = str(self.job["config"].get("placement", "best-fit"))
+        place = place_round_robin if policy == "round-robin" else place_best_fit
+        placed = place(tree, caps).as_dict()
+        opened.targets = {leaf.serves[0][0]: placed[leaf.name] for leaf in tree.leaves}
+        opened.decision["nodes"] = {"policy": policy, "root": names[0],
+                                    "cpus": dict(nodes), "leaf_of": dict(opened.targets)}
 
     def _begin_sharded(self, opened: _Open) -> None:
         """Median, trimmed mean, Krum: M shard functions, each holding K × |θ|/M values;
@@ -246,12 +293,20 @@ class _Agent:
     def _land(self, opened: _Open, client: str, blob: str, weight: float) -> str:
         """Hand an admitted update to the engine; '' or why it cannot be read."""
         strategy = opened.strategy
+        node = self._away(blob)  # where it lies, when not on this node
+        if opened.targets:
+            source = node or str(getattr(self.svc.blobs, "node_id", ""))
+            opened.landing[source] = opened.landing.get(source, 0) + 1
+            target = opened.targets.get(source, source)
+            here = getattr(self.svc.blobs, "node_id", None)
+            if target != here and strategy.streaming and not strategy.coded:
+                return self._forward(opened, client, blob, weight, source, target)
         try:
             if strategy.coded:
                 params = strategy.decode_update(self.svc.blobs.get(blob), self._previous)
                 return self._land_array(opened, client, params.flat(), weight)
             where = getattr(self.svc.blobs, "locate", None)
-            if where is None:  # not on this machine: one read, into node memory
+            if where is None or node is not None:  # not on this machine: one read, into node memory
                 params = decode(self.svc.blobs.get(blob), expect=self.layout)
                 return self._land_array(opened, client, params.flat(), weight)
             path, offset, length = where(blob)
@@ -281,6 +336,134 @@ class _Agent:
         opened.added.append(done)
         opened.handle.arrive("n0", landed, client=client, weight=weight)  # type: ignore[arg-type]
         return ""
+
+    def _away(self, blob: str) -> str | None:
+        """The node an update lies on when it is another node than this one (a backend
+        with several nodes keeps updates where they were written); else None."""
+        home = getattr(self.svc.blobs, "home", None)
+        if home is None or self.invoke is None:
+            return None
+        node = home(blob)
+        return None if node in (None, getattr(self.svc.blobs, "node_id", None)) else str(node)
+
+    def _forward(self, opened: _Open, client: str, blob: str, weight: float, source: str,
+                 node: str) -> str:
+        """Hand an update lying on ``source`` to the leaf on ``node`` (sent when the
+        invocation ends)."""
+        alive = self.svc.blobs.alive  # type: ignore[attr-defined]
+        if not alive(source):
+            opened.landing[source] -= 1
+            return f"{LOST} {source[:12]}"
+        if not alive(node):  # its leaf's node went: the update's own node adds it
+            node = source
+        gen = opened.gen.setdefault(node, 0)
+        entry = {"client": client, "blob": blob, "weight": weight, "gen": gen}
+        opened.at_leaf.setdefault(node, {})[client] = entry
+        opened.to_send.setdefault(node, []).append(entry)
+        return ""
+
+    def _send(self, opened: _Open) -> None:
+        """The updates handed to leaves in this invocation, one call per node."""
+        assert self.invoke is not None
+        r = opened.rules.round
+        for node, entries in opened.to_send.items():
+            gen = opened.gen[node]
+            self.invoke("leaf", {"add": r, "tag": opened.tag, "gen": gen,
+                                 "quota": _quota(opened), "updates": entries}, node=node)
+        opened.to_send.clear()
+
+    def _collect(self, opened: _Open) -> list[tuple[str, str]]:
+        """Have every leaf that was handed updates send its partial up, and add each to
+        the root's tree. Updates a leaf did not add (a leaf's worker was replaced) go to
+        it again; those on a node that is gone are returned as (client, node): lost."""
+        assert opened.handle is not None
+        lost: list[tuple[str, str]] = []
+        r, blobs = opened.rules.round, self.svc.blobs
+        while any(opened.at_leaf.values()):
+            self._send(opened)
+            waiting = {}
+            for node, entries in opened.at_leaf.items():
+                if entries:
+                    gen = opened.gen[node]
+                    assert self.invoke is not None
+                    self.invoke("leaf", {"flush": r, "tag": opened.tag, "gen": gen}, node=node)
+                    waiting[node] = partial_key(r, opened.tag, node, gen)
+                    opened.gen[node] = gen + 1
+            deadline = time.monotonic() + ROUND_TIMEOUT_S
+            while waiting:
+                if time.monotonic() > deadline:
+                    raise StratoError(f"round {r}: leaves on {len(waiting)} node(s) did not "
+                                      "send their partial in time")
+                for node, key in list(waiting.items()):
+                    if blobs.exists(key):
+                        del waiting[node]
+                        self._land_partial(opened, node, key)
+                    elif not blobs.alive(node):  # type: ignore[attr-defined]
+                        del waiting[node]
+                        lost += [(c, node) for c in opened.at_leaf.pop(node, {})]
+                if waiting:
+                    time.sleep(0.02)
+            for node, entries in opened.at_leaf.items():  # not added: hand them over again
+                for entry in entries.values():
+                    entry["gen"] = opened.gen[node]
+                    opened.to_send.setdefault(node, []).append(entry)
+        return lost
+
+    def _land_partial(self, opened: _Open, node: str, key: str) -> None:
+        """A leaf's partial (its updates' weighted mean and their total weight): one more
+        input of the root's tree, mapped in place."""
+        assert opened.handle is not None
+        path, offset, length = self.svc.blobs.locate(key)  # type: ignore[attr-defined]
+        view = attach_input(file_ref(path, offset, length))
+        layout, meta, start = read_header(view)
+        covered = json.loads(meta.get("clients", "[]"))
+        bad = json.loads(meta.get("bad", "{}"))
+        entries = opened.at_leaf.get(node, {})
+        for client in [*covered, *bad]:
+            entries.pop(client, None)
+        opened.leaf_bad.update(bad)
+        weight = float(meta.get("weight", 0.0))
+        if not covered or weight <= 0:
+            release_input(file_ref(path, offset, length))
+            return
+        if layout != self.layout:
+            raise StratoError(f"a leaf's partial has the wrong layout: "
+                              f"{self.layout.describe_mismatch(layout)}")
+        if not _take_slot(opened):
+            raise StratoError(f"round {opened.rules.round} has taken all the inputs it can")
+        done = threading.Event()
+        landed = _Landed(file_ref(path, offset + start, self.layout.nbytes), view[start:], done)
+        opened.added.append(done)
+        opened.partials.append(key)
+        opened.handle.arrive("n0", landed, client=f"leaf:{key}", weight=weight)  # type: ignore[arg-type]
+
+    def _lose(self, opened: _Open, lost: list[tuple[str, str]]) -> None:
+        """Updates that lay on a node now gone: no longer admitted, and their clients
+        train again (a simulated client's update can be made again, as Ray rebuilds a
+        lost object by running its task again)."""
+        r = opened.rules.round
+        admitted = dict(opened.rules.admitted)
+        for client, node in lost:
+            key = admitted.pop(client, None)
+            item = self.svc.table.get(state.ACCEPTED, state.accepted_key(r, client))
+            if key is None or item is None:
+                continue
+            _reject(self.svc, {**item.value, "round": r}, key, f"{LOST} {node[:12]}")
+            self.svc.table.delete(state.ACCEPTED, state.accepted_key(r, client))
+            state.cas_update(self.svc.table, state.ROUNDS, state.round_key(r),
+                             lambda v: {**v, "accepted_count": int(v.get("accepted_count", 0)) - 1})
+            self._train_again(r, client)
+        opened.rules = dataclasses.replace(opened.rules, admitted=admitted)
+
+    def _train_again(self, r: int, client: str) -> None:
+        """A client whose update was lost: its uploads of round r are forgotten, it gets
+        the round's notice again and a simulated one is started."""
+        for upload in self.svc.table.query(state.UPDATES, f"{state.round_key(r)}/{client}/"):
+            self.svc.table.delete(state.UPDATES, upload.key)
+        notice = json.dumps({"round": r, "model_key": state.model_key(r - 1)})
+        self.svc.bus.publish(state.TOPIC, notice, {"client": client, "round": str(r)})
+        if self.job.get("simulate", True) and self.invoke is not None:
+            self.invoke("client", {"client": client})
 
     def _land_array(self, opened: _Open, client: str, flat: Any, weight: float) -> str:
         if opened.sharded is not None:  # robust: the shards read it until the round closes
@@ -385,6 +568,8 @@ class _Agent:
         reason = self._land(opened, act.client, entry["blob"], act.weight)
         if reason:
             self.svc.table.delete(state.ACCEPTED, state.accepted_key(r, act.client))
+            if reason.startswith(LOST):
+                self._train_again(r, act.client)
             return reason
         state.cas_update(self.svc.table, state.ROUNDS, state.round_key(r),
                          lambda v: {**v, "accepted_count": int(v.get("accepted_count", 0)) + 1})
@@ -397,6 +582,8 @@ class _Agent:
         opened = self.open
         if opened is None or opened.handle is None:
             return 0
+        if opened.to_send:
+            self._send(opened)
         if opened.added:
             opened.handle.flush()
         for done in opened.added:
@@ -427,22 +614,42 @@ class _Agent:
                              lambda v: {**v, "status": "open"})
             opened = self.round(r)
             assert opened is not None
+        if opened.targets:
+            landing = {n: c for n, c in opened.landing.items() if c > 0}
+            nbytes = self.layout.nbytes
+            opened.decision["nodes"] = {
+                **opened.decision["nodes"], "landing": landing,
+                "predicted_cross_node_bytes": leaf_per_node_cross_bytes(
+                    landing, opened.targets, opened.decision["nodes"]["root"], nbytes, nbytes)}
+        if any(opened.at_leaf.values()):
+            lost = self._collect(opened)
+            if lost:
+                self._lose(opened, lost)
+                if cause == "quorum" and len(opened.rules.admitted) < opened.rules.quorum:
+                    # the lost updates' clients train again: the round waits for them
+                    opened.rules = dataclasses.replace(opened.rules, status=rules.OPEN,
+                                                       closed_by=None)
+                    return item.value
         self.open = None
         self.closed.add(r)
         previous = self._previous_model(r)
         strategy_state = _load_strategy_state(self.svc, r - 1)
         (out, payload), new_state, bad = self._result(opened, previous, strategy_state)
-        for client in bad[opened.found_bad :]:
-            opened.rules, actions = rules.step(opened.rules, rules.Invalid(client, NONFINITE))
+        left_out = {c: NONFINITE for c in bad[opened.found_bad :]} | opened.leaf_bad
+        for client, why in left_out.items():
+            opened.rules, actions = rules.step(opened.rules, rules.Invalid(client, why))
             for action in actions:
                 if isinstance(action, rules.Refuse):
-                    self._unadmit(r, client, action.key)
+                    self._unadmit(r, client, action.key, why)
         opened.strategy.round = r
         download = opened.strategy.download_payload(out)  # CS: what the clients fetch
         if download is not None:
             self.svc.blobs.put(download_key(state.model_key(r)), download)
         self.svc.blobs.put(state.model_key(r), payload)
         self._last_model = r
+        for key in opened.partials:  # added into the model: not needed any more
+            with contextlib.suppress(StratoError):
+                self.svc.blobs.delete(key)
         if new_state:
             self.svc.blobs.put(_strategy_key(r), encode(Params.from_arrays(new_state)).payload)
         accepted = len(opened.rules.admitted)
@@ -550,11 +757,11 @@ class _Agent:
         with contextlib.suppress(Exception):
             handle.result(timeout=5).release()
 
-    def _unadmit(self, r: int, client: str, key: str) -> None:
+    def _unadmit(self, r: int, client: str, key: str, why: str = NONFINITE) -> None:
         item = self.svc.table.get(state.ACCEPTED, state.accepted_key(r, client))
         if item is None:
             return
-        _reject(self.svc, {**item.value, "round": r}, key, NONFINITE)
+        _reject(self.svc, {**item.value, "round": r}, key, why)
         self.svc.table.delete(state.ACCEPTED, state.accepted_key(r, client))
         state.cas_update(self.svc.table, state.ROUNDS, state.round_key(r),
                          lambda v: {**v, "accepted_count": int(v.get("accepted_count", 0)) - 1})
@@ -585,7 +792,7 @@ def _reject(svc: Services, meta: dict[str, Any], key: str, reason: str) -> None:
         svc.table.put(state.REJECTIONS, key, {**meta, "reason": reason}, if_absent=True)
 
 
-def _agent(svc: Services) -> _Agent:
+def _agent(svc: Services, invoke: Invoke | None = None) -> _Agent:
     agent = _warm.get("agent")
     if not isinstance(agent, _Agent) or agent.svc is not svc:
         if isinstance(agent, _Agent):
@@ -594,6 +801,7 @@ def _agent(svc: Services) -> _Agent:
         if item is None:
             raise NotFound("the run has no job record")
         agent = _warm["agent"] = _Agent(svc, item.value)
+    agent.invoke = invoke
     return agent
 
 
@@ -604,15 +812,18 @@ def reset() -> None:
         agent.shutdown()
 
 
-def warm_up(svc: Services, r: int) -> dict[str, int]:
+def warm_up(svc: Services, r: int, invoke: Invoke | None = None) -> dict[str, int]:
     """Set round r's tree up before its first update arrives."""
-    _agent(svc).round(r)
+    _agent(svc, invoke).round(r)
     return {"accepted": 0, "rejected": 0, "ignored": 0}
 
 
-def admit_batch(svc: Services, records: list[dict[str, Any]]) -> dict[str, int]:
-    """Handle stream records of the updates table; returns counts for this batch."""
-    agent = _agent(svc)
+def admit_batch(svc: Services, records: list[dict[str, Any]],
+                invoke: Invoke | None = None) -> dict[str, int]:
+    """Handle stream records of the updates table; returns counts for this batch.
+    ``invoke``: the invocation's ``ctx.invoke_async``, which reaches the leaves on
+    other nodes (a backend with several nodes) and restarts clients."""
+    agent = _agent(svc, invoke)
     counts = {"accepted": 0, "rejected": 0, "ignored": 0}
     try:
         for rec in records:
@@ -624,9 +835,10 @@ def admit_batch(svc: Services, records: list[dict[str, Any]]) -> dict[str, int]:
     return counts
 
 
-def close_round(svc: Services, r: int, cause: str = "deadline") -> dict[str, Any]:
+def close_round(svc: Services, r: int, cause: str = "deadline",
+                invoke: Invoke | None = None) -> dict[str, Any]:
     """Close round ``r`` (if still open), write its global model, call back its token."""
-    agent = _agent(svc)
+    agent = _agent(svc, invoke)
     rnd = agent.close(r, cause)
     accepted = int(rnd.get("accepted_count", 0))
     return {"round": r, "model": rnd["model"], "accepted": accepted}
@@ -641,3 +853,132 @@ def _load_strategy_state(svc: Services, r: int) -> dict[str, npt.NDArray[Any]]:
         return {k: np.array(v) for k, v in decode(svc.blobs.get(_strategy_key(r))).arrays().items()}
     except NotFound:
         return {}
+
+
+# ---- a node's leaf (a backend with several nodes) ------------------------------------
+
+
+def partial_key(r: int, tag: str, node: str, gen: int) -> str:
+    """The blob of a leaf's partial: round, the root's tag, the node, the generation."""
+    return f"partials/{state.round_key(r)}/{tag}/{node[:16]}-{gen}"
+
+
+class _Leaf:
+    """The engine on one node for updates that lie there: it adds what the root hands
+    it (mapping each update's file in place) and, when asked, writes its partial (the
+    weighted mean and the total weight) for the root. One generation at a time; a
+    generation it does not hold when asked (a worker that replaced another) is an empty
+    partial, and the root hands those updates over again."""
+
+    def __init__(self, svc: Services, job: dict[str, Any]) -> None:
+        self.svc, self.job = svc, job
+        self.layout = Layout.from_json(job["layout"])
+        self.cluster = Cluster.local(1, cores=float(os.cpu_count() or 1), executor="threads",
+                                     keep_alive_s=KEEP_ALIVE_S)
+        self.current: tuple[int, str, int] | None = None
+        self.handle: RoundHandle | None = None
+        self.clients: list[str] = []
+        self.unreadable: dict[str, str] = {}
+        self.done: list[threading.Event] = []
+
+    def add(self, r: int, tag: str, gen: int, quota: int, updates: list[dict[str, Any]]) -> int:
+        if self.current != (r, tag, gen):
+            self._drop()
+            acc = "F32" if self.job["config"].get("accumulator") == "float32" else "F64"
+            plan = self.cluster.plan(TreeShape.of(1), {"n0": max(1, quota)})
+            self.handle = self.cluster.begin_round(r, plan, nbytes=self.layout.nbytes,
+                                                   batch=BATCH, acc_dtype=acc)
+            self.current, self.clients, self.unreadable = (r, tag, gen), [], {}
+        assert self.handle is not None
+        for u in updates:
+            client, blob = str(u["client"]), str(u["blob"])
+            try:
+                landed = self._landed(blob)
+            except (StratoError, CodecError) as exc:
+                self.unreadable[client] = f"update blob is unreadable: {exc}"
+                continue
+            if isinstance(landed, str):
+                self.unreadable[client] = landed
+                continue
+            done = landed._done
+            if self.handle.arrive("n0", landed, client=client,  # type: ignore[arg-type]
+                                  weight=float(u["weight"])):
+                self.clients.append(client)
+                self.done.append(done)
+        self.handle.flush()
+        for done in self.done:
+            if not done.wait(ROUND_TIMEOUT_S):
+                raise StratoError("the aggregation engine did not add an update in time")
+        self.done.clear()
+        return len(updates)
+
+    def _landed(self, blob: str) -> _Landed | str:
+        """An update as the engine's input: its file mapped in place when it lies on this
+        node, else read from where it lies into this node's memory (the round-robin
+        placement's leaves); a string says why it cannot be added."""
+        if getattr(self.svc.blobs, "home", lambda _: None)(blob) == getattr(
+                self.svc.blobs, "node_id", None):
+            path, offset, length = self.svc.blobs.locate(blob)  # type: ignore[attr-defined]
+            view = attach_input(file_ref(path, offset, length))
+            layout, _meta, start = read_header(view)
+            if layout != self.layout:
+                return f"wrong layout: {self.layout.describe_mismatch(layout)}"
+            return _Landed(file_ref(path, offset + start, self.layout.nbytes), view[start:],
+                           threading.Event())
+        params = decode(self.svc.blobs.get(blob), expect=self.layout)
+        lease = self.cluster.node("n0").lease_update(self.layout.nbytes, timeout=ROUND_TIMEOUT_S)
+        np.copyto(np.frombuffer(lease.buffer, dtype=np.float32), params.flat(), casting="unsafe")
+        return _Landed({**lease.ref.to_dict()}, lease.buffer, threading.Event(), lease)
+
+    def flush(self, r: int, tag: str, gen: int) -> dict[str, Any]:
+        key = partial_key(r, tag, str(getattr(self.svc.blobs, "node_id", "")), gen)
+        meta: dict[str, str] = {"round": str(r), "weight": "0", "clients": "[]", "bad": "{}"}
+        if self.current != (r, tag, gen) or self.handle is None:
+            self.svc.blobs.put(key, encode(Params(self.layout), meta).payload)
+            return {"partial": key, "updates": 0}
+        handle, self.handle, self.current = self.handle, None, None
+        handle.close()
+        result = handle.result(timeout=ROUND_TIMEOUT_S)
+        try:
+            bad = {c: NONFINITE for c in result.bad} | self.unreadable
+            meta |= {"weight": repr(float(result.weight)) if result.updates else "0",
+                     "clients": json.dumps([c for c in self.clients if c not in bad]),
+                     "bad": json.dumps(bad)}
+            flat = (np.ascontiguousarray(result.array, dtype=np.float32) if result.updates
+                    else np.zeros(self.layout.numel, dtype=np.float32))
+            model = Params(self.layout, flat.view(np.uint8))
+            self.svc.blobs.put(key, encode(model, meta).payload)
+        finally:
+            result.release()
+        return {"partial": key, "updates": int(result.updates)}
+
+    def _drop(self) -> None:
+        handle, self.handle, self.current = self.handle, None, None
+        self.done.clear()
+        if handle is not None and not handle.finished:
+            handle.close()
+            with contextlib.suppress(Exception):
+                handle.result(timeout=60).release()
+
+    def shutdown(self) -> None:
+        self._drop()
+        self.cluster.close()
+
+
+def leaf(svc: Services, event: dict[str, Any]) -> dict[str, Any]:
+    """A node's leaf: ``{"add": r, "tag", "gen", "quota", "updates": [...]}`` adds
+    updates lying on this node; ``{"flush": r, "tag", "gen"}`` writes the partial."""
+    agent = _warm.get("leaf")
+    if not isinstance(agent, _Leaf) or agent.svc is not svc:
+        if isinstance(agent, _Leaf):
+            agent.shutdown()
+        item = svc.table.get(state.JOB, "config")
+        if item is None:
+            raise NotFound("the run has no job record")
+        agent = _warm["leaf"] = _Leaf(svc, item.value)
+    tag, gen = str(event["tag"]), int(event["gen"])
+    if "flush" in event:
+        return agent.flush(int(event["flush"]), tag, gen)
+    added = agent.add(int(event["add"]), tag, gen, int(event.get("quota", 1)),
+                      list(event.get("updates", [])))
+    return {"added": added}

@@ -14,6 +14,7 @@ __all__ = ["JobConfig", "dataset_settings", "load_job_config"]
 
 PARTITIONS = ("iid", "dirichlet", "shards")
 ACCUMULATORS = ("float32", "float64")
+PLACEMENTS = ("best-fit", "round-robin")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,11 @@ class JobConfig:
     # traffic per update; the model then depends on the arrival order, in its last bits,
     # and training can amplify that over rounds)
     accumulator: str = "float64"
+    # where a backend with several nodes (Ray) runs the leaf that adds the updates lying
+    # on a node: "best-fit" (control.placement: on that node, where it maps them in
+    # place) or "round-robin" (nodes dealt in turn, whatever the updates' node: the
+    # locality-blind comparison of benchmarks/ray_scale.py)
+    placement: str = "best-fit"
 
     def validate(self) -> JobConfig:
         def positive(name: str, value: float) -> None:
@@ -50,6 +56,9 @@ class JobConfig:
         positive("round_deadline_s", self.round_deadline_s)
         positive("client_concurrency", self.client_concurrency)
         positive("function_memory_mb", self.function_memory_mb)
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"placement must be one of {', '.join(PLACEMENTS)}, "
+                              f"got {self.placement!r}")
         if self.accumulator not in ACCUMULATORS:
             raise ConfigError(f"accumulator must be one of {', '.join(ACCUMULATORS)}, "
                               f"got {self.accumulator!r}")
@@ -92,7 +101,7 @@ _SECTIONS = {
     "job": ("rounds", "clients", "clients_per_round", "seed", "client_concurrency"),
     "round": ("quorum", "round_deadline_s"),
     "data": ("partition", "dirichlet_alpha"),
-    "aggregation": ("function_memory_mb", "accumulator"),
+    "aggregation": ("function_memory_mb", "accumulator", "placement"),
 }
 
 

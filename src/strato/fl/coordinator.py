@@ -121,6 +121,18 @@ def function_specs(cfg: JobConfig) -> list[FunctionSpec]:
             locality="state",  # it reads every update: where the blobs are
         ),
         FunctionSpec(
+            # The engine on each node for the updates lying there (a backend with
+            # several nodes keeps a simulated client's update on its node): "aggregate"
+            # hands them over and collects the leaves' partials at the close.
+            "leaf",
+            handlers + "leaf",
+            timeout_s=300,
+            max_concurrency=1,
+            keep_alive_s=120,
+            env={**single, "OPENBLAS_NUM_THREADS": "1", "STRATO_FUNCTION": "leaf"},
+            locality="node",
+        ),
+        FunctionSpec(
             "close_round",
             handlers + "close_round",
             timeout_s=300,

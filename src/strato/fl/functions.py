@@ -20,7 +20,7 @@ from strato.fl.client import SimClient
 from strato.fl.data import load_job_data
 from strato.services import Context, Services, connect_from_env
 
-__all__ = ["aggregate", "client", "close_round", "evaluate", "start_round"]
+__all__ = ["aggregate", "client", "close_round", "evaluate", "leaf", "start_round"]
 
 _warm: dict[str, Any] = {}
 
@@ -115,10 +115,16 @@ def aggregate(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """Triggered by the updates table's stream: eager, idempotent aggregation (and the
     round's warm-up and deadline close, so one worker serialises everything a round sees)."""
     if "warm_round" in event:
-        return aggregator.warm_up(_svc(), int(event["warm_round"]))
+        return aggregator.warm_up(_svc(), int(event["warm_round"]), ctx.invoke_async)
     if "close" in event:
-        return aggregator.close_round(_svc(), int(event["close"]))
-    return aggregator.admit_batch(_svc(), list(event.get("records", [])))
+        return aggregator.close_round(_svc(), int(event["close"]), invoke=ctx.invoke_async)
+    return aggregator.admit_batch(_svc(), list(event.get("records", [])), ctx.invoke_async)
+
+
+def leaf(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """The aggregation engine on one node, for the updates that lie there (a backend
+    with several nodes): the root ("aggregate") hands them over and collects partials."""
+    return aggregator.leaf(_svc(), event)
 
 
 def close_round(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
@@ -180,6 +186,8 @@ def evaluate(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
         "tree": rnd.get("tree", {}),
         "autoscaler": rnd.get("autoscaler", {}),
     }
+    if "nodes" in rnd:  # several nodes: the leaves' placement, landing, predicted bytes
+        metrics["nodes"] = rnd["nodes"]
     try:
         svc.table.put(state.METRICS, state.round_key(r), metrics, if_absent=True)
     except ConditionFailed:

@@ -79,7 +79,9 @@ def app_resources(cfg: JobConfig) -> AppResources:
         },
         triggers=(_AGGREGATE_SOURCE,),
         queues=(state.client_queue("*"),),  # simulated clients read their own queue
-        invoked=("client", "aggregate"),
+        invoked=("client", "aggregate", "leaf"),
+        # a simulated client's update: it can train again if the node holding it goes
+        node_local_blobs=("updates/",),
     )
 
 

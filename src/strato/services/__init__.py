@@ -87,6 +87,11 @@ class AppResources:
     triggers: tuple[StreamSource, ...] = ()
     queues: tuple[str, ...] = ()
     invoked: tuple[str, ...] = ()
+    # Prefixes of blobs the application can make again (a simulated client's update: it
+    # trains again). A backend with several nodes may keep them on the node that wrote
+    # them (Ray), where that node's functions map them in place; one lost with its
+    # node is gone (``BlobStore.home`` names the node, ``alive`` says whether it is).
+    node_local_blobs: tuple[str, ...] = ()
 
 
 class Trigger(Protocol):

@@ -103,8 +103,8 @@ def _check_spec(spec: FunctionSpec) -> None:
         (spec.retries < 0, f"retries must be ≥ 0, got {spec.retries}"),
         (spec.memory_mb < 1, f"memory_mb must be ≥ 1, got {spec.memory_mb}"),
         (spec.max_event_bytes < 1, f"max_event_bytes must be ≥ 1, got {spec.max_event_bytes}"),
-        (spec.locality not in ("", "state"),
-         f"locality must be '' or 'state', got {spec.locality!r}"),
+        (spec.locality not in ("", "state", "node"),
+         f"locality must be '', 'state' or 'node', got {spec.locality!r}"),
     ]
     for bad, message in problems:
         if bad:

@@ -108,7 +108,8 @@ class WorkerContext:
 
         return shm.attach(ref)
 
-    def invoke_async(self, name: str, event: Mapping[str, Any]) -> None:
+    def invoke_async(self, name: str, event: Mapping[str, Any],
+                     node: str | None = None) -> None:  # one node here: ``node`` is moot
         from strato import errors
 
         with self._channel.lock:

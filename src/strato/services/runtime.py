@@ -37,9 +37,11 @@ class FunctionSpec:
     retries: int = 2
     max_event_bytes: int = 6 * 1024 * 1024  # Lambda's synchronous payload limit
     env: Mapping[str, str] = field(default_factory=dict)
-    # "state": run next to the run's durable state (the table and the blobs) where a
-    # backend has several nodes (Ray: on the head); "" anywhere. A hint: one-node
-    # backends and Lambda have nothing to choose.
+    # Where a backend with several nodes runs it (one-node backends and Lambda have
+    # nothing to choose): "state", next to the run's durable state (the table and the
+    # blobs; Ray: on the head); "node", on the node an invocation names
+    # (``ctx.invoke_async(..., node=)``; none named: as "state"), with its own warm
+    # workers and ``max_concurrency`` on each node (a node's agent); "" anywhere.
     locality: str = ""
 
 
@@ -75,8 +77,11 @@ class Context(Protocol):
         """Map a shared-memory reference from the event (no copy)."""
         ...
 
-    def invoke_async(self, name: str, event: Mapping[str, Any]) -> None:
-        """Start another function without waiting for it (Lambda's Event invocation)."""
+    def invoke_async(self, name: str, event: Mapping[str, Any],
+                     node: str | None = None) -> None:
+        """Start another function without waiting for it (Lambda's Event invocation).
+        ``node``: for a function of ``locality="node"``, the node to run it on (a name
+        from ``BlobStore.home``); ignored where there is one node."""
         ...
 
 

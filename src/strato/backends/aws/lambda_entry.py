@@ -73,8 +73,10 @@ class LambdaContext:
             "BlobStore and pass its key in the event"
         )
 
-    def invoke_async(self, name: str, event: Mapping[str, Any]) -> None:
-        """Lambda's Event invocation of another function of the same Services."""
+    def invoke_async(self, name: str, event: Mapping[str, Any],
+                     node: str | None = None) -> None:
+        """Lambda's Event invocation of another function of the same Services (Lambda
+        has no nodes to name: ``node`` is moot)."""
         runtime = _runtime()
         invoke_event = getattr(runtime, "invoke_event", None)
         if invoke_event is not None:

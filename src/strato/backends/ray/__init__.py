@@ -23,9 +23,10 @@ when a part is opened.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from strato.services import Backend, register_backend
+from strato.services import AppResources, Backend, register_backend
 
 if TYPE_CHECKING:
     from strato.services import Services
@@ -43,8 +44,9 @@ def open_part(name: str, services: Services) -> Any:
     if name in ("table", "bus", "blobs"):
         from strato.backends.ray._parts import RayBlobStore, RayBus, RayTable
 
-        kind = {"table": RayTable, "bus": RayBus, "blobs": RayBlobStore}[name]
-        return kind(state_client(config))
+        if name == "blobs":
+            return RayBlobStore(state_client(config), config)
+        return {"table": RayTable, "bus": RayBus}[name](state_client(config))
     if name == "runtime":
         from strato.backends.ray._runtime import RayRuntime
 
@@ -56,5 +58,13 @@ def open_part(name: str, services: Services) -> Any:
     raise ValueError(f"unknown part {name!r} (bus, blobs, table, runtime, workflow)")
 
 
+def open_run(config: Mapping[str, Any], resources: AppResources) -> Services:
+    """A run's Services: its config also says which blobs may stay on the node that
+    wrote them (it travels to every actor)."""
+    from strato.services import Services
+
+    return Services({**config, "node_local_blobs": list(resources.node_local_blobs)})
+
+
 # Actors belong to the process that started them and die with it, as local workers do.
-register_backend("ray", Backend(open_part, local_workers=True))
+register_backend("ray", Backend(open_part, open_run=open_run, local_workers=True))

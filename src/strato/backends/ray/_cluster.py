@@ -62,6 +62,9 @@ def raise_remote(fields: Mapping[str, Any]) -> None:
     raise kind(str(fields.get("message", "")))
 
 
+FUNCTION_ENV = "STRATO_RAY_FUNCTION"  # set in a function's actor: its name
+
+
 class StateClient:
     """A handle on the state host of one root, shared by a process's parts of it."""
 
@@ -103,7 +106,7 @@ class StateClient:
         request = json.dumps({"args": list(args), "kwargs": kwargs})
         try:
             text, blob = ray.get(self.actor().call.remote(part, method, request, payload,
-                                                          node_id(ray)))
+                                                          node_id(ray), _function()))
         except ray.exceptions.RayActorError:
             # The host went (with the process that made it, or its node): the next call
             # makes a new one on the same files, which held everything durable. This
@@ -126,7 +129,15 @@ class StateClient:
         return self._host_node
 
     def on_host_node(self) -> bool:
-        return self.host_node() == node_id(ensure_ray(self.config))
+        return self.host_node() == self.node_id()
+
+    def node_id(self) -> str:
+        """The Ray node this process runs on."""
+        return node_id(ensure_ray(self.config))
+
+    def count_remote(self, nbytes: int) -> None:
+        """Tell the host that ``nbytes`` of a node-local blob crossed to this node."""
+        self.actor().moved.remote(self.node_id(), int(nbytes), _function())
 
     def release(self) -> None:
         """One user fewer. The process that made the host stops it a few seconds after
@@ -152,6 +163,11 @@ class StateClient:
             if ray.is_initialized():
                 with contextlib.suppress(Exception):
                     ray.kill(actor)
+
+
+def _function() -> str:
+    """The function this process serves ('' outside a function's actor)."""
+    return os.environ.get(FUNCTION_ENV, "")
 
 
 def node_id(ray: Any) -> str:

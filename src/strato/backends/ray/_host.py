@@ -74,28 +74,45 @@ class StateHost:
 
         # bytes in and out per caller's node: what crossed nodes to reach this state
         self.traffic: dict[str, int] = {}
+        # bytes of node-local blobs read from another node, per reading node
+        self.remote_reads: dict[str, int] = {}
+        # both, per (kind, node, function) of the caller ('' outside functions)
+        self.by_function: dict[tuple[str, str, str], int] = {}
         self._counting = threading.Lock()  # calls run on up to 64 threads at once
 
     def ping(self) -> int:
         return os.getpid()
 
     def call(self, part: str, method: str, args: str, data: bytes | None,
-             caller: str = "") -> tuple[str, Any]:
+             caller: str = "", function: str = "") -> tuple[str, Any]:
         try:
             text, out = serve(self.parts[part], part, method, json.loads(args), data)
         except Exception as exc:  # reported to the caller, raised there as its own type
             text = json.dumps({"error": {"type": type(exc).__name__, "message": str(exc)}})
             out = None
         moved = len(args) + len(data or b"") + len(text) + len(out or b"")
-        with self._counting:
-            self.traffic[caller] = self.traffic.get(caller, 0) + moved
+        self._count("state", caller, function, moved)
         return text, out
+
+    def _count(self, kind: str, node: str, function: str, nbytes: int) -> None:
+        table = self.traffic if kind == "state" else self.remote_reads
+        with self._counting:
+            table[node] = table.get(node, 0) + nbytes
+            key = (kind, node, function)
+            self.by_function[key] = self.by_function.get(key, 0) + nbytes
+
+    def moved(self, node: str, nbytes: int, function: str = "") -> None:
+        self._count("read", node, function, nbytes)
 
     def where(self) -> dict[str, Any]:
         """This host's node and the bytes it exchanged with callers on each node."""
         import ray
 
         with self._counting:
-            traffic = dict(self.traffic)
+            traffic, reads = dict(self.traffic), dict(self.remote_reads)
+            by_function: dict[str, dict[str, dict[str, int]]] = {}
+            for (kind, node, function), n in self.by_function.items():
+                by_function.setdefault(kind, {}).setdefault(node, {})[function] = n
         return {"node": ray.get_runtime_context().get_node_id(),
-                "bytes_by_caller_node": traffic}
+                "bytes_by_caller_node": traffic, "remote_read_bytes_by_node": reads,
+                "bytes_by_node_function": by_function}

@@ -9,14 +9,21 @@ message bodies base64 in the JSON of a batch.
 from __future__ import annotations
 
 import base64
+import hashlib
+import os
+import tempfile
+import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from strato.backends.ray._cluster import StateClient
+from strato.backends.ray._cluster import StateClient, ensure_ray
+from strato.errors import NotFound, StratoError
+from strato.services._blobs_local import LocalBlobStore
 from strato.services.bus import Filter, Message, TopicSchema
 from strato.services.table import Change, Item
 
-__all__ = ["RayBlobStore", "RayBus", "RayTable"]
+__all__ = ["HOMES", "RayBlobStore", "RayBus", "RayTable", "node_dir"]
 
 class _Proxy:
     kind = ""
@@ -92,39 +99,161 @@ class RayBus(_Proxy):
 
 
 class RayBlobStore(_Proxy):
-    """Blobs in the state host; a process on the host's node also gets ``locate``
-    (the blob's file, offset and length on this machine), which the aggregation
-    engine maps in place instead of copying the bytes over."""
+    """Blobs in the state host, except node-local ones (``node_local_blobs`` of the
+    config: blobs the application can make again) written on a worker node: those stay
+    in that node's directory, and the state host's table ``HOMES`` records the node.
+
+    ``locate`` gives a blob's file, offset and length when it lies on this machine (a
+    node-local blob of this node; any other blob on the head), for the aggregation
+    engine to map in place; ``home`` names the node of a node-local blob (None: the
+    state host's), ``node_id`` is this process's node and ``alive`` says whether a node
+    is. Reading a blob of another node takes a task there (its bytes cross, counted)."""
 
     kind = "blobs"
 
-    def __init__(self, client: StateClient) -> None:
+    def __init__(self, client: StateClient, config: Mapping[str, Any]) -> None:
         super().__init__(client)
-        if client.on_host_node():
-            self.locate = self._locate
+        self._prefixes = tuple(str(p) for p in config.get("node_local_blobs") or ())
+        self._root = str(config["root"])
+        self.node_id = client.node_id()
+        self._on_head = client.on_host_node()
+        self._local: LocalBlobStore | None = None
+        self._homes_made = False
+        self._alive: tuple[float, frozenset[str]] = (0.0, frozenset())
 
-    def _locate(self, key: str) -> tuple[str, int, int]:
-        path, offset, length = self._call("locate", key)
-        return str(path), int(offset), int(length)
+    # ---- where a blob lies --------------------------------------------------------------
+
+    def _node_local(self, key: str) -> bool:
+        return bool(self._prefixes) and key.startswith(self._prefixes)
+
+    def home(self, key: str) -> str | None:
+        """The node a node-local blob lies on; None for the state host's blobs."""
+        if not self._node_local(key):
+            return None
+        got = self._client.call("table", "get", HOMES, key)[0] if self._homes() else None
+        return None if got is None else str(got["value"]["node"])
+
+    def alive(self, node: str) -> bool:
+        """Whether Ray node ``node`` is alive (asked at most twice a second)."""
+        checked, alive = self._alive
+        if time.monotonic() - checked > 0.5:
+            ray = ensure_ray({"address": self._client.config.get("address")})
+            alive = frozenset(str(n["NodeID"]) for n in ray.nodes() if n.get("Alive"))
+            self._alive = (time.monotonic(), alive)
+        return node in alive
+
+    def nodes(self) -> list[tuple[str, float]]:
+        """The alive nodes blobs can lie on, with their CPUs: this one first."""
+        ray = ensure_ray({"address": self._client.config.get("address")})
+        alive = [(str(n["NodeID"]), float(n.get("Resources", {}).get("CPU", 0.0)))
+                 for n in ray.nodes() if n.get("Alive")]
+        return sorted(alive, key=lambda n: (n[0] != self.node_id, n[0]))
+
+    def _homes(self) -> bool:
+        if not self._homes_made:
+            self._client.call("table", "create_table", HOMES)
+            self._homes_made = True
+        return True
+
+    def _here(self) -> LocalBlobStore:
+        if self._local is None:
+            self._local = LocalBlobStore(node_dir(self._root, self.node_id) / "blobs")
+        return self._local
+
+    def locate(self, key: str) -> tuple[str, int, int]:
+        node = self.home(key)
+        if node == self.node_id:
+            return self._here().locate(key)
+        if node is None and self._on_head:
+            path, offset, length = self._call("locate", key)
+            return str(path), int(offset), int(length)
+        raise StratoError(f"blob {key} is not on this node ({self.node_id[:12]})")
 
     def put(self, key: str, data: Any) -> str:
+        if self._node_local(key) and not self._on_head:
+            stored = self._here().put(key, data)
+            self._homes()
+            self._client.call("table", "put", HOMES, key, {"node": self.node_id})
+            return stored
         return str(self._call("put", key, data=_bytes(data)))
 
     def put_content(self, data: Any) -> str:
         return str(self._call("put_content", data=_bytes(data)))
 
     def get(self, key: str, *, verify: bool = True) -> memoryview:
+        node = self.home(key)
+        if node == self.node_id:
+            return self._here().get(key, verify=verify)
+        if node is not None:
+            return memoryview(self._on_node(node, "get", key, verify))
         _, blob = self._client.call("blobs", "get", key, verify=verify)
         return memoryview(blob if blob is not None else b"")
 
+    def _on_node(self, node: str, op: str, key: str, verify: bool = True) -> bytes:
+        """``op`` on a blob of another node, by a task there."""
+        if not self.alive(node):
+            raise NotFound(f"blob {key} was lost with node {node[:12]}")
+        ray = ensure_ray({"address": self._client.config.get("address")})
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        task = ray.remote(_node_blob).options(
+            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+        try:
+            got = ray.get(task.remote(str(node_dir(self._root, node) / "blobs"), op, key,
+                                      verify), timeout=120)
+        except ray.exceptions.RayError as exc:
+            raise NotFound(f"blob {key} could not be read on node {node[:12]}: "
+                           f"{type(exc).__name__}") from None
+        if isinstance(got, str):
+            raise NotFound(got)
+        self._client.count_remote(len(got))
+        return bytes(got)
+
     def exists(self, key: str) -> bool:
+        node = self.home(key)
+        if node is not None:
+            return node == self.node_id or self.alive(node)
         return bool(self._call("exists", key))
 
     def list(self, prefix: str = "") -> list[str]:
-        return [str(k) for k in self._call("list", prefix)]
+        keys = {str(k) for k in self._call("list", prefix)}
+        if self._prefixes and self._homes():
+            keys |= {str(i["key"]) for i in self._client.call("table", "query", HOMES, prefix)[0]}
+        return sorted(keys)
 
     def delete(self, key: str) -> None:
-        self._call("delete", key)
+        node = self.home(key)
+        if node is None:
+            self._call("delete", key)
+            return
+        if node == self.node_id:
+            self._here().delete(key)
+        elif self.alive(node):
+            self._on_node(node, "delete", key)
+        self._client.call("table", "delete", HOMES, key)
+
+
+HOMES = "strato_blob_homes"  # node-local blob -> {"node": the Ray node it lies on}
+
+
+def node_dir(root: str, node: str) -> Path:
+    """The directory of a run's node-local blobs on Ray node ``node`` (on that node's
+    own disk: its temporary directory)."""
+    tag = hashlib.sha256(os.path.abspath(root).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "strato-ray" / tag / node[:16]
+
+
+def _node_blob(directory: str, op: str, key: str, verify: bool) -> bytes | str:
+    """A task on a blob's node: its bytes (``get``) or its removal (``delete``); a
+    message when it is not there."""
+    store = LocalBlobStore(Path(directory))
+    try:
+        if op == "delete":
+            store.delete(key)
+            return b""
+        return bytes(store.get(key, verify=verify))
+    except StratoError as exc:
+        return str(exc)
 
 
 def _bytes(data: Any) -> bytes:

@@ -39,7 +39,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from strato.backends.ray._cluster import ensure_ray, state_client
+from strato.backends.ray._cluster import FUNCTION_ENV, ensure_ray, state_client
 from strato.errors import (
     FunctionError,
     InvocationTimeout,
@@ -72,6 +72,7 @@ class _Worker:
     def __init__(self, name: str, handler: str, env: dict[str, str]) -> None:
         started = time.perf_counter()
         os.environ.update(env)
+        os.environ[FUNCTION_ENV] = name  # the state host counts bytes per function too
         for entry in reversed(env.get("PYTHONPATH", "").split(os.pathsep)):
             if entry and entry not in sys.path:
                 sys.path.insert(0, entry)
@@ -135,7 +136,8 @@ class _Context:
 
         return shm.attach(ref)
 
-    def invoke_async(self, name: str, event: Mapping[str, Any]) -> None:
+    def invoke_async(self, name: str, event: Mapping[str, Any],
+                     node: str | None = None) -> None:
         """Hand the call to the runtime that started this worker (its inbox on the bus),
         after the checks a direct call makes: the function exists, the event fits."""
         from strato.services import connect_from_env
@@ -150,6 +152,8 @@ class _Context:
         limit = int(got.value.get("max_event_bytes", 0)) or None
         if limit is not None and len(body.encode()) > limit:
             raise PayloadTooLarge(f"event for function {name!r} is over its limit of {limit}")
+        if node is not None:
+            body = body[:-1] + "," + json.dumps({"node": node})[1:]
         svc.bus.publish(os.environ[INBOX_ENV], body)
 
 
@@ -164,8 +168,14 @@ class _Function:
     running: int = 0
     waiters: deque[threading.Event] = field(default_factory=deque)
     stats: RuntimeStats = field(default_factory=RuntimeStats)
-    node: str | None = None  # pinned by place()
+    node: str | None = None  # pinned by place(), or the node of a per-node pool
     turn: int = -1  # round robin of its new actors over the alive nodes
+    # locality="node": a pool of its own per node (its max_concurrency per node)
+    per_node: dict[str, _Function] = field(default_factory=dict)
+
+    def pools(self) -> list[_Function]:
+        """This pool and its per-node pools."""
+        return [self, *self.per_node.values()]
 
 
 class RayRuntime:
@@ -204,18 +214,20 @@ class RayRuntime:
             if fn is None:
                 self._functions[spec.name] = _Function(spec)
                 return
+            stale: list[tuple[Any, float]] = []
             if fn.spec != spec:
-                fn.spec, stale, fn.idle = spec, fn.idle, []
-                self._grant(fn)
-            else:
-                stale = []
+                for pool in fn.pools():
+                    pool.spec, stale, pool.idle = spec, stale + pool.idle, []
+                    self._grant(pool)
         for actor, _ in stale:
             self._retire(actor, graceful=True)
 
-    def invoke(self, name: str, event: Mapping[str, Any]) -> Any:
-        return self._run(name, self._encode(name, event))
+    def invoke(self, name: str, event: Mapping[str, Any], node: str | None = None) -> Any:
+        """``node``: where a function of ``locality="node"`` runs (default: the head)."""
+        return self._run(name, self._encode(name, event), node)
 
-    def invoke_async(self, name: str, event: Mapping[str, Any]) -> Future[Any]:
+    def invoke_async(self, name: str, event: Mapping[str, Any],
+                     node: str | None = None) -> Future[Any]:
         body = self._encode(name, event)
         future: Future[Any] = Future()
 
@@ -223,7 +235,7 @@ class RayRuntime:
             if not future.set_running_or_notify_cancel():
                 return
             try:
-                future.set_result(self._run(name, body))
+                future.set_result(self._run(name, body, node))
             except BaseException as exc:  # delivered through the future
                 future.set_exception(exc)
 
@@ -235,7 +247,7 @@ class RayRuntime:
             if name is not None:
                 return self._stats_of(self._function(name))
             total = RuntimeStats()
-            for fn in self._functions.values():
+            for fn in list(self._functions.values()):
                 one = self._stats_of(fn)
                 for f in dataclasses.fields(RuntimeStats):
                     setattr(total, f.name, getattr(total, f.name) + getattr(one, f.name))
@@ -249,11 +261,24 @@ class RayRuntime:
             ran = {node: dict(fns) for node, fns in self._ran.items()}
         host = self._ray.get(self._state.actor().where.remote())
         by_node = host["bytes_by_caller_node"]
+        reads = host.get("remote_read_bytes_by_node", {})
+        head = host["node"]
+        # bytes that crossed nodes per function: to or from the state host from another
+        # node, and node-local blobs read on another node
+        crossed: dict[str, int] = {}
+        for kind, nodes in host.get("bytes_by_node_function", {}).items():
+            for node, fns in nodes.items():
+                if kind == "read" or node != head:
+                    for fn, n in fns.items():
+                        crossed[fn or "-"] = crossed.get(fn or "-", 0) + n
         return {
-            "head_node": host["node"],
+            "head_node": head,
             "invocations_by_node": ran,
             "state_bytes_by_node": by_node,
-            "cross_node_bytes": sum(n for node, n in by_node.items() if node != host["node"]),
+            "remote_read_bytes_by_node": reads,
+            "cross_node_bytes": sum(n for node, n in by_node.items() if node != head)
+            + sum(reads.values()),
+            "cross_node_bytes_by_function": crossed,
         }
 
     def place(self, name: str, node_id: str | None) -> None:
@@ -266,8 +291,9 @@ class RayRuntime:
             if self._closed:
                 return
             self._closed = True
-            actors = [a for fn in self._functions.values() for a, _ in fn.idle]
-            for fn in self._functions.values():
+            pools = [p for fn in self._functions.values() for p in fn.pools()]
+            actors = [a for fn in pools for a, _ in fn.idle]
+            for fn in pools:
                 fn.idle = []
                 for waiter in fn.waiters:
                     waiter.set()
@@ -276,6 +302,7 @@ class RayRuntime:
         self._wake.set()
         sweeps = [self._retire(actor, graceful=True) for actor in actors]
         sweeps += [self._retire(actor, graceful=False) for actor in busy]
+        sweeps += self._remove_node_dirs()
         # the sweeps finish before close returns: nothing is left in /dev/shm after it
         with contextlib.suppress(Exception):
             self._ray.wait([r for r in sweeps if r is not None],
@@ -312,7 +339,8 @@ class RayRuntime:
                 call = json.loads(message.body)
                 # checked by the caller already; a closing runtime refuses
                 with contextlib.suppress(StratoError):
-                    self.invoke_async(str(call["name"]), call.get("event") or {})
+                    self.invoke_async(str(call["name"]), call.get("event") or {},
+                                      node=call.get("node"))
                 bus.ack(self._inbox, message.receipt)
 
     # ---- one invocation ---------------------------------------------------------------
@@ -320,6 +348,11 @@ class RayRuntime:
     def _open(self) -> None:
         if self._closed:
             raise StratoError("the runtime is closed")
+
+    def _function_spec(self, name: str) -> FunctionSpec:
+        with self._lock:
+            self._open()
+            return self._function(name).spec
 
     def _function(self, name: str) -> _Function:
         fn = self._functions.get(name)
@@ -341,7 +374,13 @@ class RayRuntime:
         return fn
 
     def _stats_of(self, fn: _Function) -> RuntimeStats:
-        return dataclasses.replace(fn.stats, live_workers=len(fn.idle) + fn.busy)
+        """A function's counts, its per-node pools' included."""
+        total = RuntimeStats()
+        for pool in fn.pools():
+            one = dataclasses.replace(pool.stats, live_workers=len(pool.idle) + pool.busy)
+            for f in dataclasses.fields(RuntimeStats):
+                setattr(total, f.name, getattr(total, f.name) + getattr(one, f.name))
+        return total
 
     def _encode(self, name: str, event: Mapping[str, Any]) -> str:
         with self._lock:
@@ -359,8 +398,8 @@ class RayRuntime:
             )
         return body
 
-    def _run(self, name: str, body: str) -> Any:
-        fn = self._take_slot(name)
+    def _run(self, name: str, body: str, node: str | None = None) -> Any:
+        fn = self._take_slot(name, node)
         invocation_id = uuid.uuid4().hex
         attempt = 0
         try:
@@ -386,10 +425,18 @@ class RayRuntime:
                 fn.running -= 1
                 self._grant(fn)
 
-    def _take_slot(self, name: str) -> _Function:
+    def _take_slot(self, name: str, node: str | None) -> _Function:
+        if node is None and self._function_spec(name).locality == "node":
+            node = self._state.host_node()
         with self._lock:
             self._open()
             fn = self._function(name)
+            if fn.spec.locality == "node":
+                assert node is not None
+                pool = fn.per_node.get(node)
+                if pool is None:
+                    pool = fn.per_node[node] = _Function(fn.spec, node=node)
+                fn = pool
             if fn.running < fn.spec.max_concurrency and not fn.waiters:
                 fn.running += 1
                 fn.stats.invocations += 1
@@ -484,10 +531,12 @@ class RayRuntime:
         if node is None and spec.locality == "state":
             node = self._state.host_node()
         target = node if node is not None else self._next_node(self._functions[spec.name])
+        if spec.locality == "node" and target not in self._alive_nodes():
+            raise _Died(f"node {target} is gone")  # its pool's work is there, or nowhere
         try:
             return self._start_on(spec, env, options, target)
         except _Died:
-            if target is None:
+            if target is None or spec.locality == "node":
                 raise
             return self._start_on(spec, env, options, None)  # that node went: anywhere
 
@@ -515,9 +564,29 @@ class RayRuntime:
             self._pid_of[actor] = _pid
         return actor
 
+    def _remove_node_dirs(self) -> list[Any]:
+        """Tasks removing this run's node-local blobs on every alive node (they were
+        blobs the run can make again; the run is over)."""
+        if not self.config.get("node_local_blobs"):
+            return []
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from strato.backends.ray._parts import node_dir
+
+        refs = []
+        for node in self._alive_nodes():
+            with contextlib.suppress(Exception):
+                refs.append(self._ray.remote(_remove_tree).options(
+                    num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+                ).remote(str(node_dir(str(self.config["root"]), node).parent)))
+        return refs
+
+    def _alive_nodes(self) -> list[str]:
+        return sorted(str(n["NodeID"]) for n in self._ray.nodes() if n.get("Alive"))
+
     def _next_node(self, fn: _Function) -> str | None:
         """The alive node after the one this function's last new actor went to."""
-        alive = sorted(str(n["NodeID"]) for n in self._ray.nodes() if n.get("Alive"))
+        alive = self._alive_nodes()
         if not alive:
             return None
         with self._lock:
@@ -563,12 +632,18 @@ class RayRuntime:
             now = time.monotonic()
             gone = []
             with self._lock:
-                for fn in self._functions.values():
+                for fn in [p for f in self._functions.values() for p in f.pools()]:
                     keep = [(a, t) for a, t in fn.idle if now - t < fn.spec.keep_alive_s]
                     gone += [a for a, t in fn.idle if now - t >= fn.spec.keep_alive_s]
                     fn.idle = keep
             for actor in gone:
                 self._retire(actor, graceful=True)
+
+
+def _remove_tree(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _sweep_after(pid: int, wait_s: float = 10.0) -> int:
