@@ -76,11 +76,16 @@ def child(kind: str, cfg: dict[str, Any]) -> dict[str, Any]:
         return {"embedded": one_run("embedded", app, root / "run", config, None)}
     from strato.backends.ray.local import LocalCluster
 
-    with LocalCluster(nodes=int(cfg["nodes"]), cpus=1) as cluster:
-        services = {"backend": "ray", "address": cluster.address}
+    def both(address: str) -> dict[str, Any]:
+        services = {"backend": "ray", "address": address}
         return {f"ray-{policy}": one_run(f"ray-{policy}", app, root / policy,
                                          config.override(placement=policy), services)
                 for policy in ("best-fit", "round-robin")}
+
+    if cfg.get("address"):  # a cluster that is running already
+        return both(str(cfg["address"]))
+    with LocalCluster(nodes=int(cfg["nodes"]), cpus=1) as cluster:
+        return both(cluster.address)
 
 
 def one_run(kind: str, app: Path, out: Path, config: Any,
@@ -157,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, help="rounds per run (default: 5, --quick 3)")
     ap.add_argument("--smoke", action="store_true",
                     help="the test suite's: 10k parameters, 6 clients, 2 rounds")
+    ap.add_argument("--address", help="run the Ray part on this running cluster (HOST:PORT) "
+                    "instead of a local one of 3 nodes × 1 CPU")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(raw)
     if args.smoke:
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = {"params": 10 * M, "clients": 100, "rounds": 3 if args.quick else 5}
     if args.rounds:
         cfg["rounds"] = args.rounds
-    cfg |= {"nodes": 3, "concurrency": 3}
+    cfg |= {"nodes": 3, "concurrency": 3, "address": args.address}
     path = args.json or RESULTS / ("scale-quick.json" if args.quick or args.smoke
                                    else "scale.json")
     runs: dict[str, Any] = {}

@@ -114,6 +114,7 @@ class _Open:
     at_leaf: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     to_send: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     leaf_bad: dict[str, str] = field(default_factory=dict)  # clients a leaf left out: why
+    lost_at_leaf: list[tuple[str, str]] = field(default_factory=list)  # (client, node)
     targets: dict[str, str] = field(default_factory=dict)  # node -> where its updates go
     landing: dict[str, int] = field(default_factory=dict)  # node -> updates lying there
     partials: list[str] = field(default_factory=list)  # the leaves' partial blobs
@@ -407,24 +408,35 @@ class _Agent:
                 for entry in entries.values():
                     entry["gen"] = opened.gen[node]
                     opened.to_send.setdefault(node, []).append(entry)
+        lost += opened.lost_at_leaf
+        opened.lost_at_leaf = []
         return lost
 
     def _land_partial(self, opened: _Open, node: str, key: str) -> None:
         """A leaf's partial (its updates' weighted mean and their total weight): one more
         input of the root's tree, mapped in place."""
         assert opened.handle is not None
-        path, offset, length = self.svc.blobs.locate(key)  # type: ignore[attr-defined]
-        view = attach_input(file_ref(path, offset, length))
+        try:  # on this node: mapped in place
+            path, offset, length = self.svc.blobs.locate(key)  # type: ignore[attr-defined]
+            mapped = file_ref(path, offset, length)
+            ref: dict[str, Any] | None = mapped
+            view = attach_input(mapped)
+        except StratoError:  # on the leaf's node: its bytes come over once
+            ref, view = None, memoryview(self.svc.blobs.get(key))
         layout, meta, start = read_header(view)
         covered = json.loads(meta.get("clients", "[]"))
         bad = json.loads(meta.get("bad", "{}"))
         entries = opened.at_leaf.get(node, {})
+        for client in json.loads(meta.get("lost", "[]")):  # its file is gone
+            if entries.pop(client, None) is not None:
+                opened.lost_at_leaf.append((client, node))
         for client in [*covered, *bad]:
             entries.pop(client, None)
         opened.leaf_bad.update(bad)
         weight = float(meta.get("weight", 0.0))
         if not covered or weight <= 0:
-            release_input(file_ref(path, offset, length))
+            if ref is not None:
+                release_input(ref)
             return
         if layout != self.layout:
             raise StratoError(f"a leaf's partial has the wrong layout: "
@@ -432,7 +444,14 @@ class _Agent:
         if not _take_slot(opened):
             raise StratoError(f"round {opened.rules.round} has taken all the inputs it can")
         done = threading.Event()
-        landed = _Landed(file_ref(path, offset + start, self.layout.nbytes), view[start:], done)
+        if ref is not None:
+            landed = _Landed(file_ref(path, offset + start, self.layout.nbytes), view[start:],
+                             done)
+        else:
+            lease = self.cluster.node("n0").lease_update(self.layout.nbytes,
+                                                         timeout=ROUND_TIMEOUT_S)
+            lease.buffer[:] = view[start : start + self.layout.nbytes]
+            landed = _Landed({**lease.ref.to_dict()}, lease.buffer, done, lease)
         opened.added.append(done)
         opened.partials.append(key)
         opened.handle.arrive("n0", landed, client=f"leaf:{key}", weight=weight)  # type: ignore[arg-type]
@@ -879,6 +898,7 @@ class _Leaf:
         self.handle: RoundHandle | None = None
         self.clients: list[str] = []
         self.unreadable: dict[str, str] = {}
+        self.lost: list[str] = []
         self.done: list[threading.Event] = []
 
     def add(self, r: int, tag: str, gen: int, quota: int, updates: list[dict[str, Any]]) -> int:
@@ -888,12 +908,15 @@ class _Leaf:
             plan = self.cluster.plan(TreeShape.of(1), {"n0": max(1, quota)})
             self.handle = self.cluster.begin_round(r, plan, nbytes=self.layout.nbytes,
                                                    batch=BATCH, acc_dtype=acc)
-            self.current, self.clients, self.unreadable = (r, tag, gen), [], {}
+            self.current, self.clients, self.unreadable, self.lost = (r, tag, gen), [], {}, []
         assert self.handle is not None
         for u in updates:
             client, blob = str(u["client"]), str(u["blob"])
             try:
                 landed = self._landed(blob)
+            except NotFound:  # gone (its node's files were removed): made again
+                self.lost.append(client)
+                continue
             except (StratoError, CodecError) as exc:
                 self.unreadable[client] = f"update blob is unreadable: {exc}"
                 continue
@@ -943,7 +966,7 @@ class _Leaf:
             bad = {c: NONFINITE for c in result.bad} | self.unreadable
             meta |= {"weight": repr(float(result.weight)) if result.updates else "0",
                      "clients": json.dumps([c for c in self.clients if c not in bad]),
-                     "bad": json.dumps(bad)}
+                     "bad": json.dumps(bad), "lost": json.dumps(self.lost)}
             flat = (np.ascontiguousarray(result.array, dtype=np.float32) if result.updates
                     else np.zeros(self.layout.numel, dtype=np.float32))
             model = Params(self.layout, flat.view(np.uint8))

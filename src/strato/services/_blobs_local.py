@@ -29,8 +29,10 @@ _TMP_SUFFIX = ".tmp-strato"
 
 
 class LocalBlobStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, durable: bool = True) -> None:
+        """``durable=False``: no fsync (blobs the application can make again)."""
         self.root = Path(root)
+        self.durable = durable
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
@@ -60,7 +62,8 @@ class LocalBlobStore:
                 f.write(_HEADER.pack(_MAGIC, len(view), digest))
                 f.write(view)
                 f.flush()
-                os.fsync(f.fileno())
+                if self.durable:
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -95,6 +98,13 @@ class LocalBlobStore:
         if verify and key.startswith(CONTENT_PREFIX) and digest.hex() != key[len(CONTENT_PREFIX) :]:
             raise CorruptBlob(f"blob {key!r} is corrupt: content does not match its address")
         return data
+
+    def stat(self, key: str) -> tuple[str, int]:
+        """The blob's sha256 (hex) and length, from its header. NotFound, CorruptBlob."""
+        _path, _offset, length = self.locate(key)
+        with open(self._path(key), "rb") as f:
+            _magic, _length, digest = _HEADER.unpack(f.read(_HEADER.size))
+        return digest.hex(), int(length)
 
     def locate(self, key: str) -> tuple[str, int, int]:
         """Where the blob's data lies on this machine: (file path, offset, length), for a

@@ -219,6 +219,30 @@ def test_node_local_blobs_and_functions_pinned_to_a_node(cluster: LocalCluster,
     assert not node_dir(root, worker).parent.exists()
 
 
+def test_the_scale_benchmark_runs_on_the_cluster(cluster: LocalCluster, tmp_path: Path) -> None:
+    """benchmarks/ray_scale.py (its figures come from the script, not from here)."""
+    import json
+    import sys
+
+    out = tmp_path / "scale.json"
+    script = Path(__file__).resolve().parents[3] / "benchmarks" / "ray_scale.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--address", cluster.address,
+                           "--json", str(out)], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    for key in ("completion_s_ray", "completion_s_embedded", "ray_overhead_ratio",
+                "cross_node_bytes_measured", "cross_node_bytes_predicted",
+                "best_fit_vs_round_robin_cross_node_ratio"):
+        assert isinstance(rec[key], (int, float)) and rec[key] > 0, key
+    # dealt round robin, leaves read other nodes' updates: more crosses than by best fit
+    assert rec["cross_node_bytes_measured_round_robin"] > rec["cross_node_bytes_measured"]
+    assert rec["cross_node_prediction_error"] < 0.5  # the root's prediction tracks it
+    assert set(rec["targets"]) == {"ray_overhead_ratio", "cross_node_prediction_error",
+                                   "best_fit_vs_round_robin_cross_node_ratio"}
+    assert "| ray-best-fit |" in proc.stdout
+
+
 def test_a_lost_state_host_is_made_again_on_the_same_files(cluster: LocalCluster,
                                                            tmp_path: Path) -> None:
     from strato.backends.ray._cluster import state_client

@@ -27,7 +27,7 @@ _METHODS = {
     "table": {"create_table", "put", "get", "query", "delete", "read_stream"},
     "bus": {"create_topic", "subscribe", "unsubscribe", "delete_queue", "publish", "receive",
             "ack"},
-    "blobs": {"put", "put_content", "get", "exists", "list", "delete", "locate"},
+    "blobs": {"put", "put_content", "get", "exists", "list", "delete", "locate", "stat"},
 }
 
 

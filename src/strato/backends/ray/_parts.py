@@ -20,6 +20,7 @@ from typing import Any
 from strato.backends.ray._cluster import StateClient, ensure_ray
 from strato.errors import NotFound, StratoError
 from strato.services._blobs_local import LocalBlobStore
+from strato.services.blobs import CONTENT_PREFIX
 from strato.services.bus import Filter, Message, TopicSchema
 from strato.services.table import Change, Item
 
@@ -99,7 +100,8 @@ class RayBus(_Proxy):
 
 
 class RayBlobStore(_Proxy):
-    """Blobs in the state host, except node-local ones (``node_local_blobs`` of the
+    """Blobs in the state host (read and written in place by processes on its machine),
+    except node-local ones (``node_local_blobs`` of the
     config: blobs the application can make again) written on a worker node: those stay
     in that node's directory, and the state host's table ``HOMES`` records the node.
 
@@ -117,6 +119,9 @@ class RayBlobStore(_Proxy):
         self._root = str(config["root"])
         self.node_id = client.node_id()
         self._on_head = client.on_host_node()
+        # on the state host's machine, its blob directory is read and written in place
+        # (the same atomic files); elsewhere through the host
+        self._shared = LocalBlobStore(Path(self._root) / "blobs") if self._on_head else None
         self._local: LocalBlobStore | None = None
         self._homes_made = False
         self._alive: tuple[float, frozenset[str]] = (0.0, frozenset())
@@ -157,16 +162,16 @@ class RayBlobStore(_Proxy):
 
     def _here(self) -> LocalBlobStore:
         if self._local is None:
-            self._local = LocalBlobStore(node_dir(self._root, self.node_id) / "blobs")
+            self._local = LocalBlobStore(node_dir(self._root, self.node_id) / "blobs",
+                                         durable=False)  # blobs that can be made again
         return self._local
 
     def locate(self, key: str) -> tuple[str, int, int]:
         node = self.home(key)
         if node == self.node_id:
             return self._here().locate(key)
-        if node is None and self._on_head:
-            path, offset, length = self._call("locate", key)
-            return str(path), int(offset), int(length)
+        if node is None and self._shared is not None:
+            return self._shared.locate(key)
         raise StratoError(f"blob {key} is not on this node ({self.node_id[:12]})")
 
     def put(self, key: str, data: Any) -> str:
@@ -175,9 +180,13 @@ class RayBlobStore(_Proxy):
             self._homes()
             self._client.call("table", "put", HOMES, key, {"node": self.node_id})
             return stored
+        if self._shared is not None:
+            return self._shared.put(key, data)
         return str(self._call("put", key, data=_bytes(data)))
 
     def put_content(self, data: Any) -> str:
+        if self._shared is not None:
+            return self._shared.put_content(data)
         return str(self._call("put_content", data=_bytes(data)))
 
     def get(self, key: str, *, verify: bool = True) -> memoryview:
@@ -186,8 +195,28 @@ class RayBlobStore(_Proxy):
             return self._here().get(key, verify=verify)
         if node is not None:
             return memoryview(self._on_node(node, "get", key, verify))
+        if self._shared is not None:
+            return self._shared.get(key, verify=verify)
+        if not self._on_head:
+            digest, length = self._call("stat", key)
+            if length >= CACHE_FROM:  # a large blob (a model): once per node, then local
+                return self._cached(key, str(digest), verify)
         _, blob = self._client.call("blobs", "get", key, verify=verify)
         return memoryview(blob if blob is not None else b"")
+
+    def _cached(self, key: str, digest: str, verify: bool) -> memoryview:
+        """A blob of the state host's, through this node's cache (by content: blobs are
+        immutable, and one put again under its key has another digest)."""
+        local = self._here()
+        cached = CONTENT_PREFIX + digest
+        try:
+            return local.get(cached, verify=verify)
+        except NotFound:
+            pass
+        _, blob = self._client.call("blobs", "get", key, verify=verify)
+        data = blob if blob is not None else b""
+        local.put_content(data)
+        return memoryview(data)
 
     def _on_node(self, node: str, op: str, key: str, verify: bool = True) -> bytes:
         """``op`` on a blob of another node, by a task there."""
@@ -213,10 +242,14 @@ class RayBlobStore(_Proxy):
         node = self.home(key)
         if node is not None:
             return node == self.node_id or self.alive(node)
+        if self._shared is not None:
+            return self._shared.exists(key)
         return bool(self._call("exists", key))
 
     def list(self, prefix: str = "") -> list[str]:
-        keys = {str(k) for k in self._call("list", prefix)}
+        shared = self._shared.list(prefix) if self._shared is not None else self._call(
+            "list", prefix)
+        keys = {str(k) for k in shared}
         if self._prefixes and self._homes():
             keys |= {str(i["key"]) for i in self._client.call("table", "query", HOMES, prefix)[0]}
         return sorted(keys)
@@ -224,7 +257,10 @@ class RayBlobStore(_Proxy):
     def delete(self, key: str) -> None:
         node = self.home(key)
         if node is None:
-            self._call("delete", key)
+            if self._shared is not None:
+                self._shared.delete(key)
+            else:
+                self._call("delete", key)
             return
         if node == self.node_id:
             self._here().delete(key)
@@ -234,6 +270,8 @@ class RayBlobStore(_Proxy):
 
 
 HOMES = "strato_blob_homes"  # node-local blob -> {"node": the Ray node it lies on}
+# Blobs of the state host at least this large are read once per node (then from its cache)
+CACHE_FROM = 1 << 20
 
 
 def node_dir(root: str, node: str) -> Path:
@@ -257,6 +295,8 @@ def _node_blob(directory: str, op: str, key: str, verify: bool) -> bytes | str:
 
 
 def _bytes(data: Any) -> bytes:
+    if isinstance(data, bytes):
+        return data
     try:
         return bytes(memoryview(data).cast("B"))
     except TypeError:
