@@ -3,7 +3,7 @@
 Its model is one ``nn.Parameter`` of exactly P float32 values. ``train`` does not
 train: it copies a pre-generated update into the model — one of ``BASES`` random
 vectors (drawn once per worker process from a fixed seed, outside every timed
-region), chosen by (round, client), plus a small per-(round, client) constant — so
+region), chosen by (round, client), plus a constant of each (round, client) — so
 every client uploads a distinct, deterministic, full-size float32 update, and the
 round's arrival times are set by the real client path (fetch the model, load it,
 "train", encode, upload, record), not by a training loop. ``evaluate`` returns a
@@ -56,7 +56,7 @@ def train(model, data, ctx):
     c = int(ctx.client)
     with torch.no_grad():
         model.w.copy_(_base(ctx.round + c))
-        model.w.add_(1e-4 * ((ctx.round * 131 + c) % 17))  # a per-(round, client) offset
+        model.w.add_(1e-6 * (ctx.round * 10007 + c))  # an offset of its own: distinct bytes
     return {{}}
 
 

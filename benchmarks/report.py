@@ -492,7 +492,7 @@ def ray_accuracy() -> str:
 
 
 def ray_scale() -> str:
-    d = _load("ray", "scale-quick.json")
+    d = _load("ray", "scale.json")
     cfg = d["config"]
     lines = [f"{cfg['clients']} clients × {cfg['params'] / 1e6:g}M float32, {cfg['rounds']} "
              f"rounds per run, {cfg['nodes']} local nodes × 1 CPU; {d['date'][:10]}: "

@@ -354,7 +354,7 @@ def test_bad_uploads_are_refused_store_nothing_and_the_server_keeps_serving(
 E2E_TOML = """
 [job]
 rounds = 3
-clients = 12
+clients = 48
 clients_per_round = 4
 seed = 1
 

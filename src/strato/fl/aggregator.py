@@ -84,6 +84,7 @@ KEEP_ALIVE_S = 120.0  # an aggregator idle this long ends (scale to zero)
 ROUND_TIMEOUT_S = 600.0
 NONFINITE = "update holds NaN or Inf values"
 LOST = "update lost with the node it lay on; its client trains again: node"
+LEAF_ATTEMPTS = 4  # times an update goes to a leaf whose worker lost it before it is made again
 
 # Warm state of this worker: the agent (engine, autoscaler state, the open round).
 # An optimisation only: the table and the blobs are the truth.
@@ -380,7 +381,9 @@ class _Agent:
         assert opened.handle is not None
         lost: list[tuple[str, str]] = []
         r, blobs = opened.rules.round, self.svc.blobs
-        while any(opened.at_leaf.values()):
+        for _attempt in range(LEAF_ATTEMPTS):
+            if not any(opened.at_leaf.values()):
+                break
             self._send(opened)
             waiting = {}
             for node, entries in opened.at_leaf.items():
@@ -408,6 +411,10 @@ class _Agent:
                 for entry in entries.values():
                     entry["gen"] = opened.gen[node]
                     opened.to_send.setdefault(node, []).append(entry)
+        for node, entries in opened.at_leaf.items():  # a leaf that never added them: made again
+            lost += [(c, node) for c in entries]
+        opened.at_leaf.clear()
+        opened.to_send.clear()
         lost += opened.lost_at_leaf
         opened.lost_at_leaf = []
         return lost

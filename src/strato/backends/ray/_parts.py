@@ -197,7 +197,7 @@ class RayBlobStore(_Proxy):
             return memoryview(self._on_node(node, "get", key, verify))
         if self._shared is not None:
             return self._shared.get(key, verify=verify)
-        if not self._on_head:
+        if not self._node_local(key):  # (those are read once: not worth a copy here)
             digest, length = self._call("stat", key)
             if length >= CACHE_FROM:  # a large blob (a model): once per node, then local
                 return self._cached(key, str(digest), verify)
