@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -93,9 +94,12 @@ def one_run(kind: str, app: Path, out: Path, config: Any,
     from strato.fl.run import RunOptions, run_job
 
     started = time.time()
-    summary = run_job(RunOptions(app_dir=app, out=out, config=config, quiet=True,
-                                 services=services))
-    wall = time.time() - started
+    try:
+        summary = run_job(RunOptions(app_dir=app, out=out, config=config, quiet=True,
+                                     services=services))
+        wall = time.time() - started
+    finally:  # 100 × 40 MB a round: the next run needs the disk
+        shutil.rmtree(out, ignore_errors=True)
     rows = [{"round": r["round"], "completion_s": r["aggregation_latency_s"],
              "round_s": r["round_s"], "accepted": r["accepted"], "rejected": r["rejected"],
              "nodes": r.get("nodes")} for r in summary["per_round"]]

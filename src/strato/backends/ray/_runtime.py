@@ -339,8 +339,9 @@ class RayRuntime:
                 call = json.loads(message.body)
                 # checked by the caller already; a closing runtime refuses
                 with contextlib.suppress(StratoError):
-                    self.invoke_async(str(call["name"]), call.get("event") or {},
-                                      node=call.get("node"))
+                    future = self.invoke_async(str(call["name"]), call.get("event") or {},
+                                               node=call.get("node"))
+                    future.add_done_callback(_report_failure(str(call["name"])))
                 bus.ack(self._inbox, message.receipt)
 
     # ---- one invocation ---------------------------------------------------------------
@@ -638,6 +639,19 @@ class RayRuntime:
                     fn.idle = keep
             for actor in gone:
                 self._retire(actor, graceful=True)
+
+
+def _report_failure(name: str) -> Any:
+    """A nested invocation has no caller waiting for it: its failure is said here."""
+
+    def report(future: Future[Any]) -> None:
+        exc = None if future.cancelled() else future.exception()
+        if exc is not None:
+            print(f"strato: {name} (started by another function) failed: "
+                  f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                  file=sys.stderr, flush=True)
+
+    return report
 
 
 def _remove_tree(path: str) -> None:
