@@ -487,7 +487,8 @@ def ray_accuracy() -> str:
     met = "met" if d["targets"]["accuracy_gap_points"]["met"] else "**missed**"
     lines.append("")
     lines.append(f"Accuracy gap {gap:.2f} points (≤ 0.5: {met}); "
-                 f"{d['cross_node_bytes'] / 1e6:.1f} MB crossed nodes to reach the state host.")
+                 f"{d['cross_node_bytes'] / 1e6:.1f} MB crossed nodes (models down to the "
+                 "clients of other nodes, a partial per node and round up to the root).")
     return "\n".join(lines)
 
 

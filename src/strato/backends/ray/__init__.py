@@ -5,7 +5,8 @@ primitive    on Ray                                                      module
 ===========  ==========================================================  ===============
 Table        the embedded SQLite table, in the state host on the head    ``_parts``
 Bus          the embedded SQLite bus, in the state host                  ``_parts``
-BlobStore    the embedded blob directory, in the state host              ``_parts``
+BlobStore    the embedded blob directory, in the state host; blobs the   ``_parts``
+             app can make again on the node that wrote them
 Runtime      a pool of Ray actors per function (warm reuse, keep-alive)  ``_runtime``
 Workflow     the embedded ASL interpreter over this Table and Runtime    (services)
 ===========  ==========================================================  ===============
@@ -16,7 +17,8 @@ A Services config for this backend (plain JSON: it travels to every actor)::
      "address": "auto" | "HOST:PORT" | null}   # null: start a local Ray
 
 Durable state stays on the head node (see ``_cluster``): losing a worker node loses
-only the invocations running there, which the Runtime retries elsewhere. Importing
+only the invocations running there, which the Runtime retries elsewhere, and the
+node-local blobs there, which the application makes again. Importing
 this package registers the backend under the name ``ray``; Ray itself loads only
 when a part is opened.
 """

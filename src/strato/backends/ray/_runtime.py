@@ -10,10 +10,10 @@
 - **Where.** Actors take no CPU reservation (``num_cpus=0``): Strato's autoscaler and
   placement decide how much runs where. New actors go to the alive nodes in turn
   (node affinity; a node gone meanwhile: anywhere); a spec with
-  ``locality="state"`` (the aggregator) goes to the state host's node, where it maps
-  update blobs in place; ``place(name, node_id)`` pins a function's new actors to a
-  node. ``placement()`` says where each function ran and how many bytes crossed nodes
-  to reach the state host.
+  ``locality="state"`` (the aggregator's root) goes to the state host's node; one
+  with ``locality="node"`` (a leaf) has a pool per node and runs on the node the
+  invocation names; ``place(name, node_id)`` pins a function's new actors to a node.
+  ``placement()`` says where each function ran and how many bytes crossed nodes.
 - **Wire.** Events and results cross as JSON text (the event size is checked against
   ``max_event_bytes`` before any worker starts); nothing of ours is pickled.
 - **Nested calls.** A handler's ``ctx.invoke_async`` checks the call against the specs
