@@ -165,13 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="3 rounds per run instead of 5")
     ap.add_argument("--rounds", type=int, help="rounds per run (default: 5, --quick 3)")
     ap.add_argument("--smoke", action="store_true",
-                    help="the test suite's: 10k parameters, 6 clients, 2 rounds")
+                    help="the test suite's: 10k parameters, 3 clients, 2 rounds")
     ap.add_argument("--address", help="run the Ray part on this running cluster (HOST:PORT) "
                     "instead of a local one of 3 nodes × 1 CPU")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(raw)
     if args.smoke:
-        cfg: dict[str, Any] = {"params": 10_000, "clients": 6, "rounds": 2}
+        cfg: dict[str, Any] = {"params": 10_000, "clients": 3, "rounds": 2}
     else:
         cfg = {"params": 10 * M, "clients": 100, "rounds": 3 if args.quick else 5}
     if args.rounds:

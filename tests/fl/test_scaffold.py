@@ -25,7 +25,7 @@ def test_new_writes_an_app_that_runs_and_whose_tests_pass(tmp_path: Path) -> Non
     assert commands[1].endswith(".venv/bin/python -m pytest")
     assert res.stdout.splitlines()[-2:] == commands
     assert (app / "requirements.txt").read_text().startswith("strato[torch,fl]")
-    # its own tests (a training step, a 2-round run on the digits) pass
+    # its own tests (a training step, a one-round run on the digits) pass
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                             str(app)], capture_output=True, text=True, cwd=app,
                            env=cli_env(), timeout=600, stdin=subprocess.DEVNULL)

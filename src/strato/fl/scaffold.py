@@ -104,7 +104,7 @@ lr = 0.05
 clients = 10
 """
 
-_TEST = '''"""{name}'s tests: the app's functions on a few digits, then a short run."""
+_TEST = '''"""{name}'s tests: the app's functions on a few digits, then a one-round run."""
 
 from __future__ import annotations
 
@@ -142,12 +142,12 @@ def test_training_lowers_the_loss() -> None:
 def test_a_short_run(tmp_path: Path) -> None:
     out = tmp_path / "run"
     res = subprocess.run(
-        [sys.executable, "-m", "strato", "run", str(HERE), "--rounds", "2", "--out", str(out)],
+        [sys.executable, "-m", "strato", "run", str(HERE), "--rounds", "1", "--out", str(out)],
         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
     )
     assert res.returncode == 0, res.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["rounds"] == 2
+    assert summary["rounds"] == 1
     assert np.isfinite(summary["final_loss"])
 '''
 
