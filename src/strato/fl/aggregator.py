@@ -18,6 +18,15 @@ aggregators stay warm across rounds and scale to zero when idle. At quorum (or t
 deadline) the engine's root gives the weighted mean, the strategy's server step turns
 it into the new global model, and the round's task token is called back.
 
+On a backend with several nodes (Ray), a simulated client's update stays on the node
+its client ran on (``BlobStore.home``). This agent is then the root, on the node of the
+durable state: it still applies the round rules to every upload, and hands each update
+lying elsewhere, as a reference, to the ``leaf`` function on the node that
+``control.placement`` chose for that node's updates (best fit: that node). A leaf adds
+them in place in the same engine; at the close each leaf writes one partial (weighted
+mean, total weight) and the root adds the partials into its own tree. Updates lost
+with a node are taken out of the round and their clients train again.
+
 An invocation returns only once every update it admitted has been added, so the
 function's billed time covers the aggregation. Nothing is lost to a crash: an admitted
 update's blob and item are durable before the engine sees it, and a cold worker (or a
