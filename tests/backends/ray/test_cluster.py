@@ -8,7 +8,9 @@ Ray is left running afterwards.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -41,6 +43,8 @@ def cluster() -> Iterator[LocalCluster]:
         ray.shutdown()
     before = set(_ray_processes())
     shm_before = set(os.listdir("/dev/shm"))
+    node_dirs = Path(tempfile.gettempdir()) / "strato-ray"
+    dirs_before = set(node_dirs.iterdir()) if node_dirs.is_dir() else set()
     with LocalCluster(nodes=3, cpus=1) as c:
         yield c
     deadline = time.monotonic() + 20
@@ -48,6 +52,8 @@ def cluster() -> Iterator[LocalCluster]:
         time.sleep(0.2)
     assert not set(_ray_processes()) - before, "Ray processes outlived the cluster"
     assert not set(os.listdir("/dev/shm")) - shm_before, "segments outlived the cluster"
+    dirs_after = set(node_dirs.iterdir()) if node_dirs.is_dir() else set()
+    assert not dirs_after - dirs_before, "node directories outlived their runs"
 
 
 def _options(out: Path, address: str, **overrides: Any) -> RunOptions:
@@ -135,6 +141,10 @@ def test_losing_a_worker_node_mid_round_loses_no_update(cluster: LocalCluster, t
     assert set(on_victim) <= {x["client"] for x in lost}
     # the lost node had work of this run when it went
     assert summary["placement"]["invocations_by_node"].get(victim.node_id)
+    # its directory went with it (on a machine of its own); here it shares this disk
+    from strato.backends.ray._parts import node_dir
+
+    shutil.rmtree(node_dir(svc_config["root"], victim.node_id), ignore_errors=True)
     cluster.workers.append(cluster._cluster.add_node(num_cpus=1))  # for later tests
 
 

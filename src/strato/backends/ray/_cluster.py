@@ -171,13 +171,9 @@ def _function() -> str:
 
 
 def node_id(ray: Any) -> str:
-    """The Ray node this process runs on."""
-    if "node" not in _THIS:
-        _THIS["node"] = str(ray.get_runtime_context().get_node_id())
-    return _THIS["node"]
-
-
-_THIS: dict[str, str] = {}
+    """The Ray node this process runs on (asked each time: a process that joins another
+    cluster, as a test does, is on another node)."""
+    return str(ray.get_runtime_context().get_node_id())
 
 
 def _has_head_resource(ray: Any) -> bool:

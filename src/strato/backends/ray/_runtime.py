@@ -566,10 +566,9 @@ class RayRuntime:
         return actor
 
     def _remove_node_dirs(self) -> list[Any]:
-        """Tasks removing this run's node-local blobs on every alive node (they were
-        blobs the run can make again; the run is over)."""
-        if not self.config.get("node_local_blobs"):
-            return []
+        """Tasks removing this run's node directories on every alive node: its node-local
+        blobs (blobs the run can make again) and its cache of the state host's large
+        blobs; the run is over."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from strato.backends.ray._parts import node_dir
