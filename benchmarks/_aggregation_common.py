@@ -16,9 +16,11 @@ import ctypes
 import json
 import mmap
 import os
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -138,6 +140,30 @@ def median(values: list[float]) -> float:
         return float("nan")
     mid = len(xs) // 2
     return xs[mid] if len(xs) % 2 else 0.5 * (xs[mid - 1] + xs[mid])
+
+
+def run_script_child(script: str, kind: str, cfg: dict[str, Any], timeout: float = 3600,
+                     env: dict[str, str] | None = None,
+                     pids: list[int] | None = None) -> dict[str, Any]:
+    """Run ``script --child KIND CFG`` (stdin closed, in the benchmarks directory, with
+    ``env`` if given; its pid appended to ``pids``) and return the JSON line it
+    ``emit``s last, with ``child_wall_s``."""
+    argv = [sys.executable, script, "--child", kind, json.dumps(cfg)]
+    started = time.monotonic()
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
+                          cwd=Path(script).resolve().parent) as proc:
+        if pids is not None:
+            pids.append(proc.pid)
+        try:
+            stdout, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} child failed with status {proc.returncode}")
+    result: dict[str, Any] = json.loads(stdout.decode().strip().splitlines()[-1])
+    result["child_wall_s"] = time.monotonic() - started
+    return result
 
 
 def emit(result: dict[str, Any]) -> None:

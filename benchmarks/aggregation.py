@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,7 +41,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _aggregation_common import Workload, cpu_count, log, median, mem_available, provenance
+from _aggregation_common import (
+    Workload,
+    cpu_count,
+    log,
+    median,
+    mem_available,
+    provenance,
+    run_script_child,
+)
 
 HERE = Path(__file__).resolve().parent
 M = 1_000_000
@@ -83,21 +90,7 @@ def run_child(kind: str, cfg: dict[str, Any], timeout: float = 3600) -> dict[str
         # Aggregators get one BLAS thread each (they are the parallelism); the load
         # generator and the dispatcher do not use BLAS.
         env.update({"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
-    argv = [sys.executable, str(Path(__file__)), "--child", kind, json.dumps(cfg)]
-    started = time.monotonic()
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, env=env, cwd=HERE) as proc:
-        CHILD_PIDS.append(proc.pid)
-        try:
-            stdout, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    if proc.returncode != 0:
-        raise RuntimeError(f"{kind} child failed with status {proc.returncode}")
-    lines = stdout.decode().strip().splitlines()
-    result: dict[str, Any] = json.loads(lines[-1])
-    result["child_wall_s"] = time.monotonic() - started
-    return result
+    return run_script_child(str(Path(__file__)), kind, cfg, timeout, env=env, pids=CHILD_PIDS)
 
 
 # ---- one configuration --------------------------------------------------------------

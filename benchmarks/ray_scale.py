@@ -36,7 +36,6 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _aggregation_common import emit, log, median, write_results
+from _aggregation_common import emit, log, median, run_script_child, write_results
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "ray"
@@ -109,21 +108,6 @@ def one_run(kind: str, app: Path, out: Path, config: Any,
                                                 "function_seconds", "cold_starts")}}
 
 
-def run_child(kind: str, cfg: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
-    argv = [sys.executable, str(Path(__file__)), "--child", kind, json.dumps(cfg)]
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                          cwd=HERE) as proc:
-        try:
-            stdout, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    if proc.returncode != 0:
-        raise SystemExit(f"the {kind} run failed with status {proc.returncode}")
-    result: dict[str, Any] = json.loads(stdout.decode().strip().splitlines()[-1])
-    return result
-
-
 # ---- the figures --------------------------------------------------------------------------
 
 
@@ -184,7 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         for kind in ("embedded", "ray"):
             log(f"{kind}: {cfg['clients']} clients × {cfg['params']:,} float32, "
                 f"{cfg['rounds']} rounds ...")
-            runs |= run_child(kind, {**cfg, "dir": str(Path(tmp) / kind)})
+            try:
+                got = run_script_child(str(Path(__file__)), kind,
+                                       {**cfg, "dir": str(Path(tmp) / kind)})
+            except RuntimeError as exc:
+                raise SystemExit(f"the {kind} run failed: {exc}") from None
+            runs |= {k: v for k, v in got.items() if k != "child_wall_s"}
         for kind in RUNS:
             done = runs[kind]
             log(f"{kind}: {done['wall_s']:.1f} s, completion per round "

@@ -500,21 +500,14 @@ def ray_scale() -> str:
              f"`{d['command']}`", "",
              "| run | completion s (median of rounds 2+) | aggregation bytes across nodes, "
              "measured | predicted |", "|---|---:|---:|---:|"]
-    for kind, label in (("embedded", "embedded (one machine)"),
-                        ("ray-best-fit", "ray, leaves by best fit"),
-                        ("ray-round-robin", "ray, leaves dealt round robin")):
-        run = d["runs"][kind]
-        crossed = (run.get("placement") or {}).get("cross_node_bytes_by_function", {})
-        measured = sum(crossed.get(fn, 0) for fn in ("aggregate", "leaf"))
-        predicted = sum((r.get("nodes") or {}).get("predicted_cross_node_bytes", 0)
-                        for r in run["rounds"])
-        completions = sorted(r["completion_s"] for r in run["rounds"][1:])
-        mid = len(completions) // 2
-        median = (completions[mid] if len(completions) % 2
-                  else (completions[mid - 1] + completions[mid]) / 2)
-        cells = ["—", "—"] if kind == "embedded" else [f"{measured / 1e6:,.0f} MB",
-                                                       f"{predicted / 1e6:,.0f} MB"]
-        lines.append(_row([label, f"{median:.3f}", *cells]))
+    for label, completion, suffix in (("embedded (one machine)", "embedded", None),
+                                      ("ray, leaves by best fit", "ray", ""),
+                                      ("ray, leaves dealt round robin", "ray_round_robin",
+                                       "_round_robin")):
+        cells = ["—", "—"] if suffix is None else [
+            f"{d[f'cross_node_bytes_{kind}{suffix}'] / 1e6:,.0f} MB"
+            for kind in ("measured", "predicted")]
+        lines.append(_row([label, f"{d[f'completion_s_{completion}']:.3f}", *cells]))
     lines += ["", "| key | value | target | met |", "|---|---:|---|---|"]
     for key, t in d["targets"].items():
         value = "—" if t["value"] is None else f"{t['value']:.3f}"

@@ -52,7 +52,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _aggregation_common import cpu_count, emit, log, median, mem_available, write_results
+from _aggregation_common import (
+    cpu_count,
+    emit,
+    log,
+    median,
+    mem_available,
+    run_script_child,
+    write_results,
+)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "round_path"
@@ -78,20 +86,7 @@ def child_main(kind: str, cfg: dict[str, Any]) -> None:
 
 
 def run_child(kind: str, cfg: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
-    argv = [sys.executable, str(Path(__file__)), "--child", kind, json.dumps(cfg)]
-    started = time.monotonic()
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                          cwd=HERE) as proc:
-        try:
-            stdout, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    if proc.returncode != 0:
-        raise RuntimeError(f"{kind} child failed with status {proc.returncode}")
-    result: dict[str, Any] = json.loads(stdout.decode().strip().splitlines()[-1])
-    result["child_wall_s"] = time.monotonic() - started
-    return result
+    return run_script_child(str(Path(__file__)), kind, cfg, timeout)
 
 
 # ---- plan, disk ---------------------------------------------------------------------------

@@ -271,13 +271,12 @@ def _client(args: argparse.Namespace) -> int:
 
 
 def _new(args: argparse.Namespace) -> int:
-    from strato.fl.scaffold import new_app
+    from strato.fl.scaffold import COMMANDS, new_app
 
     where = new_app(args.name, Path(args.dir))
-    readme = (where / "README.md").read_text().split("```bash\n", 1)[1].split("```", 1)[0]
     print(f"wrote {where}: app.py, strato.toml, test_app.py, requirements.txt, README.md")
     print(f"run it (and its tests) from {where} with:")
-    print(readme.rstrip())
+    print("\n".join(COMMANDS))
     return 0
 
 

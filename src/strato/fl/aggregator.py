@@ -827,15 +827,22 @@ def _reject(svc: Services, meta: dict[str, Any], key: str, reason: str) -> None:
         svc.table.put(state.REJECTIONS, key, {**meta, "reason": reason}, if_absent=True)
 
 
-def _agent(svc: Services, invoke: Invoke | None = None) -> _Agent:
-    agent = _warm.get("agent")
-    if not isinstance(agent, _Agent) or agent.svc is not svc:
-        if isinstance(agent, _Agent):
-            agent.shutdown()
+def _warm_one(svc: Services, key: str, kind: Any) -> Any:
+    """This worker's warm ``kind`` (an agent or a leaf) for ``svc``, made from the job
+    record when there is none yet (or it served other services)."""
+    held = _warm.get(key)
+    if not isinstance(held, kind) or held.svc is not svc:
+        if isinstance(held, kind):
+            held.shutdown()
         item = svc.table.get(state.JOB, "config")
         if item is None:
             raise NotFound("the run has no job record")
-        agent = _warm["agent"] = _Agent(svc, item.value)
+        held = _warm[key] = kind(svc, item.value)
+    return held
+
+
+def _agent(svc: Services, invoke: Invoke | None = None) -> _Agent:
+    agent: _Agent = _warm_one(svc, "agent", _Agent)
     agent.invoke = invoke
     return agent
 
@@ -955,9 +962,13 @@ class _Leaf:
         """An update as the engine's input: its file mapped in place when it lies on this
         node, else read from where it lies into this node's memory (the round-robin
         placement's leaves); a string says why it cannot be added."""
-        if getattr(self.svc.blobs, "home", lambda _: None)(blob) == getattr(
-                self.svc.blobs, "node_id", None):
+        try:
             path, offset, length = self.svc.blobs.locate(blob)  # type: ignore[attr-defined]
+        except (NotFound, CorruptBlob):
+            raise
+        except StratoError:  # it lies on another node
+            path = ""
+        if path:
             view = attach_input(file_ref(path, offset, length))
             layout, _meta, start = read_header(view)
             if layout != self.layout:
@@ -1007,14 +1018,7 @@ class _Leaf:
 def leaf(svc: Services, event: dict[str, Any]) -> dict[str, Any]:
     """A node's leaf: ``{"add": r, "tag", "gen", "quota", "updates": [...]}`` adds
     updates lying on this node; ``{"flush": r, "tag", "gen"}`` writes the partial."""
-    agent = _warm.get("leaf")
-    if not isinstance(agent, _Leaf) or agent.svc is not svc:
-        if isinstance(agent, _Leaf):
-            agent.shutdown()
-        item = svc.table.get(state.JOB, "config")
-        if item is None:
-            raise NotFound("the run has no job record")
-        agent = _warm["leaf"] = _Leaf(svc, item.value)
+    agent: _Leaf = _warm_one(svc, "leaf", _Leaf)
     tag, gen = str(event["tag"]), int(event["gen"])
     if "flush" in event:
         return agent.flush(int(event["flush"]), tag, gen)

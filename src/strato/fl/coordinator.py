@@ -12,6 +12,7 @@ the aggregator function, woken by the updates' stream, calls the token back.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -93,6 +94,17 @@ def round_loop_definition(round_deadline_s: float) -> dict[str, Any]:
 def function_specs(cfg: JobConfig) -> list[FunctionSpec]:
     handlers = "strato.fl.functions:"
     single = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    aggregate = FunctionSpec(
+        # The node agent of the aggregation engine: one warm instance serialises a
+        # round's admissions and its close; the engine's leaves add in parallel.
+        "aggregate",
+        handlers + "aggregate",
+        timeout_s=300,
+        max_concurrency=1,
+        keep_alive_s=120,
+        env={**single, "OPENBLAS_NUM_THREADS": "1", "STRATO_FUNCTION": "aggregate"},
+        locality="state",  # it reads every update: where the blobs are
+    )
     return [
         FunctionSpec(
             "start_round",
@@ -109,29 +121,13 @@ def function_specs(cfg: JobConfig) -> list[FunctionSpec]:
             keep_alive_s=120,
             env=single,
         ),
-        FunctionSpec(
-            # The node agent of the aggregation engine: one warm instance serialises a
-            # round's admissions and its close; the engine's leaves add in parallel.
-            "aggregate",
-            handlers + "aggregate",
-            timeout_s=300,
-            max_concurrency=1,
-            keep_alive_s=120,
-            env={**single, "OPENBLAS_NUM_THREADS": "1", "STRATO_FUNCTION": "aggregate"},
-            locality="state",  # it reads every update: where the blobs are
-        ),
-        FunctionSpec(
-            # The engine on each node for the updates lying there (a backend with
-            # several nodes keeps a simulated client's update on its node): "aggregate"
-            # hands them over and collects the leaves' partials at the close.
-            "leaf",
-            handlers + "leaf",
-            timeout_s=300,
-            max_concurrency=1,
-            keep_alive_s=120,
-            env={**single, "OPENBLAS_NUM_THREADS": "1", "STRATO_FUNCTION": "leaf"},
-            locality="node",
-        ),
+        aggregate,
+        # The engine on each node for the updates lying there (a backend with several
+        # nodes keeps a simulated client's update on its node): "aggregate" hands them
+        # over and collects the leaves' partials at the close.
+        dataclasses.replace(aggregate, name="leaf", handler=handlers + "leaf",
+                            env={**aggregate.env, "STRATO_FUNCTION": "leaf"},
+                            locality="node"),
         FunctionSpec(
             "close_round",
             handlers + "close_round",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from strato.errors import ConfigError
 
-__all__ = ["new_app"]
+__all__ = ["COMMANDS", "new_app"]
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
@@ -156,8 +156,8 @@ _README = """# {name}
 A federated learning app for Strato, made by `strato new {name}`.
 
 ```bash
-{install} && .venv/bin/strato run .
-{install} pytest && .venv/bin/python -m pytest
+{run}
+{test}
 ```
 
 The first command trains the model of `app.py` across the clients of `strato.toml`
@@ -174,6 +174,9 @@ command runs the app's tests (`test_app.py`).
 
 
 _INSTALL = "python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt"
+# The app README's two commands: run the app, run its tests (each in a fresh venv).
+COMMANDS = (f"{_INSTALL} && .venv/bin/strato run .",
+            f"{_INSTALL} pytest && .venv/bin/python -m pytest")
 
 
 def _requirement() -> str:
@@ -210,5 +213,5 @@ def new_app(name: str, parent: Path) -> Path:
     }
     for file, template in files.items():
         (where / file).write_text(template.format(name=name, requirement=_requirement(),
-                                                  install=_INSTALL))
+                                                  run=COMMANDS[0], test=COMMANDS[1]))
     return where

@@ -124,6 +124,7 @@ class RayBlobStore(_Proxy):
         self._shared = LocalBlobStore(Path(self._root) / "blobs") if self._on_head else None
         self._local: LocalBlobStore | None = None
         self._homes_made = False
+        self._homes_known: dict[str, str] = {}  # node-local blob -> its node, once asked
         self._alive: tuple[float, frozenset[str]] = (0.0, frozenset())
 
     # ---- where a blob lies --------------------------------------------------------------
@@ -135,8 +136,14 @@ class RayBlobStore(_Proxy):
         """The node a node-local blob lies on; None for the state host's blobs."""
         if not self._node_local(key):
             return None
+        known = self._homes_known.get(key)
+        if known is not None:  # a blob does not move: its node, once known, stays
+            return known
         got = self._client.call("table", "get", HOMES, key)[0] if self._homes() else None
-        return None if got is None else str(got["value"]["node"])
+        if got is None:
+            return None
+        node = self._homes_known[key] = str(got["value"]["node"])
+        return node
 
     def alive(self, node: str) -> bool:
         """Whether Ray node ``node`` is alive (asked at most twice a second)."""
@@ -166,12 +173,19 @@ class RayBlobStore(_Proxy):
                                          durable=False)  # blobs that can be made again
         return self._local
 
+    def _in_shared(self, key: str) -> bool:
+        """On the state host's machine: the blob is in its directory (one stat, no call)."""
+        return self._shared is not None and self._shared.exists(key)
+
     def locate(self, key: str) -> tuple[str, int, int]:
+        if self._in_shared(key):
+            assert self._shared is not None
+            return self._shared.locate(key)
         node = self.home(key)
         if node == self.node_id:
             return self._here().locate(key)
         if node is None and self._shared is not None:
-            return self._shared.locate(key)
+            return self._shared.locate(key)  # NotFound
         raise StratoError(f"blob {key} is not on this node ({self.node_id[:12]})")
 
     def put(self, key: str, data: Any) -> str:
@@ -190,6 +204,9 @@ class RayBlobStore(_Proxy):
         return str(self._call("put_content", data=_bytes(data)))
 
     def get(self, key: str, *, verify: bool = True) -> memoryview:
+        if self._in_shared(key):
+            assert self._shared is not None
+            return self._shared.get(key, verify=verify)
         node = self.home(key)
         if node == self.node_id:
             return self._here().get(key, verify=verify)
@@ -239,6 +256,8 @@ class RayBlobStore(_Proxy):
         return bytes(got)
 
     def exists(self, key: str) -> bool:
+        if self._in_shared(key):
+            return True
         node = self.home(key)
         if node is not None:
             return node == self.node_id or self.alive(node)
@@ -256,6 +275,7 @@ class RayBlobStore(_Proxy):
 
     def delete(self, key: str) -> None:
         node = self.home(key)
+        self._homes_known.pop(key, None)
         if node is None:
             if self._shared is not None:
                 self._shared.delete(key)

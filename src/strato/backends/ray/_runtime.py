@@ -34,7 +34,7 @@ import time
 import uuid
 import zlib
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -246,12 +246,7 @@ class RayRuntime:
         with self._lock:
             if name is not None:
                 return self._stats_of(self._function(name))
-            total = RuntimeStats()
-            for fn in list(self._functions.values()):
-                one = self._stats_of(fn)
-                for f in dataclasses.fields(RuntimeStats):
-                    setattr(total, f.name, getattr(total, f.name) + getattr(one, f.name))
-            return total
+            return _sum_stats(self._stats_of(fn) for fn in self._functions.values())
 
     def placement(self) -> dict[str, Any]:
         """Where this run's functions ran and what crossed nodes: per Ray node, the
@@ -376,12 +371,8 @@ class RayRuntime:
 
     def _stats_of(self, fn: _Function) -> RuntimeStats:
         """A function's counts, its per-node pools' included."""
-        total = RuntimeStats()
-        for pool in fn.pools():
-            one = dataclasses.replace(pool.stats, live_workers=len(pool.idle) + pool.busy)
-            for f in dataclasses.fields(RuntimeStats):
-                setattr(total, f.name, getattr(total, f.name) + getattr(one, f.name))
-        return total
+        return _sum_stats(dataclasses.replace(p.stats, live_workers=len(p.idle) + p.busy)
+                          for p in fn.pools())
 
     def _encode(self, name: str, event: Mapping[str, Any]) -> str:
         with self._lock:
@@ -638,6 +629,14 @@ class RayRuntime:
                     fn.idle = keep
             for actor in gone:
                 self._retire(actor, graceful=True)
+
+
+def _sum_stats(parts: Iterable[RuntimeStats]) -> RuntimeStats:
+    total = RuntimeStats()
+    for one in parts:
+        for f in dataclasses.fields(RuntimeStats):
+            setattr(total, f.name, getattr(total, f.name) + getattr(one, f.name))
+    return total
 
 
 def _report_failure(name: str) -> Any:
