@@ -84,3 +84,26 @@ def test_the_example_gives_each_client_enough_digits() -> None:
     digits, mnist = load_job_config(EXAMPLE, "digits"), load_job_config(EXAMPLE, "mnist")
     assert mnist.clients == 100
     assert digits.clients == 10 and digits.clients_per_round == 10
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ('[job]\nrounds = "4"\n', "'rounds' (in [job] of strato.toml) must be a whole number, "
+         "got a string ('4')"),
+        ("[round]\nquorum = true\n", "'quorum' (in [round] of strato.toml) must be a number"),
+        ("[job]\nseed = 1.5\n", "'seed' (in [job] of strato.toml) must be a whole number"),
+        ('[aggregation]\nfunction_memory_mb = "1G"\n', "'function_memory_mb'"),
+        ("[strategy]\nname = 3\n", "'strategy' (in [strategy] of strato.toml) must be a string"),
+        ("[dataset.digits]\nclients = 2.5\n", "'clients'"),
+    ],
+)
+def test_every_setting_is_type_checked_by_name(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_job_config(_write(tmp_path, text), "digits")
+    assert needle in str(err.value)
+
+
+def test_a_whole_number_is_a_number() -> None:
+    path_free = load_job_config(Path("/nonexistent/strato.toml"))
+    assert path_free.override(quorum=1, round_deadline_s=30).quorum == 1

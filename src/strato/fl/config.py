@@ -46,6 +46,8 @@ class JobConfig:
     placement: str = "best-fit"
 
     def validate(self) -> JobConfig:
+        self._check_types()
+
         def positive(name: str, value: float) -> None:
             if not value > 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
@@ -75,6 +77,21 @@ class JobConfig:
         positive("dirichlet_alpha", self.dirichlet_alpha)
         return self
 
+    def _check_types(self) -> None:
+        """Every setting's type, with a message that names the setting and where it is set
+        (``rounds = "4"`` in strato.toml must not fail later, deep in the code)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = str(f.type).split("[")[0]
+            expected = _TYPES[kind]
+            if isinstance(value, bool) or not isinstance(value, expected):
+                where = _SECTION_OF.get(f.name, "")
+                where = f" (in [{where}] of strato.toml)" if where else ""
+                raise ConfigError(
+                    f"setting {f.name!r}{where} must be {_TYPE_NAMES[kind]}, "
+                    f"got {_describe(value)}"
+                )
+
     @property
     def quorum_count(self) -> int:
         return max(1, math.ceil(self.quorum * self.clients_per_round - 1e-9))
@@ -103,6 +120,21 @@ _SECTIONS = {
     "data": ("partition", "dirichlet_alpha"),
     "aggregation": ("function_memory_mb", "accumulator", "placement"),
 }
+
+
+_SECTION_OF = {key: section for section, keys in _SECTIONS.items() for key in keys}
+_SECTION_OF.update(strategy="strategy", strategy_options="strategy", train="train")
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "int": int, "float": (int, float), "str": str, "dict": dict,
+}
+_TYPE_NAMES = {"int": "a whole number", "float": "a number", "str": "a string",
+               "dict": "a table"}
+
+
+def _describe(value: Any) -> str:
+    kinds = {bool: "a boolean", str: "a string", int: "a whole number", float: "a number",
+             dict: "a table", list: "a list"}
+    return f"{kinds.get(type(value), type(value).__name__)} ({value!r})"
 
 
 def load_job_config(path: Path, dataset: str | None = None) -> JobConfig:
