@@ -161,7 +161,19 @@ def _serve(args: argparse.Namespace) -> int:
     from strato.fl.run import run_job
     from strato.fl.serve import ServeOptions, gateway_attach, listen, load_tokens
 
-    tokens = load_tokens(args.token, args.tokens_file)
+    clients_file = Path(args.clients_file) if args.clients_file else None
+    if clients_file is not None and (args.token or args.tokens_file):
+        raise StratoError(
+            "give either --clients-file (a credential per client) or a shared --token, not both"
+        )
+    tokens = load_tokens(args.token, args.tokens_file, required=clients_file is None)
+    if clients_file is not None:
+        from strato.fl.credentials import ClientsFile
+
+        ClientsFile(clients_file)  # a missing or broken file fails before the run starts
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise StratoError("HTTPS needs both --tls-cert and --tls-key")
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
     opts = _run_options(args)
     min_clients = opts.config.clients_per_round if args.min_clients is None else args.min_clients
     if min_clients < 1:
@@ -171,11 +183,16 @@ def _serve(args: argparse.Namespace) -> int:
         raise StratoError(f"--max-upload-mb must be positive, got {mb}")
     sock = listen(args.host, args.port)  # before the run is set up: a busy port fails first
     try:
+        # The run's files (its tables hold the clients' credential hashes) are its owner's.
+        opts.out.mkdir(parents=True, exist_ok=True)
+        opts.out.chmod(0o700)
         opts.simulate = False
         opts.attach = gateway_attach(
             ServeOptions(
                 tokens=tokens,
                 sock=sock,
+                clients_file=clients_file,
+                tls=tls,
                 min_clients=min_clients,
                 max_upload_bytes=None if mb is None else int(mb * 2**20),
                 body_timeout_s=args.body_timeout,
@@ -260,7 +277,9 @@ def _client(args: argparse.Namespace) -> int:
     return run_client(
         ClientOptions(
             server=args.server,
-            token=args.token,
+            token=_client_token(args),
+            ca_file=args.ca_file,
+            threads=args.threads,
             app_dir=args.app_dir,
             data_dir=args.data_dir,
             client_id=args.client_id,
@@ -268,6 +287,43 @@ def _client(args: argparse.Namespace) -> int:
             partition_index=args.partition_index,
         )
     )
+
+
+def _client_token(args: argparse.Namespace) -> str:
+    """The client's token: --token-file, $STRATO_TOKEN or --token (which `ps` shows)."""
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise StratoError(f"cannot read {args.token_file}: {exc.strerror}") from None
+    else:
+        token = args.token or os.environ.get("STRATO_TOKEN", "").strip()
+    if not token:
+        raise StratoError(
+            "give this client's token: --token-file FILE, $STRATO_TOKEN or --token T"
+        )
+    return token
+
+
+def _token(args: argparse.Namespace) -> int:
+    from strato.fl import credentials
+
+    path = Path(args.clients_file)
+    if args.action != "list" and not args.name:
+        raise StratoError(f"strato token {args.action} needs the client's NAME")
+    if args.action == "issue":
+        token = credentials.issue_token(path, args.name)
+        print(token)
+        print(f"issued a credential for client {args.name!r} in {path} (only its hash is "
+              "kept; this is the one time the token is shown)", file=sys.stderr)
+    elif args.action == "revoke":
+        credentials.revoke_token(path, args.name)
+        print(f"revoked client {args.name!r}: a server using {path} refuses it at its next "
+              "request", file=sys.stderr)
+    else:
+        for name in credentials.ClientsFile(path).names():
+            print(name)
+    return 0
 
 
 def _new(args: argparse.Namespace) -> int:
@@ -355,8 +411,17 @@ def _parser() -> argparse.ArgumentParser:
     _job_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8765, help="0 picks a free port")
-    serve.add_argument("--token", action="append", help="a client token (repeatable)")
-    serve.add_argument("--tokens-file", help="client tokens, one per line")
+    serve.add_argument(
+        "--clients-file", help="the clients' credentials (strato token issue NAME "
+        "--clients-file FILE): each client joins as itself"
+    )  # fmt: skip
+    serve.add_argument(
+        "--token", action="append", help="a shared enrolment token (repeatable): each "
+        "client that registers with it gets a credential of its own"
+    )  # fmt: skip
+    serve.add_argument("--tokens-file", help="shared enrolment tokens, one per line")
+    serve.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
+    serve.add_argument("--tls-key", help="the certificate's private key (PEM)")
     serve.add_argument(
         "--min-clients", type=int, help="registrations to wait for (default: clients per round)"
     )
@@ -370,7 +435,15 @@ def _parser() -> argparse.ArgumentParser:
     client = sub.add_parser("client", help="join a `strato serve` run as a client")
     client.add_argument("app_dir", help="directory holding app.py")
     client.add_argument("--server", required=True, help="the server's URL, http://HOST:PORT")
-    client.add_argument("--token", required=True, help="this client's token")
+    client.add_argument(
+        "--token-file", help="a file holding this client's token (or set $STRATO_TOKEN)"
+    )
+    client.add_argument("--token", help="this client's token (visible to `ps`: prefer a file)")
+    client.add_argument("--ca-file", help="the CA certificate that signed an https server's")
+    client.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads for training (default 1, as a simulated client has)",
+    )  # fmt: skip
     client.add_argument(
         "--data-dir",
         help="MNIST IDX directory (default: $STRATO_DATA_DIR, else scikit-learn's digits)",
@@ -388,6 +461,15 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("deploy", help="deploy the FL infrastructure (strato deploy aws --help)",
                    add_help=False)  # fmt: skip
     sub.add_parser("infer", help="serverless distributed inference of a sparse DNN", add_help=False)
+    token = sub.add_parser(
+        "token", help="issue, revoke or list clients' credentials for strato serve",
+        description="A credential per client, kept in a clients file as a salted hash; "
+        "`issue` prints the token once (give it to the client: strato client --token-file).",
+    )  # fmt: skip
+    token.add_argument("action", choices=["issue", "revoke", "list"])
+    token.add_argument("name", nargs="?", help="the client's name (issue, revoke)")
+    token.add_argument("--clients-file", required=True, help="the clients file")
+    token.set_defaults(func=_token)
     new = sub.add_parser("new", help="write a new app directory to start from")
     new.add_argument("name", help="the app's name (and its directory's)")
     new.add_argument("--dir", default=".", help="where to write it (default: here)")

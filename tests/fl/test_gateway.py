@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -64,20 +65,25 @@ class Harness:
     gateway: Gateway
     server: GatewayServer
     http: httpx.Client
+    own: dict[str, str] = field(default_factory=dict)  # client -> its own token
 
     @property
     def port(self) -> int:
         return self.server.port
 
     def auth(self, token: str = TOKENS[0]) -> dict[str, str]:
-        return {"Authorization": f"Bearer {token}"}
+        """Headers with ``token``: a client's name stands for that client's own token."""
+        return {"Authorization": f"Bearer {self.own.get(token, token)}"}
 
     def register(self, token: str = TOKENS[0], client_id: str | None = None) -> str:
         resp = self.http.post(
             "/v1/clients", json={"client_id": client_id}, headers=self.auth(token)
         )
         assert resp.status_code in (200, 201), resp.text
-        return str(resp.json()["client"])
+        client = str(resp.json()["client"])
+        if "token" in resp.json():
+            self.own[client] = resp.json()["token"]
+        return client
 
     def open_round(self, r: int, selected: list[str]) -> None:
         """What start_round does: the round record, then a notice per selected client."""
@@ -153,7 +159,7 @@ def _raw(port: int, head: str, body: bytes = b"", *, close: bool = False) -> tup
         return status, json.loads(rest[:length])
 
 
-def _put_head(client: str, r: int, *, length: int | None, token: str = TOKENS[0]) -> str:
+def _put_head(client: str, r: int, *, length: int | None, token: str) -> str:
     lines = [
         f"PUT /v1/rounds/{r}/updates/{client} HTTP/1.1",
         "Host: test",
@@ -179,15 +185,16 @@ def test_tokens_from_flags_and_file(tmp_path: Path) -> None:
     assert load_tokens(["xyz"], str(f)) == ("xyz", "abc", "def")
     from strato.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="at least one"):
+    with pytest.raises(ConfigError, match="clients-file"):
         load_tokens(None, None)
+    assert load_tokens(None, None, required=False) == ()
     with pytest.raises(ConfigError, match="tokens file"):
         load_tokens(None, str(tmp_path / "missing"))
 
 
 def test_register_needs_a_valid_token_and_stores_nothing_without_one(harness: Harness) -> None:
     h = harness
-    for headers in ({}, h.auth("wrong"), {"Authorization": "Basic abc"}):
+    for headers in ({}, h.auth("wrong"), {"Authorization": "Basic abc"}, h.auth("eve~forged")):
         resp = h.http.post("/v1/clients", json={"client_id": "mallory"}, headers=headers)
         assert resp.status_code == 401 and "token" in resp.json()["error"]
     assert h.svc.table.query(state.CLIENTS) == []
@@ -197,22 +204,41 @@ def test_register_needs_a_valid_token_and_stores_nothing_without_one(harness: Ha
     reg = resp.json()
     assert reg["client"] == "alice" and reg["num_partitions"] == 3
     assert reg["partition_index"] == 0 and reg["partition_sizes"] == [100, 101, 102]
-    assert "token" not in json.dumps(reg)  # nothing of the token goes back
+    # Enrolled with the shared token, alice gets a credential of her own, shown once.
+    own = reg["token"]
+    assert own.startswith("alice~") and TOKENS[0] not in json.dumps(reg)
+    stored = json.dumps([i.value for i in h.svc.table.query(state.CLIENTS)])
+    assert own not in stored and own.partition("~")[2] not in stored and "scrypt" in stored
+    # The shared token cannot take alice's id again, nor act for her; her own token can.
     again = h.http.post("/v1/clients", json={"client_id": "alice"}, headers=h.auth())
-    assert again.status_code == 200 and again.json()["partition_index"] == 0
-    taken = h.http.post("/v1/clients", json={"client_id": "alice"}, headers=h.auth(TOKENS[1]))
-    assert taken.status_code == 409
+    assert again.status_code == 409
+    mine = h.http.post("/v1/clients", json={}, headers={"Authorization": f"Bearer {own}"})
+    assert mine.status_code == 200 and mine.json()["client"] == "alice"
+    assert "token" not in mine.json()
+    as_shared = h.http.get("/v1/clients/alice/notice?wait_s=0", headers=h.auth())
+    assert as_shared.status_code == 403 and "registration" in as_shared.json()["error"]
+    as_alice = h.http.get(
+        "/v1/clients/alice/notice?wait_s=0", headers={"Authorization": f"Bearer {own}"}
+    )
+    assert as_alice.status_code == 200
     bad_id = h.http.post("/v1/clients", json={"client_id": "../x"}, headers=h.auth())
     assert bad_id.status_code == 400
     huge = h.http.post("/v1/clients", json={"client_id": "x" * 100_000}, headers=h.auth())
     assert huge.status_code == 413
-    assert h.register(TOKENS[1]) == "remote-0002"  # the server names a client without an id
-    assert [i.key for i in h.svc.table.query(state.CLIENTS)] == ["alice", "remote-0002"]
-    # A client's calls need the token it registered with.
-    other = h.http.get("/v1/clients/alice/notice?wait_s=0", headers=h.auth(TOKENS[1]))
+    bob = h.register(TOKENS[1])
+    assert bob == "remote-0002"  # the server names a client without an id
+    # A client's calls need its own token: bob's cannot act for alice.
+    other = h.http.get("/v1/clients/alice/notice?wait_s=0", headers=h.auth(bob))
     assert other.status_code == 403
-    unknown = h.http.get("/v1/clients/nobody/notice?wait_s=0", headers=h.auth())
-    assert unknown.status_code == 404
+    forged = h.http.get("/v1/clients/alice/notice?wait_s=0", headers=h.auth("alice~forged"))
+    assert forged.status_code == 401
+    unknown = h.http.get("/v1/clients/nobody/notice?wait_s=0", headers=h.auth(bob))
+    assert unknown.status_code == 403
+    # The run takes as many clients as it has partitions: no identities beyond them.
+    h.register(TOKENS[1])
+    full = h.http.post("/v1/clients", json={}, headers=h.auth(TOKENS[1]))
+    assert full.status_code == 403 and "has them all" in full.json()["error"]
+    assert len(h.svc.table.query(state.CLIENTS)) == 3
     missing = h.http.get("/v1/no/such/route")
     assert missing.status_code == 404 and "error" in missing.json()
 
@@ -220,10 +246,12 @@ def test_register_needs_a_valid_token_and_stores_nothing_without_one(harness: Ha
 def test_poll_download_and_upload_store_the_update_like_the_sim_client(harness: Harness) -> None:
     h = harness
     alice = h.register(client_id="alice")
-    waiting = h.http.get(f"/v1/clients/{alice}/notice", params={"wait_s": 0.2}, headers=h.auth())
+    waiting = h.http.get(
+        f"/v1/clients/{alice}/notice", params={"wait_s": 0.2}, headers=h.auth(alice)
+    )
     assert waiting.json() == {"status": "waiting"}
     h.open_round(1, [alice])
-    notice = h.http.get(f"/v1/clients/{alice}/notice", params={"wait_s": 5}, headers=h.auth())
+    notice = h.http.get(f"/v1/clients/{alice}/notice", params={"wait_s": 5}, headers=h.auth(alice))
     body = notice.json()
     assert body["status"] == "round" and body["round"] == 1
 
@@ -237,7 +265,7 @@ def test_poll_download_and_upload_store_the_update_like_the_sim_client(harness: 
 
     update = encode(_model(1)).payload
     headers = {
-        **h.auth(),
+        **h.auth(alice),
         "X-Strato-Receipt": body["receipt"],
         "X-Strato-Num-Examples": "100",
         "X-Strato-Train-S": "1.5",
@@ -261,7 +289,7 @@ def test_poll_download_and_upload_store_the_update_like_the_sim_client(harness: 
     assert h.stored_updates() == (blobs, records)
 
     h.svc.table.put(state.METRICS, state.round_key(2), {"round": 2})  # the last round is done
-    done = h.http.get(f"/v1/clients/{alice}/notice", params={"wait_s": 5}, headers=h.auth())
+    done = h.http.get(f"/v1/clients/{alice}/notice", params={"wait_s": 5}, headers=h.auth(alice))
     assert done.json() == {"status": "finished"}
 
 
@@ -279,7 +307,7 @@ def test_bad_uploads_are_refused_store_nothing_and_the_server_keeps_serving(
 
     def poll() -> None:
         with httpx.Client(base_url=h.server.url, timeout=30) as c:
-            resp = c.get(f"/v1/clients/{bob}/notice", params={"wait_s": 4}, headers=h.auth())
+            resp = c.get(f"/v1/clients/{bob}/notice", params={"wait_s": 4}, headers=h.auth(bob))
             polled["status"], polled["body"] = resp.status_code, resp.json()
 
     poller = threading.Thread(target=poll)
@@ -294,21 +322,31 @@ def test_bad_uploads_are_refused_store_nothing_and_the_server_keeps_serving(
     # Wrong token: 401 before anything else.
     status, body = _raw(h.port, _put_head(alice, 1, length=len(good), token="nope"), good)
     refused(401, status, body, "bad token")
+    status, body = _raw(h.port, _put_head(alice, 1, length=len(good), token=h.own[bob]), good)
+    refused(403, status, body, "another client's token")
+    mine = h.own[alice]
+    examples = {**h.auth(alice), "X-Strato-Num-Examples": "100"}
+
+    def put(length: int | None) -> str:
+        return _put_head(alice, 1, length=length, token=mine)
+
     # Oversized: refused from the header alone, the body is never sent.
     too_big = h.gateway.max_upload_bytes + 1
-    status, body = _raw(h.port, _put_head(alice, 1, length=too_big))
+    status, body = _raw(h.port, put(too_big))
     refused(413, status, body, "oversized")
     assert str(h.gateway.max_upload_bytes) in body["error"]
     # No Content-Length (a chunked body): refused before reading.
-    status, body = _raw(h.port, _put_head(alice, 1, length=None), b"5\r\nhello\r\n0\r\n\r\n")
+    status, body = _raw(h.port, put(None), b"5\r\nhello\r\n0\r\n\r\n")
     refused(411, status, body, "chunked")
     # Truncated, the sender stalls: refused once the body timeout passes.
-    status, body = _raw(h.port, _put_head(alice, 1, length=len(good)), good[: len(good) // 2])
+    status, body = _raw(h.port, put(len(good)), good[: len(good) // 2])
     refused(400, status, body, "stalled")
     assert "truncated" in body["error"]
     # Truncated, the sender hangs up: nobody to answer, but nothing is stored.
     ended = h.gateway.uploads_ended
-    _raw(h.port, _put_head(alice, 1, length=len(good)), good[: len(good) // 3], close=True)
+    _raw(
+        h.port, put(len(good)), good[: len(good) // 3], close=True
+    )
     deadline = time.monotonic() + 10
     while h.gateway.uploads_ended == ended and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -317,36 +355,168 @@ def test_bad_uploads_are_refused_store_nothing_and_the_server_keeps_serving(
     assert h.stored_updates() == ([], [])
     # Not decodable: the right length of garbage.
     garbage = np.random.default_rng(3).integers(0, 256, len(good), dtype=np.uint8).tobytes()
-    resp = h.http.put(path, content=garbage, headers={**h.auth(), "X-Strato-Num-Examples": "100"})
+    resp = h.http.put(path, content=garbage, headers=examples)
     refused(400, resp.status_code, resp.json(), "garbage")
     assert "not decodable" in resp.json()["error"]
     # Wrong layout: a valid safetensors payload of another model.
     other = encode(_model(4, rows=200)).payload
-    resp = h.http.put(path, content=other, headers={**h.auth(), "X-Strato-Num-Examples": "100"})
+    resp = h.http.put(path, content=other, headers=examples)
     refused(422, resp.status_code, resp.json(), "wrong layout")
     assert "layout" in resp.json()["error"]
+    # Well-formed but not finite: refused before anything is stored.
+    for bad_value, named in ((np.nan, "NaN"), (np.inf, "an infinity")):
+        poisoned = _model(2)
+        poisoned["w"][3, 7] = bad_value
+        payload = encode(poisoned).payload
+        resp = h.http.put(
+            path, content=payload, headers={**h.auth(alice), "X-Strato-Num-Examples": "100"}
+        )
+        refused(422, resp.status_code, resp.json(), named)
+        assert f"'w' holds {named}" in resp.json()["error"]
     # Bad metadata, and an update for a round the client is not in.
-    resp = h.http.put(path, content=good, headers={**h.auth(), "X-Strato-Num-Examples": "0"})
+    resp = h.http.put(path, content=good, headers={**h.auth(alice), "X-Strato-Num-Examples": "0"})
     refused(400, resp.status_code, resp.json(), "no examples")
-    nan = {**h.auth(), "X-Strato-Num-Examples": "5", "X-Strato-Metrics": '{"loss": NaN}'}
+    nan = {**h.auth(alice), "X-Strato-Num-Examples": "5", "X-Strato-Metrics": '{"loss": NaN}'}
     resp = h.http.put(path, content=good, headers=nan)
     refused(400, resp.status_code, resp.json(), "NaN metric")
     resp = h.http.put(
         f"/v1/rounds/1/updates/{bob}",
         content=good,
-        headers={**h.auth(), "X-Strato-Num-Examples": "9"},
+        headers={**h.auth(bob), "X-Strato-Num-Examples": "9"},
     )
     refused(409, resp.status_code, resp.json(), "not selected")
 
     poller.join(30)
     assert polled == {"status": 200, "body": {"status": "waiting"}}
     # Still serving: a good upload after all that is stored.
-    resp = h.http.put(path, content=good, headers={**h.auth(), "X-Strato-Num-Examples": "100"})
+    resp = h.http.put(path, content=good, headers=examples)
     assert resp.status_code == 201, resp.text
     blobs, records = h.stored_updates()
     assert len(blobs) == 1 and len(records) == 1
     stored = decode(h.svc.blobs.get(blobs[0]))
     assert np.array_equal(stored.flat(), decode(good).flat())
+
+
+def _job_services(tmp_path: Path) -> Services:
+    """The harness's hand-made job, for a gateway made by the test itself."""
+    svc = embedded(tmp_path / "services")
+    clients = ["0000", "0001", "0002"]
+    coordinator.provision(svc, clients)
+    cfg = JobConfig(rounds=2, clients=3, clients_per_round=2, round_deadline_s=30)
+    initial = _model(0)
+    svc.blobs.put(state.model_key(0), encode(initial).payload)
+    svc.table.put(state.JOB, "config", {
+        "config": cfg.to_dict(), "clients": clients, "quorum_count": cfg.quorum_count,
+        "layout": initial.layout.to_json(), "simulate": False, "dataset": "digits",
+        "client_examples": {c: 100 for c in clients},
+    })  # fmt: skip
+    return svc
+
+
+def test_per_client_credentials_from_a_clients_file(tmp_path: Path) -> None:
+    from strato.fl.credentials import issue_token, revoke_token
+
+    path = tmp_path / "clients.json"
+    alice, bob = issue_token(path, "alice"), issue_token(path, "bob")
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert alice not in path.read_text() and alice.partition("~")[2] not in path.read_text()
+    svc = _job_services(tmp_path)
+    gateway = Gateway(svc, GatewaySettings(clients_file=path, body_timeout_s=1.0))
+    server = GatewayServer(gateway, listen("127.0.0.1", 0)).start()
+
+    def call(method: str, route: str, token: str, **kw: object) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token}"}
+        return httpx.request(method, f"{server.url}{route}", headers=headers, timeout=30, **kw)  # type: ignore[arg-type]
+
+    try:
+        # A credential's name is the client's id: it can register as itself only.
+        assert call("POST", "/v1/clients", alice, json={"client_id": "bob"}).status_code == 403
+        reg = call("POST", "/v1/clients", alice, json={})
+        assert reg.status_code == 201 and reg.json()["client"] == "alice"
+        assert "token" not in reg.json()  # it has its own already
+        assert call("POST", "/v1/clients", alice, json={}).status_code == 200
+        assert call("GET", "/v1/clients/alice/notice?wait_s=0", alice).status_code == 200
+        assert call("GET", "/v1/clients/alice/notice?wait_s=0", bob).status_code == 403
+        assert call("POST", "/v1/clients", "carol~" + "x" * 43, json={}).status_code == 401
+        assert call("POST", "/v1/clients", "alice~" + "x" * 43, json={}).status_code == 401
+        # Revoked in the file: refused at its next request, although verified before.
+        revoke_token(path, "alice")
+        refused = call("GET", "/v1/clients/alice/notice?wait_s=0", alice)
+        assert refused.status_code == 401 and "revoked" in refused.json()["error"]
+        assert call("POST", "/v1/clients", bob, json={}).status_code == 201
+        # A new credential for alice replaces the revoked one.
+        alice2 = issue_token(path, "alice")
+        assert call("GET", "/v1/clients/alice/notice?wait_s=0", alice2).status_code == 200
+        assert call("GET", "/v1/clients/alice/notice?wait_s=0", alice).status_code == 401
+        stored = json.dumps([i.value for i in svc.table.query(state.CLIENTS)])
+        assert "~" not in stored
+    finally:
+        server.stop()
+        svc.close()
+
+
+def test_a_registration_body_that_stalls_or_stops_is_refused_quietly(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = harness
+    head = (
+        "POST /v1/clients HTTP/1.1\r\nHost: test\r\n"
+        f"Authorization: Bearer {TOKENS[0]}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 40\r\n\r\n"
+    )
+    with caplog.at_level("INFO", logger="strato.gateway"):
+        started = time.monotonic()
+        status, body = _raw(h.port, head, b'{"client_id": ')  # then nothing (timeout 1 s)
+        assert status == 400 and "stalled" in body["error"]
+        assert time.monotonic() - started < 10
+        _raw(h.port, head, b'{"client_id": ', close=True)  # hangs up mid-body
+        time.sleep(0.5)
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL") or r.exc_info]
+    assert h.svc.table.query(state.CLIENTS) == []
+    assert h.register(client_id="alice") == "alice"  # still serving
+
+
+def test_a_finished_job_waits_for_a_client_still_training(harness: Harness) -> None:
+    h = harness
+    alice = h.register(client_id="alice")
+    h.open_round(1, [alice])
+    notice = h.http.get(f"/v1/clients/{alice}/notice", params={"wait_s": 5}, headers=h.auth(alice))
+    assert notice.json()["status"] == "round" and h.gateway.training == {alice: 1}
+    h.svc.table.put(state.METRICS, state.round_key(2), {"round": 2})  # the job ends
+    stopped = threading.Event()
+    stopper = threading.Thread(target=lambda: (h.server.stop(0.2), stopped.set()))
+    stopper.start()
+    time.sleep(1.0)  # past the grace: the server is still up for the training client
+    assert not stopped.is_set()
+    late = h.http.put(
+        notice.json()["upload"],
+        content=encode(_model(1)).payload,
+        headers={**h.auth(alice), "X-Strato-Num-Examples": "100"},
+    )
+    assert late.status_code == 201 and h.gateway.training == {}
+    done = h.http.get(f"/v1/clients/{alice}/notice", params={"wait_s": 1}, headers=h.auth(alice))
+    assert done.json() == {"status": "finished"}
+    stopper.join(30)
+    assert stopped.is_set()
+
+
+def test_a_remote_client_trains_with_the_threads_it_is_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch = pytest.importorskip("torch")
+    from strato.errors import ConfigError
+    from strato.fl.remote import _limit_threads
+
+    before = torch.get_num_threads()
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.setenv(var, "64")
+    try:
+        _limit_threads(1)
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+        with pytest.raises(ConfigError, match="--threads"):
+            _limit_threads(0)
+    finally:
+        torch.set_num_threads(before)
 
 
 # --- end to end: strato serve + four strato client processes -------------------------
@@ -390,8 +560,50 @@ class _Lines:
         raise AssertionError(f"no {prefix!r} line; got {self.lines}")
 
 
+def _self_signed(where: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made for the test (it is its own CA)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "strato test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = where / "cert.pem", where / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
 @pytest.mark.slow
-def test_serve_with_four_remote_clients_over_http(tmp_path: Path) -> None:
+def test_serve_with_four_remote_clients_over_https(tmp_path: Path) -> None:
+    """The secure set-up: HTTPS with a certificate the test makes, a credential per
+    client (strato token issue), tokens given in a file or the environment."""
     app = make_tiny_app(tmp_path)
     (app / "strato.toml").write_text(E2E_TOML)
     out = tmp_path / "out"
@@ -399,7 +611,18 @@ def test_serve_with_four_remote_clients_over_http(tmp_path: Path) -> None:
     mnist = os.environ.get("STRATO_DATA_DIR")  # CI passes MNIST; else the bundled digits
     if mnist:
         env["STRATO_DATA_DIR"] = mnist
-    serve_args = ["--out", str(out), "--port", "0", "--token", "secret", "--min-clients", "4"]
+    cert, key = _self_signed(tmp_path)
+    clients_file = tmp_path / "clients.json"
+    tokens = {}
+    for i in range(4):
+        issued = strato("token", "issue", f"edge-{i}", "--clients-file", str(clients_file))
+        assert issued.returncode == 0, issued.stderr
+        tokens[f"edge-{i}"] = issued.stdout.strip()
+        (tmp_path / f"edge-{i}.token").write_text(issued.stdout)
+    serve_args = [
+        "--out", str(out), "--port", "0", "--clients-file", str(clients_file),
+        "--min-clients", "4", "--tls-cert", str(cert), "--tls-key", str(key),
+    ]  # fmt: skip
     serve = subprocess.Popen(
         [*STRATO, "serve", str(app), *serve_args],
         env=env,
@@ -412,23 +635,33 @@ def test_serve_with_four_remote_clients_over_http(tmp_path: Path) -> None:
     try:
         lines = _Lines(serve)
         url = lines.wait_for("gateway: serving ", serve, 180).split()[2]
-        assert url.startswith("http://127.0.0.1:") and not url.endswith(":0")
+        assert url.startswith("https://127.0.0.1:") and not url.endswith(":0")
+        assert out.stat().st_mode & 0o777 == 0o700  # the run's files are its owner's
 
-        # A wrong token is refused and registers nothing.
-        resp = httpx.post(f"{url}/v1/clients", json={}, headers={"Authorization": "Bearer bad"})
+        # A wrong token is refused and registers nothing; so is a server not verified.
+        resp = httpx.post(
+            f"{url}/v1/clients", json={}, headers={"Authorization": "Bearer bad"},
+            verify=ssl.create_default_context(cafile=str(cert)),
+        )
         assert resp.status_code == 401 and resp.json() == {"error": "invalid token"}
-        res = strato("client", "--server", url, "--token", "bad", str(app), env=env)
+        base = ["client", "--server", url, "--ca-file", str(cert)]
+        res = strato(*base, "--token", "bad", str(app), env=env)
         assert res.returncode == 2 and "invalid token" in res.stderr
         assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+        unverified = strato("client", "--server", url, "--token", tokens["edge-0"], str(app))
+        assert unverified.returncode == 2 and "--ca-file" in unverified.stderr
+        assert "Traceback" not in unverified.stderr
         with embedded(out / "services") as svc:
             assert svc.table.query(state.CLIENTS) == []
 
-        client_args = ["--server", url, "--token", "secret"]
         for i in range(4):
+            # Two clients read their token from a file, two from the environment.
+            how = ["--token-file", str(tmp_path / f"edge-{i}.token")] if i % 2 else []
+            client_env = env if i % 2 else {**env, "STRATO_TOKEN": tokens[f"edge-{i}"]}
             clients.append(
                 subprocess.Popen(
-                    [*STRATO, "client", str(app), *client_args, "--client-id", f"edge-{i}"],
-                    env=env,
+                    [*STRATO, *base, str(app), *how],
+                    env=client_env,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     stdin=subprocess.DEVNULL,
@@ -443,6 +676,8 @@ def test_serve_with_four_remote_clients_over_http(tmp_path: Path) -> None:
                 p.kill()
                 p.wait()
     assert serve.returncode == 0, serve_err
+    said = "".join(lines.lines) + serve_err + "".join(o + e for o, e in outputs)
+    assert not [t for t in tokens.values() if t.partition("~")[2] in said]  # nothing secret
     for c, (stdout, stderr) in zip(clients, outputs, strict=True):
         assert c.returncode == 0, stderr
         assert "the job is finished" in stdout and "round 3:" in stdout

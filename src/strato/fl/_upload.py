@@ -116,15 +116,26 @@ def upload_meta(headers: Mapping[str, str]) -> dict[str, Any]:
     }
 
 
-async def small_body(request: Request, limit: int) -> bytes:
-    """A small request body (a JSON document), refused beyond ``limit`` bytes."""
+async def small_body(request: Request, limit: int, idle_timeout_s: float) -> bytes:
+    """A small request body (a JSON document), refused beyond ``limit`` bytes, when the
+    client goes away before it is whole, or when it stalls for ``idle_timeout_s``."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HttpError(413, f"request body over {limit} bytes", close=True)
     parts, size = [], 0
-    async for chunk in request.stream():
+    while True:
+        try:
+            message = await asyncio.wait_for(request.receive(), idle_timeout_s)
+        except TimeoutError:
+            raise HttpError(
+                400, f"request body stalled: no data for {idle_timeout_s:g} s", close=True
+            ) from None
+        if message["type"] == "http.disconnect":
+            raise HttpError(400, "the client went away before its request body was whole")
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise HttpError(413, f"request body over {limit} bytes", close=True)
         parts.append(chunk)
-    return b"".join(parts)
+        if not message.get("more_body", False):
+            return b"".join(parts)

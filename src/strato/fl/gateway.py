@@ -1,13 +1,19 @@
 """The HTTP gateway of ``strato serve``: remote clients take part in a run over the network.
 
-Every call carries ``Authorization: Bearer <token>`` with one of the server's tokens;
-a client's own calls must carry the token it registered with. Errors are JSON
-``{"error": "..."}`` with a 4xx status, and a refused request stores nothing.
+Every call carries ``Authorization: Bearer <token>``. A client registers with its own
+credential (``strato serve --clients-file``: the client's id is the credential's name)
+or with a shared enrolment token (``--token``: the response carries a credential of
+the new client's own, shown once); every later call about a client must carry that
+client's own credential (``fl.credentials``), so no client can act as another.
+Errors are JSON ``{"error": "..."}`` with a 4xx status, and a refused request stores
+nothing: an update is checked (layout, finite values) before it is committed.
 
 ===========================================  =============================================
 ``GET  /v1/health``                           liveness (no token): ``{"status": "ok"}``
 ``POST /v1/clients``                          register (``{"client_id": ...}`` optional):
                                               the client's id, data partition, job config
+                                              (and ``token``: its own credential, when
+                                              enrolled with a shared token)
 ``GET  /v1/clients/{id}/notice?wait_s=S``     long-poll: ``{"status": "round", "round",
                                               "receipt", "model", "upload"}``, or
                                               ``"waiting"``, ``"finished"``, ``"closing"``
@@ -36,14 +42,16 @@ import hashlib
 import hmac
 import json
 import logging
-import re
+import math
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -54,6 +62,7 @@ from starlette.routing import Route
 from strato.codec import decode, header_bytes
 from strato.control import round as rules
 from strato.errors import CodecError, LayoutError, NotFound, StratoError
+from strato.fl import credentials as creds
 from strato.fl import state
 from strato.fl._upload import (
     HttpError,
@@ -72,20 +81,21 @@ __all__ = ["API", "Gateway", "GatewaySettings", "HttpError", "token_digest"]
 
 API = "/v1"
 _log = logging.getLogger("strato.gateway")
-_CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _MAX_JSON_BODY = 64 << 10
+_SHARED = ""  # the principal of a shared enrolment token: no client of its own
 
 
 def token_digest(token: str) -> str:
-    """What the gateway keeps of a token: never the token itself."""
+    """What the gateway keeps in memory of a shared token: never the token itself."""
     return hashlib.sha256(token.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    tokens: Sequence[str]
+    tokens: Sequence[str] = ()  # shared enrolment tokens
+    clients_file: Path | None = None  # per-client credentials (fl.credentials)
     max_upload_bytes: int | None = None  # default: the job's encoded model size + 64 KiB
-    body_timeout_s: float = 60.0  # an upload stalled this long is refused (400)
+    body_timeout_s: float = 60.0  # a request body stalled this long is refused (400)
     max_wait_s: float = 30.0  # the longest long-poll a client may ask for
     chunk_bytes: int = 1 << 20  # model download chunk
     max_concurrent_uploads: int = 16  # shared-memory buffers in use at once
@@ -122,12 +132,24 @@ def _endpoint(fn: Handler) -> Handler:
     return wrapped
 
 
+def _first_non_finite(array: np.ndarray) -> str | None:
+    """What a float tensor holds that is not finite ("NaN" or "an infinity"), or None.
+
+    One pass at memory bandwidth: a float64 sum of finite float32 values cannot
+    overflow, and a NaN or an infinity always reaches it."""
+    if array.dtype.kind != "f" or math.isfinite(
+        float(np.add.reduce(array.ravel(), dtype=np.float64))
+    ):
+        return None
+    return "NaN" if np.isnan(array).any() else "an infinity"
+
+
 class Gateway:
     """The gateway's state and request handlers over one run's services."""
 
     def __init__(self, svc: Services, settings: GatewaySettings) -> None:
-        if not settings.tokens:
-            raise StratoError("the gateway needs at least one client token")
+        if not settings.tokens and settings.clients_file is None:
+            raise StratoError("the gateway needs a clients file or a shared client token")
         item = svc.table.get(state.JOB, "config")
         if item is None:
             raise NotFound("the run has no job record")
@@ -137,9 +159,17 @@ class Gateway:
         expected = len(header_bytes(self.layout)) + self.layout.nbytes
         self.max_upload_bytes = settings.max_upload_bytes or expected + (64 << 10)
         self._digests = [token_digest(t) for t in settings.tokens]
+        self.clients_file = (
+            None if settings.clients_file is None else creds.ClientsFile(settings.clients_file)
+        )
+        self._verified = creds.TokenCache()
+        self._file_generation = -1
         self.pool = ShmPool(max_idle_bytes=4 * self.max_upload_bytes)
         self.closing = threading.Event()  # set on stop: long polls return at once
         self.told_finished: set[str] = set()
+        # clients given a round notice that have not uploaded since: on stop, a finished
+        # job waits for them, so that they hear "finished" rather than find no server
+        self.training: dict[str, int] = {}
         self._finished = False
         self._register_lock = threading.Lock()
         self._in_flight: set[tuple[int, str]] = set()  # (round, client) uploads being read
@@ -176,25 +206,56 @@ class Gateway:
 
     # --- authentication ----------------------------------------------------------------
 
-    def _token(self, request: Request) -> str:
-        """The request's token digest; 401 when missing or not one of the server's."""
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+    async def _principal(self, request: Request) -> str:
+        """Who is calling: a client's name, or ``_SHARED`` for a shared enrolment token;
+        401 when the token is missing, unknown or revoked."""
+        scheme, _, raw = request.headers.get("authorization", "").partition(" ")
+        token = raw.strip()
+        if scheme.lower() != "bearer" or not token:
             raise HttpError(401, "missing bearer token (Authorization: Bearer <token>)")
-        digest = token_digest(token.strip())
+        digest = token_digest(token)
         # compare_digest against every token: the time taken says nothing about which.
-        if not any([hmac.compare_digest(digest, d) for d in self._digests]):
+        if any([hmac.compare_digest(digest, d) for d in self._digests]):
+            return _SHARED
+        parts = creds.split_token(token)
+        if parts is None:
             raise HttpError(401, "invalid token")
-        return digest
+        name = parts[0]
+        if self.clients_file is not None:
+            record = self.clients_file.clients().get(name)
+            if self.clients_file.generation != self._file_generation:
+                self._verified.forget()  # the file changed: a revocation counts at once
+                self._file_generation = self.clients_file.generation
+            if record is not None and record.get("revoked_at"):
+                raise HttpError(401, f"the credential of client {name!r} is revoked")
+        if self._verified.get(token) == name:
+            return name
+        if not await run_in_threadpool(self._verify, token, name):
+            raise HttpError(401, "invalid token")
+        self._verified.put(token, name)
+        return name
+
+    def _verify(self, token: str, name: str) -> bool:
+        if self.clients_file is not None and name in self.clients_file.clients():
+            return creds.verify_secret(token, self.clients_file.clients()[name])
+        item = self.svc.table.get(state.CLIENTS, name)
+        stored = None if item is None else item.value.get("credential")
+        return isinstance(stored, dict) and creds.verify_secret(token, stored)
 
     async def _client(self, request: Request) -> str:
-        digest = self._token(request)
+        """The path's client, when the caller is that client (its own credential)."""
+        caller = await self._principal(request)
         client = str(request.path_params["client"])
-        item = await run_in_threadpool(self.svc.table.get, state.CLIENTS, client)
-        if item is None:
-            raise HttpError(404, f"client {client!r} is not registered")
-        if not hmac.compare_digest(str(item.value.get("token_sha256", "")), digest):
+        if caller == _SHARED:
+            raise HttpError(
+                403,
+                f"a shared token cannot act for client {client!r}: use the token the "
+                "server gave it at registration",
+            )
+        if caller != client:
             raise HttpError(403, f"this token does not belong to client {client!r}")
+        if await run_in_threadpool(self.svc.table.get, state.CLIENTS, client) is None:
+            raise HttpError(404, f"client {client!r} is not registered")
         return client
 
     # --- handlers ----------------------------------------------------------------------
@@ -203,40 +264,67 @@ class Gateway:
         return JSONResponse({"status": "ok", "api": API, "finished": self.finished()})
 
     async def register(self, request: Request) -> Response:
-        digest = self._token(request)
+        caller = await self._principal(request)
         try:
-            body = json.loads(await small_body(request, _MAX_JSON_BODY) or b"{}")
+            raw = await small_body(request, _MAX_JSON_BODY, self.settings.body_timeout_s)
+            body = json.loads(raw or b"{}")
         except ValueError:
             raise HttpError(400, "the registration body is not JSON") from None
         wanted = body.get("client_id") if isinstance(body, dict) else None
-        if wanted is not None and (not isinstance(wanted, str) or not _CLIENT_ID.fullmatch(wanted)):
+        if wanted is not None and (
+            not isinstance(wanted, str) or not creds.CLIENT_NAME.fullmatch(wanted)
+        ):
             raise HttpError(
                 400, "client_id must be 1-64 letters, digits, '.', '_' or '-' (not first)"
             )
-        record, created = await run_in_threadpool(self._register, wanted, digest)
-        return JSONResponse(self._registration(record), status_code=201 if created else 200)
+        if caller != _SHARED and wanted not in (None, caller):
+            raise HttpError(
+                403, f"this token is client {caller!r}'s; it cannot register {wanted!r}"
+            )
+        record, created = await run_in_threadpool(self._register, caller or None, wanted)
+        reply = self._registration(record)
+        if "token" in record:
+            reply["token"] = record["token"]
+        return JSONResponse(reply, status_code=201 if created else 200)
 
-    def _register(self, wanted: str | None, digest: str) -> tuple[dict[str, Any], bool]:
+    def _register(self, caller: str | None, wanted: str | None) -> tuple[dict[str, Any], bool]:
+        """Register ``caller`` (a named client) or, for a shared token, ``wanted`` or a new
+        id; returns the record (with ``token``, the client's own credential, shown once,
+        for a new enrolment) and whether it is new."""
         with self._register_lock:  # ids and partition indices are handed out one at a time
             table = self.svc.table
-            if wanted is not None and (item := table.get(state.CLIENTS, wanted)) is not None:
-                if not hmac.compare_digest(str(item.value.get("token_sha256", "")), digest):
-                    raise HttpError(409, f"client id {wanted!r} is taken")
-                return item.value, False
-            known = len(table.query(state.CLIENTS))
-            client = wanted
+            client = caller or wanted
+            if client is not None and (item := table.get(state.CLIENTS, client)) is not None:
+                if caller is None:
+                    raise HttpError(409, f"client id {client!r} is taken")
+                return {"client": client, **item.value}, False
+            if caller is None and client is not None and self._reserved(client):
+                raise HttpError(409, f"client id {client!r} is taken")
+            registered = table.query(state.CLIENTS)
+            partitions = len(self.job["clients"])
+            if caller is None and len(registered) >= partitions:
+                raise HttpError(
+                    403, f"the run takes {partitions} clients and has them all (--clients)"
+                )
+            known = len(registered)
             n = known
             while client is None or table.get(state.CLIENTS, client) is not None:
                 n += 1
                 client = f"remote-{n:04d}"
-            info = {
-                "token_sha256": digest,
-                "partition_index": known % len(self.job["clients"]),
+            info: dict[str, Any] = {
+                "partition_index": known % partitions,
                 "registered_at": time.time(),
             }
+            shown: dict[str, str] = {}
+            if caller is None:  # a shared enrolment: the client's own credential
+                shown["token"] = creds.new_token(client)
+                info["credential"] = creds.hash_secret(shown["token"])
             register_client(self.svc, client, info)
             _log.info("gateway: client %s registered", client)
-            return {"client": client, **info}, True
+            return {"client": client, **info, **shown}, True
+
+    def _reserved(self, name: str) -> bool:
+        return self.clients_file is not None and name in self.clients_file.clients()
 
     def _registration(self, record: dict[str, Any]) -> dict[str, Any]:
         cfg, client = self.config, record["client"]
@@ -271,6 +359,7 @@ class Gateway:
         while True:
             if await run_in_threadpool(self.finished):
                 self.told_finished.add(client)
+                self.training.pop(client, None)
                 return JSONResponse({"status": "finished"})
             if self.closing.is_set():
                 return JSONResponse({"status": "closing"})
@@ -293,6 +382,7 @@ class Gateway:
             if self._refusal(r, client) is not None:
                 self.svc.bus.ack(queue, msg.receipt)  # stale: closed round or already uploaded
                 return None
+            self.training[client] = r
             return {
                 "status": "round",
                 "round": r,
@@ -318,7 +408,7 @@ class Gateway:
         return rules.may_upload(view, r, client)
 
     async def model(self, request: Request) -> Response:
-        self._token(request)
+        await self._principal(request)
         r = int(request.path_params["round"])
         if (
             r < 1
@@ -367,6 +457,8 @@ class Gateway:
                 record = await self._receive(request, r, client, length, meta)
         finally:
             self._in_flight.discard((r, client))
+            if self.training.get(client) == r:
+                del self.training[client]
             self.uploads_ended += 1
         return JSONResponse(record, status_code=201)
 
@@ -405,7 +497,12 @@ class Gateway:
             raise HttpError(422, str(exc)) from None
         except CodecError as exc:
             raise HttpError(400, f"update is not decodable: {exc}") from None
-        del params  # a view of the lease: it must not outlive it
+        try:
+            for name in params:
+                if (bad := _first_non_finite(params[name])) is not None:
+                    raise HttpError(422, f"update tensor {name!r} holds {bad}: not stored")
+        finally:
+            del params  # a view of the lease: it must not outlive it
 
     def _record(
         self, r: int, client: str, blob: str, nonce: str, nbytes: int, meta: dict[str, Any]

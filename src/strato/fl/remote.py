@@ -16,6 +16,9 @@ partition sizes are checked against the local ones.
 from __future__ import annotations
 
 import json
+import os
+import ssl
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,6 +50,10 @@ class ClientOptions:
     partition_index: int | None = None
     wait_s: float = 20.0  # one long poll
     reconnect_s: float = 30.0  # how long to keep retrying a server that went away
+    ca_file: str | None = None  # the CA that signed an https server's certificate
+    # torch's threads: one, as a simulated client has, so that several clients on one
+    # machine do not fight over its cores (a client alone on a machine may take more)
+    threads: int = 1
 
 
 def check_server_url(url: str) -> str:
@@ -74,13 +81,26 @@ class ServerUnreachable(StratoError):
 class RemoteClient:
     """The gateway's HTTP API, one method per endpoint; failures are one-line StratoErrors."""
 
-    def __init__(self, server: str, token: str, *, wait_s: float = 20.0) -> None:
+    def __init__(
+        self, server: str, token: str, *, wait_s: float = 20.0, ca_file: str | None = None
+    ) -> None:
         self.server = check_server_url(server)
+        verify: ssl.SSLContext | bool = True
+        if ca_file is not None:
+            try:
+                verify = ssl.create_default_context(cafile=ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"cannot load the CA file {ca_file}: {exc}") from None
         self.http = httpx.Client(
             base_url=self.server,
             headers={"Authorization": f"Bearer {token}"},
             timeout=httpx.Timeout(60.0, read=wait_s + 60.0),
+            verify=verify,
         )
+
+    def use_token(self, token: str) -> None:
+        """From now on, act with this token (the client's own, given at registration)."""
+        self.http.headers["Authorization"] = f"Bearer {token}"
 
     def close(self) -> None:
         self.http.close()
@@ -96,6 +116,13 @@ class RemoteClient:
     def _send(self, method: str, path: str, what: str, **kw: Any) -> httpx.Response:
         try:
             return self.check(self.http.request(method, path, **kw), what)
+        except httpx.ConnectError as exc:
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                raise StratoError(
+                    f"the server at {self.server} is not who it claims to be: {exc} "
+                    "(give the CA that signed its certificate with --ca-file)"
+                ) from None
+            raise ServerUnreachable(f"cannot reach the server at {self.server}: {exc}") from None
         except httpx.TransportError as exc:
             raise ServerUnreachable(f"cannot reach the server at {self.server}: {exc}") from None
 
@@ -176,14 +203,29 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
+def _limit_threads(threads: int) -> None:
+    """Before the app loads torch, its thread pools' size; after, torch's own setting."""
+    if threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}")
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
+
+
 def run_client(opts: ClientOptions) -> int:
     """Take part in rounds until the job is finished (or ``rounds_max`` rounds trained)."""
     check_server_url(opts.server)
+    _limit_threads(opts.threads)
     app = load_app(opts.app_dir)  # a broken app fails here, before the server counts on us
-    api = RemoteClient(opts.server, opts.token, wait_s=opts.wait_s)
+    _limit_threads(opts.threads)
+    api = RemoteClient(opts.server, opts.token, wait_s=opts.wait_s, ca_file=opts.ca_file)
     try:
         reg = api.register(opts.client_id)
         client = str(reg["client"])
+        if "token" in reg:  # enrolled with a shared token: from now on, act as ourselves
+            api.use_token(str(reg.pop("token")))
         data = _local_data(reg, opts)
         index = reg["partition_index"] if opts.partition_index is None else opts.partition_index
         _say(
@@ -227,7 +269,11 @@ def _loop(
             raise StratoError("the server stopped before the job finished")
         if status != "round":
             continue
-        _train_and_upload(api, trainer, layout, client, notice, data)
+        try:
+            _train_and_upload(api, trainer, layout, client, notice, data)
+        except ServerUnreachable:  # gone while we trained: back to polling, which retries
+            down_since = time.monotonic()
+            continue
         trained += 1
     return trained
 

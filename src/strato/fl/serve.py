@@ -30,15 +30,19 @@ __all__ = ["GatewayServer", "ServeOptions", "gateway_attach", "listen", "load_to
 
 @dataclass(frozen=True)
 class ServeOptions:
-    tokens: tuple[str, ...]
+    tokens: tuple[str, ...]  # shared enrolment tokens (may be empty with a clients file)
     sock: socket.socket  # from listen(host, port)
+    clients_file: Path | None = None  # per-client credentials (strato token issue)
+    tls: tuple[str, str] | None = None  # (certificate file, key file): serve HTTPS
     min_clients: int = 1
     max_upload_bytes: int | None = None
     body_timeout_s: float = 60.0
     finish_grace_s: float = 10.0
 
 
-def load_tokens(tokens: list[str] | None, tokens_file: str | None) -> tuple[str, ...]:
+def load_tokens(
+    tokens: list[str] | None, tokens_file: str | None, *, required: bool = True
+) -> tuple[str, ...]:
     """Tokens from ``--token`` and from a file (one per line, ``#`` comments)."""
     found = [t.strip() for t in tokens or []]
     if tokens_file is not None:
@@ -47,8 +51,11 @@ def load_tokens(tokens: list[str] | None, tokens_file: str | None) -> tuple[str,
         except OSError as exc:
             raise ConfigError(f"cannot read tokens file {tokens_file}: {exc.strerror}") from None
         found += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
-    if not found:
-        raise ConfigError("give at least one client token: --token T or --tokens-file F")
+    if not found and required:
+        raise ConfigError(
+            "give the clients' credentials (--clients-file F, made with `strato token issue "
+            "NAME --clients-file F`) or a shared enrolment token (--token T, --tokens-file F)"
+        )
     for t in found:
         if not t or not t.isascii() or not t.isprintable() or " " in t:
             raise ConfigError("a token must be printable ASCII without spaces")
@@ -68,20 +75,36 @@ def listen(host: str, port: int) -> socket.socket:
 class GatewayServer:
     """uvicorn serving a gateway in a background thread, on an already bound socket."""
 
-    def __init__(self, gateway: Gateway, sock: socket.socket) -> None:
+    def __init__(
+        self, gateway: Gateway, sock: socket.socket, tls: tuple[str, str] | None = None
+    ) -> None:
         import uvicorn
 
         self.sock = sock
         self.gateway = gateway
+        self.tls = tls
         host, port = sock.getsockname()[:2]
         self.host, self.port = str(host), int(port)
+        cert, key = tls or (None, None)
+        for what, path in (("certificate", cert), ("key", key)):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"no TLS {what} file at {path}")
         config = uvicorn.Config(
             gateway.asgi(),
             log_level="warning",
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=5,
+            ssl_certfile=cert,
+            ssl_keyfile=key,
         )
+        if tls is not None:
+            try:
+                config.load()  # a certificate that does not load fails here, by name
+            except (OSError, ValueError) as exc:
+                raise ConfigError(
+                    f"cannot load the TLS certificate {cert} and key {key}: {exc}"
+                ) from None
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, name="gateway", daemon=True
@@ -90,7 +113,7 @@ class GatewayServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     def start(self, timeout_s: float = 30.0) -> GatewayServer:
         self.thread.start()
@@ -103,12 +126,21 @@ class GatewayServer:
         return self
 
     def stop(self, grace_s: float = 0.0) -> None:
-        """Stop serving; with a grace period, first let clients hear that the job finished."""
+        """Stop serving; with a grace period, first let clients hear that the job finished.
+
+        A client still training a round when the job ends is waited for up to the round
+        deadline (its upload is refused, then its poll hears "finished"), so it ends
+        cleanly instead of finding the server gone."""
         gateway = self.gateway
-        deadline = time.monotonic() + grace_s
+        now = time.monotonic()
+        deadline = now + grace_s
+        training_deadline = now + max(grace_s, float(gateway.config["round_deadline_s"]))
         if grace_s > 0 and gateway.finished():
             registered = {i.key for i in gateway.svc.table.query(state.CLIENTS)}
-            while not registered <= set(gateway.told_finished) and time.monotonic() < deadline:
+            while not registered <= set(gateway.told_finished):
+                now = time.monotonic()
+                if now > training_deadline or (now > deadline and not gateway.training):
+                    break
                 time.sleep(0.05)
         gateway.closing.set()
         self.server.should_exit = True
@@ -139,18 +171,21 @@ def gateway_attach(opts: ServeOptions) -> Callable[[Services], Callable[[], None
     def attach(svc: Services) -> Callable[[], None]:
         settings = GatewaySettings(
             tokens=opts.tokens,
+            clients_file=opts.clients_file,
             max_upload_bytes=opts.max_upload_bytes,
             body_timeout_s=opts.body_timeout_s,
         )
         gateway = Gateway(svc, settings)
         try:
-            server = GatewayServer(gateway, opts.sock).start()
+            server = GatewayServer(gateway, opts.sock, opts.tls).start()
         except BaseException:
             gateway.close()
             raise
+        how = "--token-file FILE" if opts.clients_file else "--token-file FILE (shared token)"
+        ca = " --ca-file CA.pem" if opts.tls else ""
         say(
             f"gateway: serving {server.url} (clients join with: "
-            f"strato client --server {server.url} --token T APP_DIR)"
+            f"strato client --server {server.url} {how}{ca} APP_DIR)"
         )
         try:
             wait_for_clients(svc, opts.min_clients, say)
