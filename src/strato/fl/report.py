@@ -68,8 +68,10 @@ class Progress:
 
 
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
+    with path.open("ab+") as f:
+        # After a kill mid-write the last line is torn: end it, so this row stands alone.
+        torn = f.seek(0, 2) > 0 and (f.seek(-1, 2), f.read(1))[1] != b"\n"
+        f.write((b"\n" if torn else b"") + json.dumps(row, sort_keys=True).encode() + b"\n")
         f.flush()
 
 

@@ -10,6 +10,7 @@ round state of its own, so a SIGKILL loses nothing that a resume cannot redo.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -177,11 +178,24 @@ def _register(svc: Services, job: dict[str, Any]) -> None:
     )
 
 
-def _resume_job(svc: Services, opts: RunOptions) -> dict[str, Any]:
-    item = svc.table.get(state.JOB, "config")
-    if item is None:
+def _resume_job(svc: Services, opts: RunOptions, run_file: Path) -> dict[str, Any]:
+    try:
+        item = svc.table.get(state.JOB, "config")
+    except NotFound:  # killed before its tables were made
+        item = None
+    if item is not None:
+        _say(opts, f"resuming {opts.out}")
+        return item.value
+    # Killed during its set-up (the job record is the set-up's last write): do it again,
+    # with the settings the run started with. Every step of the set-up is idempotent.
+    recorded = json.loads(run_file.read_text())
+    if "config" not in recorded:
         raise ConfigError(f"{opts.out} holds no run to resume")
-    return item.value
+    opts.config = JobConfig.from_dict(recorded["config"])
+    opts.data_dir = recorded.get("data_dir")
+    opts.simulate = bool(recorded.get("simulate", True))
+    _say(opts, f"resuming {opts.out}: it was stopped during its set-up; setting it up again")
+    return _setup(svc, opts)
 
 
 def _relaunch_missing_clients(svc: Services, job: dict[str, Any]) -> None:
@@ -206,6 +220,7 @@ class _Accounting:
         self.path = out / "accounting.json"
         self.svc = svc
         self.before = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self._saved: dict[str, float] = {}
         self.last_cold = 0
         # What the backend counts of the functions (on AWS: what Lambda ran, whoever
         # invoked it; embedded: this process's runtime).
@@ -227,7 +242,17 @@ class _Accounting:
         return delta
 
     def save(self) -> None:
-        self.path.write_text(json.dumps(self.totals()))
+        """Atomically (a kill mid-write must not leave a torn file for the resume)."""
+        totals = self.totals()
+        if totals != self._saved:
+            _write_atomic(self.path, json.dumps(totals))
+            self._saved = totals
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def run_job(opts: RunOptions) -> dict[str, Any]:
@@ -241,31 +266,34 @@ def run_job(opts: RunOptions) -> dict[str, Any]:
             "or choose another --out"
         )
     started = time.time()
+    if not opts.resume:
+        # Written first: a run killed at any moment, even during its set-up, resumes.
+        _write_atomic(
+            run_file,
+            json.dumps({
+                "execution": coordinator.EXECUTION_ID,
+                "app_dir": str(opts.app_dir.resolve()),
+                "started": started,
+                # the backend, to resume on (credentials stay out of the file)
+                "services": {
+                    k: v for k, v in (opts.services or {}).items() if k != "credentials"
+                } or None,
+                # what the set-up needs, should it have to be done again
+                "config": opts.config.to_dict(),
+                "data_dir": opts.data_dir,
+                "simulate": opts.simulate,
+            }),
+        )  # fmt: skip
     svc = _open_services(opts)
     trigger: Trigger | None = None
     meter: Meter | None = None
     detach: Callable[[], None] | None = None
     try:
         if opts.resume:
-            job = _resume_job(svc, opts)
+            job = _resume_job(svc, opts, run_file)
             opts.config = JobConfig.from_dict(job["config"])
-            _say(opts, f"resuming {opts.out}")
         else:
             job = _setup(svc, opts)
-            run_file.write_text(
-                json.dumps(
-                    {
-                        "execution": coordinator.EXECUTION_ID,
-                        "app_dir": job["app_dir"],
-                        "started": started,
-                        # the backend, to resume on (credentials stay out of the file)
-                        "services": {
-                            k: v for k, v in (opts.services or {}).items() if k != "credentials"
-                        }
-                        or None,
-                    }
-                )
-            )
         _say(opts, f"data: {job['dataset_note']}")
         if opts.shape_note:
             _say(opts, opts.shape_note)
@@ -326,6 +354,8 @@ def _drive(svc: Services, opts: RunOptions, job: dict[str, Any], started: float)
             progress.update(len(rows))
         if finished:
             break
+        # Counted work is saved as it happens: a kill loses at most this slice of it.
+        accounting.save()
         driver.join(0.2)
     progress.clear()
     if "error" in outcome:
