@@ -637,6 +637,7 @@ class _Agent:
     # ---- closing --------------------------------------------------------------------
 
     def close(self, r: int, cause: str) -> dict[str, Any]:
+        closing_at = time.time()  # a deadline close's aggregation latency counts from here
         item = self.svc.table.get(state.ROUNDS, state.round_key(r))
         if item is None:
             raise NotFound(f"round {r} does not exist")
@@ -692,7 +693,7 @@ class _Agent:
         def done(value: dict[str, Any]) -> dict[str, Any] | None:
             if "model" in value:
                 return None
-            return {**value, "status": "closed", "closed_at": value.get("closed_at", time.time()),
+            return {**value, "status": "closed", "closed_at": value.get("closed_at", closing_at),
                     "closed_by": cause, "accepted_count": accepted, **opened.decision,
                     "model": state.model_key(r), "model_ready_at": time.time()}
 

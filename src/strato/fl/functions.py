@@ -145,6 +145,16 @@ def close_round(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     raise TimeoutError(f"round {r}: the aggregator did not close it in time")
 
 
+def aggregation_latency(rnd: dict[str, Any], accepted: list[dict[str, Any]]) -> float:
+    """From the moment the round could close to its model: after the last accepted
+    upload for a quorum close; after the deadline itself for a deadline close (the wait
+    for clients that never came is not aggregation)."""
+    last = max((float(a["uploaded_at"]) for a in accepted), default=float(rnd["closed_at"]))
+    if rnd.get("closed_by") == "deadline":
+        last = max(last, float(rnd["closed_at"]))
+    return max(0.0, float(rnd["model_ready_at"]) - last)
+
+
 def evaluate(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """Evaluate round r's global model on the test set and record the round's metrics."""
     from strato.fl.torch import load_params
@@ -169,7 +179,6 @@ def evaluate(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     scores = evaluate_fn(_warm["model"], test)
     accepted = [a.value for a in svc.table.query(state.ACCEPTED, state.round_key(r) + "/")]
     uploads = [u.value for u in svc.table.query(state.UPDATES, state.round_key(r) + "/")]
-    last = max((a["uploaded_at"] for a in accepted), default=rnd["closed_at"])
     metrics = {
         "round": r,
         "accuracy": float(scores.get("accuracy", float("nan"))),
@@ -179,7 +188,7 @@ def evaluate(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
         "selected": len(rnd["selected"]),
         "bytes_up": sum(int(u.get("bytes_up", 0)) for u in uploads),
         "bytes_down": sum(int(u.get("bytes_down", 0)) for u in uploads),
-        "aggregation_latency_s": max(0.0, float(rnd["model_ready_at"]) - float(last)),
+        "aggregation_latency_s": aggregation_latency(rnd, accepted),
         "round_s": float(rnd["model_ready_at"]) - float(rnd["opened_at"]),
         "closed_by": rnd.get("closed_by", "quorum"),
         # the aggregation tree the autoscaler chose for this round, and its inputs
