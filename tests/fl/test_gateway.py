@@ -500,6 +500,21 @@ def test_a_finished_job_waits_for_a_client_still_training(harness: Harness) -> N
     assert stopped.is_set()
 
 
+def test_the_remote_client_acts_with_the_credential_it_is_given(harness: Harness) -> None:
+    from strato.errors import StratoError
+    from strato.fl.remote import RemoteClient
+
+    api = RemoteClient(harness.server.url, TOKENS[0], wait_s=0)
+    try:
+        reg = api.register("carol")
+        with pytest.raises(StratoError, match="403"):  # the shared token cannot poll
+            api.next_notice("carol", 0)
+        api.use_token(reg["token"])
+        assert api.next_notice("carol", 0) == {"status": "waiting"}
+    finally:
+        api.close()
+
+
 def test_a_remote_client_trains_with_the_threads_it_is_given(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -1,7 +1,7 @@
 """SIGKILL the run process or the aggregator's worker mid-round: nothing accepted is lost.
 
-Each case kills at one of three moments of round 2 (opened with nothing accepted yet,
-one update accepted, half the quorum accepted). A killed run is resumed with
+Each case kills at one of two moments of round 2 (one update accepted, half the
+quorum accepted); a run killed during its set-up resumes too. A killed run is resumed with
 ``--resume``; a killed aggregator worker is replaced by the runtime (the stream
 trigger delivers its batch again and a cold worker rebuilds the round from its
 accepted items). Either way the final model equals an uninterrupted run's (same
@@ -58,6 +58,16 @@ def _accepted(out: Path, r: int) -> int:
         if svc.table.get(state.ROUNDS, state.round_key(r)) is None:
             return -1
         return len(svc.table.query(state.ACCEPTED, state.round_key(r) + "/"))
+
+
+def _accepted_keys(out: Path, r: int) -> dict[str, str]:
+    """Round r's accepted updates: client -> the update record's key."""
+    from strato.fl import state
+    from strato.services import embedded
+
+    with embedded(out / "services") as svc:
+        items = svc.table.query(state.ACCEPTED, state.round_key(r) + "/")
+        return {i.value["client"]: i.value["key"] for i in items}
 
 
 def _aggregator_pid(out: Path) -> int | None:
@@ -127,7 +137,9 @@ def test_a_run_killed_during_its_set_up_resumes(
     assert np.abs(model - model_ref).max() <= 1e-6
 
 
-MOMENTS = {"opened": 0, "one-accepted": 1, "half-accepted": 2}
+# (Killed before round 2 has anything accepted, and at random moments from start-up to
+# shut-down: benchmarks/faults.py, whose small version runs in tests/benchmarks.)
+MOMENTS = {"one-accepted": 1, "half-accepted": 2}
 
 
 @pytest.mark.slow
@@ -145,9 +157,18 @@ def test_sigkill_mid_round_then_resume_equals_an_uninterrupted_run(
         if victim == "run":
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
+            before = _accepted_keys(out, 2)
+            model1 = out / "services" / "blobs" / "models" / "round-00001.safetensors"
+            model1_stat = model1.stat()
             _wait_for(lambda: strato_workers(out) == [], 15, "the killed run's workers to exit")
             res = strato("run", "--resume", str(out))
             assert res.returncode == 0, res.stderr
+            after = _accepted_keys(out, 2)
+            assert all(after[c] == key for c, key in before.items())  # none lost or redone
+            assert model1.stat().st_mtime_ns == model1_stat.st_mtime_ns  # round 1 not redone
+            lines = (out / "metrics.jsonl").read_text().splitlines()
+            rows = [json.loads(x)["round"] for x in lines]
+            assert sorted(rows) == list(range(1, ROUNDS + 1))  # each round reported once
         else:
             pid = _aggregator_pid(out)
             assert pid is not None, "the aggregator should be warm mid-round"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -66,60 +65,6 @@ def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def _accepted(out: Path, r: int) -> dict[str, str]:
-    """Round r's accepted updates: client -> update record key."""
-    from strato.fl import state
-    from strato.services import embedded
-
-    with embedded(out / "services") as svc:
-        items = svc.table.query(state.ACCEPTED, state.round_key(r) + "/")
-        return {i.value["client"]: i.value["key"] for i in items}
-
-
-def test_resume_after_sigkill_mid_round(tiny_app: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "strato.cli",
-            "run",
-            str(tiny_app),
-            "--out",
-            str(out),
-            "--rounds",
-            "4",
-        ],
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-    )
-    metrics = out / "metrics.jsonl"
-    # Kill once round 1 is evaluated and round 2 has at least one accepted update.
-    _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, 120, "round 1")
-    _wait_for(lambda: len(_accepted(out, 2)) >= 1, 120, "an accepted update in round 2")
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    accepted_before = _accepted(out, 2)
-    model1 = out / "services" / "blobs" / "models" / "round-00001.safetensors"
-    model1_stat = model1.stat()
-    _wait_for(lambda: strato_workers(out) == [], 10, "workers of the killed run to exit")
-
-    res = strato("run", "--resume", str(out))
-    assert res.returncode == 0, res.stderr
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["rounds"] == 4
-    assert [r["round"] for r in summary["per_round"]] == [1, 2, 3, 4]
-    rows = [json.loads(x)["round"] for x in metrics.read_text().splitlines()]
-    assert sorted(rows) == [1, 2, 3, 4]  # each round reported exactly once
-    after = _accepted(out, 2)
-    for client, key in accepted_before.items():  # no accepted update was lost
-        assert after[client] == key
-    assert model1.stat().st_mtime_ns == model1_stat.st_mtime_ns  # round 1 not recomputed
-    assert strato_workers(out) == []
 
 
 def test_ctrl_c_leaves_no_workers_and_no_shared_memory(tiny_app: Path, tmp_path: Path) -> None:

@@ -1,0 +1,421 @@
+#!/usr/bin/env python
+"""The fault campaign: a short deterministic job, one fault per trial, resumed as a user would.
+
+Each trial runs ``strato run`` on a small job (the MNIST example's model on the digits,
+3 rounds, 6 clients, 3 a round, seed 1), injects one fault at a random moment of the
+run (from its first millisecond to its end: start-up and shut-down included; a moment
+the run outlived without the fault taking place is drawn again),
+and, when the run did not finish, resumes it with ``strato run --resume OUT`` (up to
+three times). The trial passes when
+
+- the final model equals the uninterrupted run's within 1e-6 (``diverged`` otherwise),
+- every round accepted the same clients as the uninterrupted run (``lost_updates``: an
+  update the reference accepted that the trial did not; ``double_counted``: a round
+  whose accepted count exceeds its distinct accepted clients, or more accepted updates
+  than the reference),
+- nothing of the run is left in ``/dev/shm`` (``shm_leftovers``) and no worker of the
+  run outlives it.
+
+The faults (``--kinds``):
+
+=====================  ===============================================================
+``run-sigint``         Ctrl-C of the run process
+``run-sigterm``        SIGTERM of the run process
+``run-sigkill``        SIGKILL of the run process
+``aggregator-sigkill`` SIGKILL of the aggregator's worker process
+``aggregator-sigterm`` SIGTERM of the aggregator's worker process
+``client-sigkill``     SIGKILL of a simulated client's worker process
+``stream-redelivery``  SIGKILL of the run, then its update stream's checkpoint is lost:
+                       on resume every update record is delivered again (twice, and
+                       out of order with the new ones)
+``bus-redelivery``     SIGKILL of the run, then every notice a client had received is
+                       visible again (as after its visibility timeout)
+``torn-blob``          the newest update blob on disk is cut to half its size
+=====================  ===============================================================
+
+Prints a table, writes JSON (``--json``). ``--quick``: 20 trials; the full campaign
+is ``--trials 200``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from strato.codec import decode  # noqa: E402
+from strato.fl import state  # noqa: E402
+from strato.services import embedded  # noqa: E402
+from strato.services.triggers import CHECKPOINTS  # noqa: E402
+
+ROUNDS = 3
+TOML = f"""
+[job]
+rounds = {ROUNDS}
+clients = 6
+clients_per_round = 3
+seed = 1
+client_concurrency = 2
+
+[round]
+round_deadline_s = 60
+
+[train]
+epochs = 2
+batch_size = 16
+lr = 0.05
+"""
+KINDS = (
+    "run-sigint",
+    "run-sigterm",
+    "run-sigkill",
+    "aggregator-sigkill",
+    "aggregator-sigterm",
+    "client-sigkill",
+    "stream-redelivery",
+    "bus-redelivery",
+    "torn-blob",
+)
+RUN_TIMEOUT_S = 240.0
+RESUMES = 3
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def make_app(where: Path) -> Path:
+    app = where / "app"
+    app.mkdir(parents=True, exist_ok=True)
+    (app / "app.py").write_text((REPO / "examples" / "mnist" / "app.py").read_text())
+    (app / "strato.toml").write_text(TOML)
+    return app
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "STRATO_DATA_DIR"}  # the digits
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+    return env
+
+
+def start_run(args: list[str], log_file: Path) -> subprocess.Popen[bytes]:
+    with log_file.open("ab") as f:
+        return subprocess.Popen(
+            [sys.executable, "-m", "strato.cli", "run", *args],
+            env=_env(), stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+
+
+def workers(out: Path, function: str | None = None) -> list[int]:
+    """Live worker processes of the run in ``out`` (of one function, if named)."""
+    pids = []
+    root = str(out.resolve()).encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+            env = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if b"strato.services._worker\0" not in cmd or root not in env:
+            continue
+        # the worker's command line: -m strato.services._worker NAME HANDLER PARENT
+        if function is None or f"_worker\0{function}\0".encode() in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+def shm_leftovers() -> set[str]:
+    """Strato segments in /dev/shm whose owner process has exited."""
+    left = set()
+    for p in Path("/dev/shm").iterdir():
+        parts = p.name.split("-")
+        owner = parts[1] if p.name.startswith("strato-") and len(parts) > 1 else ""
+        if owner.isdigit() and not Path("/proc", owner).exists():
+            left.add(p.name)
+    return left
+
+
+def outcome(out: Path) -> dict[str, Any]:
+    """The run's final model, accepted clients per round and accepted-update count."""
+    with embedded(out / "services") as svc:
+        model = np.array(decode(svc.blobs.get(state.model_key(ROUNDS))).flat(), np.float64)
+        accepted: dict[int, list[str]] = {}
+        counts: dict[int, int] = {}
+        for r in range(1, ROUNDS + 1):
+            items = svc.table.query(state.ACCEPTED, state.round_key(r) + "/")
+            accepted[r] = sorted(i.value["client"] for i in items)
+            rnd = svc.table.get(state.ROUNDS, state.round_key(r))
+            counts[r] = int(rnd.value.get("accepted_count", -1)) if rnd else -1
+    summary = json.loads((out / "summary.json").read_text())
+    return {"model": model, "accepted": accepted, "counts": counts,
+            "updates_accepted": int(summary["updates_accepted"])}  # fmt: skip
+
+
+def _wait(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _victim(out: Path, function: str, until: float) -> int | None:
+    """A worker of ``function`` (waiting for one to be alive, up to ``until``)."""
+    while time.monotonic() < until:
+        found = workers(out, function)
+        if found:
+            return random.choice(found)
+        time.sleep(0.01)
+    return None
+
+
+def _lose_checkpoint(out: Path) -> None:
+    with embedded(out / "services") as svc:
+        for item in svc.table.query(CHECKPOINTS):
+            svc.table.delete(CHECKPOINTS, item.key)
+
+
+def _redeliver_notices(out: Path) -> int:
+    """Every notice received but not acknowledged becomes visible again."""
+    db = out / "services" / "bus.sqlite"
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db, timeout=30) as conn:
+        cur = conn.execute(
+            "UPDATE messages SET visible_at = 0 WHERE receipt IS NOT NULL AND visible_at > ?",
+            (time.time(),),
+        )
+        return int(cur.rowcount)
+
+
+def _tear_newest_update(out: Path) -> str | None:
+    blobs = out / "services" / "blobs" / "updates"
+    files = [p for p in blobs.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    if not files:
+        return None
+    newest = max(files, key=lambda p: p.stat().st_mtime_ns)
+    size = newest.stat().st_size
+    with newest.open("r+b") as f:
+        f.truncate(size // 2)
+    return newest.name
+
+
+def inject(kind: str, proc: subprocess.Popen[bytes], out: Path, moment: float) -> str:
+    """Inject the fault at ``moment`` seconds after the run's start; returns what was done."""
+    start = time.monotonic()
+    while time.monotonic() - start < moment and proc.poll() is None:
+        time.sleep(0.005)
+    if proc.poll() is not None and kind.startswith(("aggregator", "client", "torn")):
+        return "the run had ended"
+    if kind.startswith("run-") or kind in ("stream-redelivery", "bus-redelivery"):
+        sig = {"run-sigint": signal.SIGINT, "run-sigterm": signal.SIGTERM}.get(
+            kind, signal.SIGKILL
+        )
+        if proc.poll() is not None:
+            return "the run had ended"
+        proc.send_signal(sig)
+        return f"signal {sig.name} to the run"
+    if kind.startswith(("aggregator", "client")):
+        function = "aggregate" if kind.startswith("aggregator") else "client"
+        pid = _victim(out, function, time.monotonic() + 10)
+        if pid is None:
+            return f"no {function} worker alive"
+        sig = signal.SIGTERM if kind.endswith("sigterm") else signal.SIGKILL
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return f"the {function} worker had exited"
+        return f"signal {sig.name} to a {function} worker"
+    if kind == "torn-blob":
+        torn = _tear_newest_update(out)
+        return f"tore update blob {torn}" if torn else "no update blob yet"
+    raise ValueError(kind)
+
+
+def trial(app: Path, where: Path, kind: str, moment: float) -> dict[str, Any]:
+    out = where / "out"
+    log_file = where / "run.log"
+    proc = start_run([str(app), "--out", str(out)], log_file)
+    injected = inject(kind, proc, out, moment)
+    code = _wait(proc, RUN_TIMEOUT_S)
+    hung = code is None
+    if hung:
+        proc.kill()
+        proc.wait()
+    resumes = 0
+    while not (out / "summary.json").exists() and resumes < RESUMES:
+        deadline = time.monotonic() + 30
+        while workers(out) and time.monotonic() < deadline:  # the killed run's workers go
+            time.sleep(0.05)
+        if kind == "stream-redelivery" and resumes == 0 and (out / "services").exists():
+            _lose_checkpoint(out)
+        if kind == "bus-redelivery" and resumes == 0:
+            injected += f"; {_redeliver_notices(out)} notice(s) visible again"
+        resumes += 1
+        resumed = start_run(["--resume", str(out)], log_file)
+        if _wait(resumed, RUN_TIMEOUT_S) is None:
+            hung = True
+            resumed.kill()
+            resumed.wait()
+    record: dict[str, Any] = {"kind": kind, "moment_s": round(moment, 3), "injected": injected,
+                              "exit": code, "resumes": resumes, "hung": hung}  # fmt: skip
+    deadline = time.monotonic() + 30
+    while workers(out) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    record["workers_left"] = len(workers(out))
+    if not (out / "summary.json").exists():
+        record["finished"] = False
+        tail = log_file.read_text(errors="replace").strip().splitlines()[-3:]
+        record["error"] = " | ".join(tail)
+        return record
+    record["finished"] = True
+    got = outcome(out)
+    record["got"] = got
+    return record
+
+
+def judge(record: dict[str, Any], ref: dict[str, Any], shm_before: set[str]) -> dict[str, Any]:
+    got = record.pop("got", None)
+    lost = double = 0
+    diverged = True
+    if got is not None:
+        for r, clients in ref["accepted"].items():
+            lost += len(set(clients) - set(got["accepted"][r]))
+            double += max(0, got["counts"][r] - len(got["accepted"][r]))
+        double += max(0, got["updates_accepted"] - ref["updates_accepted"])
+        diff = float(np.abs(got["model"] - ref["model"]).max())
+        record["max_abs_diff"] = diff
+        diverged = not diff <= 1e-6
+    shm = sorted(shm_leftovers() - shm_before)
+    record.update(lost_updates=lost, double_counted=double, diverged=diverged,
+                  shm_leftovers=len(shm))  # fmt: skip
+    record["passed"] = bool(
+        got is not None and not lost and not double and not diverged and not shm
+        and not record["workers_left"]
+    )
+    return record
+
+
+def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
+    def totals(rs: list[dict[str, Any]]) -> dict[str, int]:
+        return {
+            "trials": len(rs),
+            "passed": sum(r["passed"] for r in rs),
+            "lost_updates": sum(r["lost_updates"] for r in rs),
+            "double_counted": sum(r["double_counted"] for r in rs),
+            "diverged": sum(r["diverged"] for r in rs),
+            "shm_leftovers": sum(r["shm_leftovers"] for r in rs),
+            "unfinished": sum(not r["finished"] for r in rs),
+            "workers_left": sum(r["workers_left"] for r in rs),
+        }
+
+    kinds = sorted({r["kind"] for r in records})
+    return {**totals(records),
+            "per_kind": {k: totals([r for r in records if r["kind"] == k]) for k in kinds}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trials", type=int, default=200)
+    p.add_argument("--quick", action="store_true", help="20 trials")
+    p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated fault kinds")
+    p.add_argument("--seed", type=int, default=0, help="the campaign's random seed")
+    p.add_argument("--work", default="/tmp/strato-faults", help="scratch directory")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    trials = 20 if args.quick else args.trials
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    bad = sorted(set(kinds) - set(KINDS))
+    if bad or trials < 1:
+        p.error(f"unknown kind(s) {', '.join(bad)}" if bad else "--trials must be at least 1")
+    random.seed(args.seed)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    app = make_app(work)
+
+    log("reference: one uninterrupted run")
+    ref_dir = work / "reference"
+    _clean(ref_dir)
+    started = time.monotonic()
+    proc = start_run([str(app), "--out", str(ref_dir / "out")], _mk(ref_dir) / "run.log")
+    if _wait(proc, RUN_TIMEOUT_S) != 0:
+        log((ref_dir / "run.log").read_text())
+        return 1
+    ref_wall = time.monotonic() - started
+    ref = outcome(ref_dir / "out")
+    log(f"reference: {ref_wall:.1f} s, {ref['updates_accepted']} updates accepted")
+
+    records = []
+    shm_before = shm_leftovers()
+    for i in range(trials):
+        kind = kinds[i % len(kinds)]
+        where = work / f"trial-{i:04d}"
+        t0 = time.monotonic()
+        for _draw in range(5):  # a moment past the run's end injects nothing: draw again
+            moment = random.uniform(0.0, ref_wall)
+            _clean(where)
+            _mk(where)
+            record = judge(trial(app, where, kind, moment), ref, shm_before)
+            if not record["injected"].startswith(("the run had ended", "no ")):
+                break
+        record["trial"], record["wall_s"] = i, round(time.monotonic() - t0, 1)
+        records.append(record)
+        verdict = "pass" if record["passed"] else "FAIL"
+        log(f"trial {i + 1}/{trials} {kind:<19} at {moment:5.2f} s: {verdict} "
+            f"({record['injected']}; resumes {record['resumes']}"
+            + (f"; {record.get('error', '')}" if not record["finished"] else "")
+            + f"; lost {record['lost_updates']}, double {record['double_counted']}, "
+            f"diverged {record['diverged']}, shm {record['shm_leftovers']})")  # fmt: skip
+        if record["passed"]:
+            _clean(where)  # keep the failures to look at
+    result = {
+        "command": "python benchmarks/faults.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "seed": args.seed,
+        "reference_wall_s": round(ref_wall, 2),
+        **summarise(records),
+        "records": records,
+    }
+    print(table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def table(result: dict[str, Any]) -> str:
+    cols = ("trials", "passed", "lost_updates", "double_counted", "diverged", "shm_leftovers",
+            "unfinished")  # fmt: skip
+    lines = ["| fault | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for kind, row in result["per_kind"].items():
+        lines.append(f"| {kind} | " + " | ".join(str(row[c]) for c in cols) + " |")
+    lines.append("| **all** | " + " | ".join(str(result[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _mk(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _clean(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
