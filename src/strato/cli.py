@@ -116,6 +116,7 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
         rounds=args.rounds,
         clients=args.clients,
         clients_per_round=args.clients_per_round,
+        keep_rounds=args.keep_rounds,
         strategy=args.strategy,
         strategy_options=_strategy_options(args, cfg.strategy, cfg.strategy_options),
         partition=args.partition,
@@ -347,6 +348,10 @@ def _job_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--rounds", type=int)
     cmd.add_argument("--clients", type=int)
     cmd.add_argument("--clients-per-round", type=int)
+    cmd.add_argument(
+        "--keep-rounds", type=int, metavar="K",
+        help="keep only the last K rounds' update blobs (default: all)",
+    )  # fmt: skip
     cmd.add_argument("--strategy", help="fedavg (default), fedadam, ..., cs "
                      "(Complement Sparsification), or cs-combined (CS with 4-bit "
                      "quantization, zstd and kept-weight updates: docs/sparsity.md)")

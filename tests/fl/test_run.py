@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from fltools import TINY_TOML, cli_env, make_tiny_app, shm_segments, strato, strato_workers
+from strato.fl import state
+from strato.services import embedded
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +24,7 @@ def test_run_writes_summary_metrics_and_curves(tmp_path: Path) -> None:
     app = make_tiny_app(tmp_path, toml)
     before = shm_segments()
     out = tmp_path / "out"
-    res = strato("run", str(app), "--out", str(out))
+    res = strato("run", str(app), "--out", str(out), "--keep-rounds", "1")
     assert res.returncode == 0, res.stderr
     first = res.stdout.splitlines()[:2]
     assert first[0].startswith("data: scikit-learn digits")  # says which data it used
@@ -56,6 +58,12 @@ def test_run_writes_summary_metrics_and_curves(tmp_path: Path) -> None:
     assert (out / "curves.png").stat().st_size > 1000
     assert strato_workers(out) == []
     assert shm_segments() <= before
+    # --keep-rounds 1: once a round's model is written, the round before it has no
+    # update blobs left; the records of who sent what stay
+    kept = sorted(p.parent.name for p in (out / "services/blobs/updates").rglob("*-*"))
+    assert set(kept) == {state.round_key(3)} and len(kept) == 3, kept
+    with embedded(out / "services") as svc:
+        assert len(svc.table.query(state.UPDATES)) == 9
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]

@@ -704,7 +704,19 @@ class _Agent:
         with contextlib.suppress(InvalidToken):
             self.svc.workflow.send_task_success(final.value["token"],
                                                 {"round": r, "model": state.model_key(r)})
+        self._forget_updates(r)
         return final.value
+
+    def _forget_updates(self, r: int) -> None:
+        """``[job] keep_rounds = K``: once round r's model is written, the update blobs of
+        round r - K are not needed any more (their records stay: who sent what, how big);
+        without it every round's updates are kept."""
+        keep = int(self.job["config"].get("keep_rounds", 0))
+        if keep <= 0 or r - keep < 1:
+            return
+        for key in self.svc.blobs.list(f"updates/{state.round_key(r - keep)}/"):
+            with contextlib.suppress(StratoError):  # best effort: a miss only costs disk
+                self.svc.blobs.delete(key)
 
     def _previous_model(self, r: int) -> Params:
         """Round r's input model: the one this worker wrote last round (still in its

@@ -44,6 +44,9 @@ class JobConfig:
     # place) or "round-robin" (nodes dealt in turn, whatever the updates' node: the
     # locality-blind comparison of benchmarks/ray_scale.py)
     placement: str = "best-fit"
+    # how many rounds' update blobs a run keeps once a newer model supersedes them
+    # (0: all; a long run keeps its disk bounded with a few)
+    keep_rounds: int = 0
 
     def validate(self) -> JobConfig:
         self._check_types()
@@ -58,6 +61,8 @@ class JobConfig:
         positive("round_deadline_s", self.round_deadline_s)
         positive("client_concurrency", self.client_concurrency)
         positive("function_memory_mb", self.function_memory_mb)
+        if self.keep_rounds < 0:
+            raise ConfigError(f"keep_rounds must be 0 (keep all) or more, got {self.keep_rounds}")
         if self.placement not in PLACEMENTS:
             raise ConfigError(f"placement must be one of {', '.join(PLACEMENTS)}, "
                               f"got {self.placement!r}")
@@ -115,7 +120,8 @@ class JobConfig:
 
 
 _SECTIONS = {
-    "job": ("rounds", "clients", "clients_per_round", "seed", "client_concurrency"),
+    "job": ("rounds", "clients", "clients_per_round", "seed", "client_concurrency",
+            "keep_rounds"),
     "round": ("quorum", "round_deadline_s"),
     "data": ("partition", "dirichlet_alpha"),
     "aggregation": ("function_memory_mb", "accumulator", "placement"),
