@@ -9,7 +9,7 @@ import sys
 import pytest
 from other_process import PRELUDE
 
-from strato.errors import ConditionFailed, NotFound
+from strato.errors import ConditionFailed, NotFound, StratoError
 from strato.services import Change, Services, connect
 
 # Compare-and-set increments each of the two racing processes makes.
@@ -171,6 +171,24 @@ def test_stream_records_every_write_in_order_with_images(services: Services) -> 
     assert all(c.table == "s" for c in changes)
     assert len({c.cursor for c in changes}) == 4
     assert t.read_stream("s", after=changes[-1].cursor) == []
+
+
+def test_a_table_made_without_a_stream_keeps_items_and_leaves_no_records(
+    services: Services,
+) -> None:
+    t = services.table
+    t.create_table("quiet", stream=False)
+    t.create_table("loud")
+    t.create_table("quiet")  # idempotent: still without a stream
+    t.put("quiet", "a", {"v": 1})
+    t.put("loud", "a", {"v": 2})
+    t.put("quiet", "a", {"v": 3})
+    t.delete("quiet", "a")
+    t.put("quiet", "b", {"v": 4})
+    assert [i.key for i in t.query("quiet")] == ["b"]
+    assert [(c.table, c.key, c.new) for c in t.read_stream("loud")] == [("loud", "a", {"v": 2})]
+    with pytest.raises(StratoError):
+        t.read_stream("quiet")
 
 
 def test_stream_resumes_from_a_checkpoint(services: Services) -> None:

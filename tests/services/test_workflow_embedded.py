@@ -40,7 +40,7 @@ class MemoryTable:
         self.items: dict[tuple[str, str], tuple[dict[str, Any], int]] = {}
         self.lock = threading.Lock()
 
-    def create_table(self, table: str) -> None:
+    def create_table(self, table: str, *, stream: bool = True) -> None:
         pass
 
     def put(

@@ -152,8 +152,8 @@ def notice_schema() -> TopicSchema:
 
 def provision(svc: Services, clients: list[str]) -> None:
     """Tables, the notice topic and one filtered queue per client (idempotent)."""
-    for name in state.TABLES:
-        svc.table.create_table(name)
+    for name in state.TABLES:  # only the updates' changes are read (they wake the aggregator)
+        svc.table.create_table(name, stream=name == state.UPDATES)
     svc.bus.create_topic(state.TOPIC, notice_schema())
     for c in clients:
         svc.bus.subscribe(state.TOPIC, state.client_queue(c), {"client": [c]})

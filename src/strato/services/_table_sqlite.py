@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from strato.errors import ConditionFailed, NotFound
+from strato.errors import ConditionFailed, ConfigError, NotFound
 from strato.services._doorbell import Doorbell, Listener
 from strato.services._sqlite import SqliteFile
 from strato.services.table import Change, Item
@@ -41,6 +41,9 @@ CREATE TABLE IF NOT EXISTS stream (
     new TEXT
 );
 CREATE INDEX IF NOT EXISTS stream_by_table ON stream (tbl, seq);
+CREATE TABLE IF NOT EXISTS unstreamed (
+    name TEXT PRIMARY KEY
+);
 """
 
 _MAX_CODE_POINT = 0x10FFFF
@@ -53,6 +56,7 @@ class SqliteTable:
         self._db = SqliteFile(Path(path), _SCHEMA, "table")
         # Tables are never dropped, so a table once seen stays known.
         self._known: set[str] = set()
+        self._streams: dict[str, bool] = {}  # per table: do its writes go to the stream?
         # Each committed change rings the table's stream listener, if any (a trigger).
         self._bell = Doorbell(str(path))
 
@@ -61,12 +65,22 @@ class SqliteTable:
         this machine has no doorbell or another process listens already."""
         return self._bell.listen(table)
 
-    def create_table(self, table: str) -> None:
+    def create_table(self, table: str, *, stream: bool = True) -> None:
         if not isinstance(table, str) or not table:
             raise ValueError(f"a table name must be a non-empty string, got {table!r}")
         with self._db.write() as conn:
-            conn.execute("INSERT OR IGNORE INTO tables (name) VALUES (?)", (table,))
+            created = conn.execute(
+                "INSERT OR IGNORE INTO tables (name) VALUES (?)", (table,)
+            ).rowcount
+            if created and not stream:  # fixed when the table is made, as on DynamoDB
+                conn.execute("INSERT OR IGNORE INTO unstreamed (name) VALUES (?)", (table,))
         self._known.add(table)
+
+    def _streamed(self, conn: sqlite3.Connection, table: str) -> bool:
+        if table not in self._streams:
+            row = conn.execute("SELECT 1 FROM unstreamed WHERE name = ?", (table,)).fetchone()
+            self._streams[table] = row is None
+        return self._streams[table]
 
     def put(
         self,
@@ -100,11 +114,14 @@ class SqliteTable:
                 "value = excluded.value, version = excluded.version",
                 (table, key, new_json, version),
             )
-            conn.execute(
-                "INSERT INTO stream (tbl, key, kind, old, new) VALUES (?, ?, ?, ?, ?)",
-                (table, key, "INSERT" if row is None else "MODIFY", row and row[0], new_json),
-            )
-        self._bell.ring(table)
+            streamed = self._streamed(conn, table)
+            if streamed:
+                conn.execute(
+                    "INSERT INTO stream (tbl, key, kind, old, new) VALUES (?, ?, ?, ?, ?)",
+                    (table, key, "INSERT" if row is None else "MODIFY", row and row[0], new_json),
+                )
+        if streamed:
+            self._bell.ring(table)
         return version
 
     def get(self, table: str, key: str, *, consistent: bool = True) -> Item | None:
@@ -140,11 +157,15 @@ class SqliteTable:
             if row is None:
                 return  # deleting a missing item is a no-op, as in DynamoDB
             conn.execute("DELETE FROM items WHERE tbl = ? AND key = ?", (table, key))
-            conn.execute(
-                "INSERT INTO stream (tbl, key, kind, old, new) VALUES (?, ?, 'REMOVE', ?, NULL)",
-                (table, key, row[0]),
-            )
-        self._bell.ring(table)
+            streamed = self._streamed(conn, table)
+            if streamed:
+                conn.execute(
+                    "INSERT INTO stream (tbl, key, kind, old, new) "
+                    "VALUES (?, ?, 'REMOVE', ?, NULL)",
+                    (table, key, row[0]),
+                )
+        if streamed:
+            self._bell.ring(table)
 
     def read_stream(self, table: str, after: str | None = None, limit: int = 100) -> list[Change]:
         if limit < 1:
@@ -152,6 +173,8 @@ class SqliteTable:
         start = 0 if after is None else _parse_cursor(table, after)
         with self._db.read() as conn:
             self._check_table(conn, table)
+            if not self._streamed(conn, table):
+                raise ConfigError(f"table {table!r} was made without a stream")
             rows = conn.execute(
                 "SELECT seq, key, kind, old, new FROM stream "
                 "WHERE tbl = ? AND seq > ? ORDER BY seq LIMIT ?",

@@ -61,8 +61,8 @@ class EmbeddedWorkflow:
         self._runtime = runtime
         self._poll_s, self._heartbeat_s, self._lease_ttl_s = poll_s, heartbeat_s, lease_ttl_s
         self._stopping = threading.Event()
-        for name in (MACHINES, EXECUTIONS, TOKENS):
-            table.create_table(name)
+        for name in (MACHINES, EXECUTIONS, TOKENS):  # nobody reads their changes
+            table.create_table(name, stream=False)
 
     # --- definitions and executions -----------------------------------------------------
 

@@ -37,8 +37,10 @@ class Change:
 
 @runtime_checkable
 class Table(Protocol):
-    def create_table(self, table: str) -> None:
-        """Create a table with its stream enabled (idempotent)."""
+    def create_table(self, table: str, *, stream: bool = True) -> None:
+        """Create a table with its change stream enabled (idempotent). ``stream=False``:
+        a table whose changes nobody reads; its writes leave no stream records (set when
+        the table is made; ``read_stream`` of it is an error)."""
         ...
 
     def put(

@@ -64,7 +64,7 @@ class StreamTrigger:
         self.idle_s = idle_s
         self.kinds = None if kinds is None else frozenset(kinds)
         self.name = f"{source}->{function}"
-        table.create_table(CHECKPOINTS)
+        table.create_table(CHECKPOINTS, stream=False)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._listener: Any = None

@@ -4,7 +4,8 @@ Why one physical table per logical table (and not one shared table keyed by
 (table, key)): each logical table then has its own stream, so ``read_stream(t)``
 reads only ``t``'s changes, a consumer's cursor is a plain position in that stream,
 and a deployment grants (and a stream trigger fires) per table. ``create_table`` is
-a real CreateTable, with the stream on (NEW_AND_OLD_IMAGES) and on-demand billing.
+a real CreateTable, with the stream on (NEW_AND_OLD_IMAGES; off for ``stream=False``)
+and on-demand billing.
 
 Item layout: partition key ``pk`` (the same value, ``"items"``, for every item), sort
 key ``key`` (the Strato key), ``value`` (the item as a JSON string, so every JSON
@@ -94,7 +95,7 @@ class DynamoTable:
 
     # --- tables -----------------------------------------------------------------------
 
-    def create_table(self, table: str) -> None:
+    def create_table(self, table: str, *, stream: bool = True) -> None:
         if not isinstance(table, str) or not table:
             raise ValueError(f"a table name must be a non-empty string, got {table!r}")
         name = self._name(table)
@@ -110,7 +111,9 @@ class DynamoTable:
                     {"AttributeName": "key", "KeyType": "RANGE"},
                 ],
                 BillingMode="PAY_PER_REQUEST",
-                StreamSpecification={"StreamEnabled": True, "StreamViewType": "NEW_AND_OLD_IMAGES"},
+                **({"StreamSpecification": {"StreamEnabled": True,
+                                            "StreamViewType": "NEW_AND_OLD_IMAGES"}}
+                   if stream else {}),
             )
         except ClientError as exc:
             if error_code(exc) != "ResourceInUseException":
@@ -124,7 +127,9 @@ class DynamoTable:
                 raise ConfigError(f"DynamoDB table {name!r} did not become ACTIVE in time")
             time.sleep(1.0)
         spec = description.get("StreamSpecification") or {}
-        if not spec.get("StreamEnabled") or spec.get("StreamViewType") != "NEW_AND_OLD_IMAGES":
+        if not spec.get("StreamEnabled"):
+            return  # made without one (the first create_table decides): read_stream says so
+        if spec.get("StreamViewType") != "NEW_AND_OLD_IMAGES":
             raise ConfigError(f"DynamoDB table {name!r} exists without a NEW_AND_OLD_IMAGES stream")
         with self._lock:
             self._stream_arns[table] = str(description["LatestStreamArn"])
@@ -233,7 +238,9 @@ class DynamoTable:
         except ClientError as exc:
             self._raise(exc, table, "", "read_stream")
         if not description.get("LatestStreamArn"):
-            raise ConfigError(f"table {table!r} has no stream (it was not made by create_table)")
+            raise ConfigError(
+                f"table {table!r} has no stream (made without one, or not by create_table)"
+            )
         arn = str(description["LatestStreamArn"])
         with self._lock:
             self._stream_arns[table] = arn

@@ -45,8 +45,8 @@ class _Proxy:
 class RayTable(_Proxy):
     kind = "table"
 
-    def create_table(self, table: str) -> None:
-        self._call("create_table", table)
+    def create_table(self, table: str, *, stream: bool = True) -> None:
+        self._call("create_table", table, stream=stream)
 
     def put(self, table: str, key: str, value: Mapping[str, Any], *, if_absent: bool = False,
             if_version: int | None = None) -> int:
@@ -163,7 +163,7 @@ class RayBlobStore(_Proxy):
 
     def _homes(self) -> bool:
         if not self._homes_made:
-            self._client.call("table", "create_table", HOMES)
+            self._client.call("table", "create_table", HOMES, stream=False)
             self._homes_made = True
         return True
 

@@ -205,7 +205,7 @@ class RayRuntime:
 
         _check_spec(spec)
         record = {**dataclasses.asdict(spec), "env": dict(spec.env)}
-        self._state.call("table", "create_table", REGISTRY)
+        self._state.call("table", "create_table", REGISTRY, stream=False)
         self._state.call("table", "put", REGISTRY, spec.name, record)
         self._start_inbox()
         with self._lock:
