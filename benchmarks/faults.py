@@ -383,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         if record["passed"]:
             _clean(where)  # keep the failures to look at
     result = {
-        "command": "python benchmarks/faults.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/faults.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         "seed": args.seed,
         "reference_wall_s": round(ref_wall, 2),
         **summarise(records),
