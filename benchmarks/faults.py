@@ -337,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="/tmp/strato-faults", help="scratch directory")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    # A shell's background job starts with SIGINT ignored, and its children inherit
+    # that: the processes we start must get Ctrl-C as a user's would.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     trials = 20 if args.quick else args.trials
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     bad = sorted(set(kinds) - set(KINDS))
