@@ -399,13 +399,16 @@ def main(argv: list[str] | None = None) -> int:
         # after the first 1,000 requests (buffers, threads and imports warmed up)
         "rss_growth_after_warmup_mb": round(rss_end - (rss_warm or [rss_start])[0], 1),
         "rss_mb_every_1000_requests": [round(x, 1) for x in rss_warm],
+        # over the second half of the requests: does it keep growing once warm?
+        "rss_growth_second_half_mb": round(
+            rss_end - rss_warm[len(rss_warm) // 2 - 1], 1) if len(rss_warm) >= 2 else None,
         "statuses": {str(k): v for k, v in sorted(target.statuses.items())},
         "transport_errors": dict(target.errors),
         "targets": {"server_errors_5xx": 0, "crashes": 0, "bad_updates_stored": 0},
     }
     keys = ("requests", "server_errors_5xx", "crashes", "bad_updates_stored",
             "honest_rounds_completed", "rss_growth_mb", "rss_growth_after_warmup_mb",
-            "requests_per_s")
+            "rss_growth_second_half_mb", "requests_per_s")
     print("| key | value |\n|---|---|")
     for k in keys:
         print(f"| {k} | {result[k]} |")
