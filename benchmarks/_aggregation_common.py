@@ -201,6 +201,13 @@ def write_results(path: Any, record: dict[str, Any]) -> None:
     log(f"wrote {path}")
 
 
+def print_keys(record: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """A two-column table of a results record's headline keys, on stdout."""
+    print("| key | value |\n|---|---|")
+    for key in keys:
+        print(f"| {key} | {record[key]} |")
+
+
 def mem_available() -> int:
     """MemAvailable from /proc/meminfo, in bytes (0 if unknown)."""
     with open("/proc/meminfo") as f:

@@ -55,7 +55,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
+from _aggregation_common import write_results  # noqa: E402
 from strato.codec import decode  # noqa: E402
 from strato.fl import state  # noqa: E402
 from strato.services import embedded  # noqa: E402
@@ -395,8 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(table(result))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_results(Path(args.json), result)
     return 0
 
 

@@ -48,7 +48,9 @@ from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
+from _aggregation_common import print_keys, write_results  # noqa: E402
 from strato.codec import decode, encode  # noqa: E402
 from strato.fl import state  # noqa: E402
 from strato.fl.credentials import issue_token, revoke_token  # noqa: E402
@@ -409,12 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     keys = ("requests", "server_errors_5xx", "crashes", "bad_updates_stored",
             "honest_rounds_completed", "rss_growth_mb", "rss_growth_after_warmup_mb",
             "rss_growth_second_half_mb", "requests_per_s")
-    print("| key | value |\n|---|---|")
-    for k in keys:
-        print(f"| {k} | {result[k]} |")
+    print_keys(result, keys)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_results(Path(args.json), result)
     return 0
 
 

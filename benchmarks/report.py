@@ -522,7 +522,50 @@ def ray_scale() -> str:
     return "\n".join(lines)
 
 
+def faults() -> str:
+    d = _load("faults", "quick.json")
+    cols = ("trials", "passed", "lost_updates", "double_counted", "diverged",
+            "shm_leftovers", "unfinished")
+    lines = [f"{d['date'][:10]}: `{d['command']}` (reference run {d['reference_wall_s']} s)",
+             "", "| fault | " + " | ".join(cols) + " |", "|---" + "|---:" * len(cols) + "|"]
+    for kind, row in d["per_kind"].items():
+        lines.append(_row([kind, *(str(row[c]) for c in cols)]))
+    lines.append(_row(["**all**", *(f"**{d[c]}**" for c in cols)]))
+    return "\n".join(lines)
+
+
+def fuzz() -> str:
+    d = _load("fuzz", "fuzz.json")
+    lines = [f"{d['date'][:10]}: `{d['command']}`", "",
+             "| requests | 5xx | crashes | bad updates stored | honest rounds | "
+             "server RSS growth | of it in the second half |", "|---:" * 7 + "|",
+             _row([f"{d['requests']:,}", str(d["server_errors_5xx"]), str(d["crashes"]),
+                   str(d["bad_updates_stored"]), str(d["honest_rounds_completed"]),
+                   f"{d['rss_growth_mb']:.1f} MB", f"{d['rss_growth_second_half_mb']:.1f} MB"]),
+             "", "Statuses: " + ", ".join(f"{n:,} × {s}" for s, n in d["statuses"].items())
+             + "; not answered: " + ", ".join(f"{n:,} ({k})"
+                                              for k, n in d["transport_errors"].items()) + "."]
+    return "\n".join(lines)
+
+
+def soak() -> str:
+    d = _load("soak", "soak.json")
+    lines = [f"{d['date'][:10]}: `{d['command']}` ({d['rounds']:,} rounds × {d['clients']} "
+             f"clients × {d['params']:,} parameters, --keep-rounds {d['keep_rounds']}, "
+             f"{d['rounds_per_s']} rounds/s)", "",
+             "| key | value | bound |", "|---|---:|---|"]
+    bounds = {"rss_slope_mb_per_100_rounds": "≤ 2", "open_fds_growth": "0",
+              "shm_segments_left": "0", "services_dir_mb_per_100_rounds": "bounded",
+              "services_dir_mb_final": ""}
+    for key, bound in bounds.items():
+        lines.append(_row([f"`{key}`", str(d[key]), bound]))
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
+    "faults": faults,
+    "fuzz": fuzz,
+    "soak": soak,
     "vs-flower": vs_flower,
     "fl-example": fl_example,
     "fl-strategies": fl_strategies,
