@@ -305,6 +305,7 @@ def judge(record: dict[str, Any], ref: dict[str, Any], shm_before: set[str]) -> 
     shm = sorted(shm_leftovers() - shm_before)
     record.update(lost_updates=lost, double_counted=double, diverged=diverged,
                   shm_leftovers=len(shm))  # fmt: skip
+    record["fault_injected"] = not record["injected"].startswith(("the run had ended", "no "))
     record["passed"] = bool(
         got is not None and not lost and not double and not diverged and not shm
         and not record["workers_left"]
@@ -322,6 +323,9 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
             "diverged": sum(r["diverged"] for r in rs),
             "shm_leftovers": sum(r["shm_leftovers"] for r in rs),
             "unfinished": sum(not r["finished"] for r in rs),
+            # trials whose five drawn moments all missed (the run had ended, or had no
+            # worker or blob of the kind yet): they passed, but nothing was injected
+            "without_fault": sum(not r["fault_injected"] for r in rs),
             "workers_left": sum(r["workers_left"] for r in rs),
         }
 
@@ -375,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             _clean(where)
             _mk(where)
             record = judge(trial(app, where, kind, moment), ref, shm_before)
-            if not record["injected"].startswith(("the run had ended", "no ")):
+            if record["fault_injected"]:
                 break
         record["trial"], record["wall_s"] = i, round(time.monotonic() - t0, 1)
         records.append(record)
@@ -403,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def table(result: dict[str, Any]) -> str:
     cols = ("trials", "passed", "lost_updates", "double_counted", "diverged", "shm_leftovers",
-            "unfinished")  # fmt: skip
+            "unfinished", "without_fault")  # fmt: skip
     lines = ["| fault | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for kind, row in result["per_kind"].items():
         lines.append(f"| {kind} | " + " | ".join(str(row[c]) for c in cols) + " |")

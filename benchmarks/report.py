@@ -525,7 +525,7 @@ def ray_scale() -> str:
 def faults() -> str:
     d = _load("faults", "quick.json")
     cols = ("trials", "passed", "lost_updates", "double_counted", "diverged",
-            "shm_leftovers", "unfinished")
+            "shm_leftovers", "unfinished", "without_fault")
     lines = [f"{d['date'][:10]}: `{d['command']}` (reference run {d['reference_wall_s']} s)",
              "", "| fault | " + " | ".join(cols) + " |", "|---" + "|---:" * len(cols) + "|"]
     for kind, row in d["per_kind"].items():
