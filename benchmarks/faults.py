@@ -391,18 +391,27 @@ def main(argv: list[str] | None = None) -> int:
             f"diverged {record['diverged']}, shm {record['shm_leftovers']})")  # fmt: skip
         if record["passed"]:
             _clean(where)  # keep the failures to look at
-    result = {
-        "command": "python benchmarks/faults.py "
-        + " ".join(sys.argv[1:] if argv is None else argv),
-        "seed": args.seed,
-        "reference_wall_s": round(ref_wall, 2),
-        **summarise(records),
-        "records": records,
-    }
+        if args.json and i + 1 < trials:  # a campaign stopped early keeps what it found
+            write_results(Path(args.json), result_of(records, trials, args, ref_wall, argv))
+    result = result_of(records, trials, args, ref_wall, argv)
     print(table(result))
     if args.json:
         write_results(Path(args.json), result)
     return 0
+
+
+def result_of(records: list[dict[str, Any]], planned: int, args: argparse.Namespace,
+              ref_wall: float, argv: list[str] | None) -> dict[str, Any]:
+    return {
+        "command": "python benchmarks/faults.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "seed": args.seed,
+        "reference_wall_s": round(ref_wall, 2),
+        "trials_planned": planned,
+        "complete": len(records) == planned,
+        **summarise(records),
+        "records": records,
+    }
 
 
 def table(result: dict[str, Any]) -> str:

@@ -522,16 +522,27 @@ def ray_scale() -> str:
     return "\n".join(lines)
 
 
-def faults() -> str:
-    d = _load("faults", "quick.json")
+def _faults(name: str) -> str:
+    d = _load("faults", name)
     cols = ("trials", "passed", "lost_updates", "double_counted", "diverged",
             "shm_leftovers", "unfinished", "without_fault")
-    lines = [f"{d['date'][:10]}: `{d['command']}` (reference run {d['reference_wall_s']} s)",
+    stopped = ("" if d.get("complete", True) else
+               f"; **stopped after {d['trials']} of {d['trials_planned']} trials**")
+    lines = [f"{d['date'][:10]}: `{d['command']}` (reference run {d['reference_wall_s']} s"
+             f"{stopped})",
              "", "| fault | " + " | ".join(cols) + " |", "|---" + "|---:" * len(cols) + "|"]
     for kind, row in d["per_kind"].items():
         lines.append(_row([kind, *(str(row[c]) for c in cols)]))
     lines.append(_row(["**all**", *(f"**{d[c]}**" for c in cols)]))
     return "\n".join(lines)
+
+
+def faults_quick() -> str:
+    return _faults("quick.json")
+
+
+def faults_full() -> str:
+    return _faults("full.json")
 
 
 def fuzz() -> str:
@@ -563,7 +574,8 @@ def soak() -> str:
 
 
 RENDERERS: dict[str, Callable[[], str]] = {
-    "faults": faults,
+    "faults-quick": faults_quick,
+    "faults-full": faults_full,
     "fuzz": fuzz,
     "soak": soak,
     "vs-flower": vs_flower,
