@@ -143,8 +143,12 @@ MOMENTS = {"one-accepted": 1, "half-accepted": 2}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("victim", ["run", "aggregator"])
-@pytest.mark.parametrize("moment", list(MOMENTS))
+@pytest.mark.parametrize(
+    ("victim", "moment"),
+    # the aggregator once (its cold replacement rebuilds the round from its accepted
+    # items; benchmarks/faults.py kills it at random moments)
+    [("run", "one-accepted"), ("run", "half-accepted"), ("aggregator", "half-accepted")],
+)
 def test_sigkill_mid_round_then_resume_equals_an_uninterrupted_run(
     reference: tuple[Path, np.ndarray, int, int], tmp_path: Path, victim: str, moment: str
 ) -> None:
