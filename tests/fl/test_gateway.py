@@ -108,24 +108,25 @@ class Harness:
         return blobs, records
 
 
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
+def _job_services(tmp_path: Path) -> Services:
+    """A hand-made job (no workers, no torch): three partitions of 100-102 examples."""
     svc = embedded(tmp_path / "services")
     clients = ["0000", "0001", "0002"]
     coordinator.provision(svc, clients)
     cfg = JobConfig(rounds=2, clients=3, clients_per_round=2, round_deadline_s=30)
     initial = _model(0)
     svc.blobs.put(state.model_key(0), encode(initial).payload)
-    job = {
-        "config": cfg.to_dict(),
-        "clients": clients,
-        "quorum_count": cfg.quorum_count,
-        "layout": initial.layout.to_json(),
-        "simulate": False,
-        "dataset": "digits",
+    svc.table.put(state.JOB, "config", {
+        "config": cfg.to_dict(), "clients": clients, "quorum_count": cfg.quorum_count,
+        "layout": initial.layout.to_json(), "simulate": False, "dataset": "digits",
         "client_examples": {c: 100 + i for i, c in enumerate(clients)},
-    }
-    svc.table.put(state.JOB, "config", job)
+    })  # fmt: skip
+    return svc
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    svc = _job_services(tmp_path)
     gateway = Gateway(svc, GatewaySettings(tokens=TOKENS, body_timeout_s=1.0))
     server = GatewayServer(gateway, listen("127.0.0.1", 0)).start()
     http = httpx.Client(base_url=server.url, timeout=30)
@@ -395,22 +396,6 @@ def test_bad_uploads_are_refused_store_nothing_and_the_server_keeps_serving(
     assert len(blobs) == 1 and len(records) == 1
     stored = decode(h.svc.blobs.get(blobs[0]))
     assert np.array_equal(stored.flat(), decode(good).flat())
-
-
-def _job_services(tmp_path: Path) -> Services:
-    """The harness's hand-made job, for a gateway made by the test itself."""
-    svc = embedded(tmp_path / "services")
-    clients = ["0000", "0001", "0002"]
-    coordinator.provision(svc, clients)
-    cfg = JobConfig(rounds=2, clients=3, clients_per_round=2, round_deadline_s=30)
-    initial = _model(0)
-    svc.blobs.put(state.model_key(0), encode(initial).payload)
-    svc.table.put(state.JOB, "config", {
-        "config": cfg.to_dict(), "clients": clients, "quorum_count": cfg.quorum_count,
-        "layout": initial.layout.to_json(), "simulate": False, "dataset": "digits",
-        "client_examples": {c: 100 for c in clients},
-    })  # fmt: skip
-    return svc
 
 
 def test_per_client_credentials_from_a_clients_file(tmp_path: Path) -> None:
