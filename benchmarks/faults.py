@@ -14,7 +14,8 @@ three times). The trial passes when
   whose accepted count exceeds its distinct accepted clients, or more accepted updates
   than the reference),
 - nothing of the run is left in ``/dev/shm`` (``shm_leftovers``) and no worker of the
-  run outlives it.
+  run outlives it,
+- neither the run nor a resume hung (``hung``: still running after 240 s, killed).
 
 The faults (``--kinds``):
 
@@ -31,6 +32,10 @@ The faults (``--kinds``):
 ``bus-redelivery``     SIGKILL of the run, then every notice a client had received is
                        visible again (as after its visibility timeout)
 ``torn-blob``          the newest update blob on disk is cut to half its size
+``disk-full``          the blob store lies on a 64 MB tmpfs of its own, which is filled
+                       to the last byte; once the run has stopped (or after 60 s) the
+                       filler is deleted, as a user freeing space would, and the run
+                       is resumed if it did not finish (needs root, for the mount)
 =====================  ===============================================================
 
 Prints a table, writes JSON (``--json``). ``--quick``: 20 trials; the full campaign
@@ -90,7 +95,10 @@ KINDS = (
     "stream-redelivery",
     "bus-redelivery",
     "torn-blob",
+    "disk-full",
 )
+DISK_MB = 64
+FULL_FOR_S = 60.0  # the longest a disk stays full while the run keeps going
 RUN_TIMEOUT_S = 240.0
 RESUMES = 3
 
@@ -245,12 +253,66 @@ def inject(kind: str, proc: subprocess.Popen[bytes], out: Path, moment: float) -
     if kind == "torn-blob":
         torn = _tear_newest_update(out)
         return f"tore update blob {torn}" if torn else "no update blob yet"
+    if kind == "disk-full":
+        if proc.poll() is not None:
+            return "the run had ended"
+        filled = _fill(out)
+        _wait(proc, FULL_FOR_S)
+        (_blob_disk(out) / FILLER).unlink()
+        return f"filled the blob store's disk ({filled / 2**20:.1f} MB) until the run " + (
+            "stopped" if proc.poll() is not None else f"had run {FULL_FOR_S:.0f} s more"
+        )
     raise ValueError(kind)
+
+
+FILLER = "filler"
+
+
+def _blob_disk(out: Path) -> Path:
+    return out / "services" / "blobs"
+
+
+def _mount_small_disk(out: Path) -> None:
+    disk = _blob_disk(out)
+    disk.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_MB}m", "tmpfs", str(disk)],
+                   check=True, capture_output=True)  # fmt: skip
+
+
+def _unmount(where: Path) -> None:
+    disk = _blob_disk(where / "out")
+    if os.path.ismount(disk):
+        subprocess.run(["umount", "-l", str(disk)], check=False, capture_output=True)
+
+
+def _fill(out: Path) -> int:
+    """Write a file until its disk has no byte left; returns how many bytes it took."""
+    written = 0
+    chunk = bytes(1 << 20)
+    with (_blob_disk(out) / FILLER).open("wb", buffering=0) as f:
+        while True:
+            try:
+                written += f.write(chunk)
+            except OSError:
+                break
+        while True:  # the last partial chunk, down to single bytes
+            try:
+                if not f.write(b"\0" * 512):
+                    break
+                written += 512
+            except OSError:
+                try:
+                    written += f.write(b"\0")
+                except OSError:
+                    break
+    return written
 
 
 def trial(app: Path, where: Path, kind: str, moment: float) -> dict[str, Any]:
     out = where / "out"
     log_file = where / "run.log"
+    if kind == "disk-full":
+        _mount_small_disk(out)
     proc = start_run([str(app), "--out", str(out)], log_file)
     injected = inject(kind, proc, out, moment)
     code = _wait(proc, RUN_TIMEOUT_S)
@@ -308,7 +370,7 @@ def judge(record: dict[str, Any], ref: dict[str, Any], shm_before: set[str]) -> 
     record["fault_injected"] = not record["injected"].startswith(("the run had ended", "no "))
     record["passed"] = bool(
         got is not None and not lost and not double and not diverged and not shm
-        and not record["workers_left"]
+        and not record["workers_left"] and not record["hung"]
     )
     return record
 
@@ -323,6 +385,9 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
             "diverged": sum(r["diverged"] for r in rs),
             "shm_leftovers": sum(r["shm_leftovers"] for r in rs),
             "unfinished": sum(not r["finished"] for r in rs),
+            # a run (or a resume) that neither finished nor stopped within its time:
+            # killed, and the trial fails even if a later resume put it right
+            "hung": sum(r["hung"] for r in rs),
             # trials whose five drawn moments all missed (the run had ended, or had no
             # worker or blob of the kind yet): they passed, but nothing was injected
             "without_fault": sum(not r["fault_injected"] for r in rs),
@@ -351,6 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = sorted(set(kinds) - set(KINDS))
     if bad or trials < 1:
         p.error(f"unknown kind(s) {', '.join(bad)}" if bad else "--trials must be at least 1")
+    if "disk-full" in kinds and os.geteuid() != 0:
+        if args.kinds != ",".join(KINDS):
+            p.error("the disk-full kind mounts a small tmpfs: run the campaign as root")
+        kinds.remove("disk-full")
+        log("not root: the disk-full kind (which mounts a small tmpfs) is left out")
     random.seed(args.seed)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -416,7 +486,7 @@ def result_of(records: list[dict[str, Any]], planned: int, args: argparse.Namesp
 
 def table(result: dict[str, Any]) -> str:
     cols = ("trials", "passed", "lost_updates", "double_counted", "diverged", "shm_leftovers",
-            "unfinished", "without_fault")  # fmt: skip
+            "unfinished", "hung", "without_fault")  # fmt: skip
     lines = ["| fault | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for kind, row in result["per_kind"].items():
         lines.append(f"| {kind} | " + " | ".join(str(row[c]) for c in cols) + " |")
@@ -432,6 +502,7 @@ def _mk(path: Path) -> Path:
 def _clean(path: Path) -> None:
     import shutil
 
+    _unmount(path)
     shutil.rmtree(path, ignore_errors=True)
 
 

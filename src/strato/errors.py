@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
 
 class StratoError(Exception):
     """Base of every error Strato raises on purpose; its message is meant for the user."""
@@ -61,3 +65,9 @@ class TaskFailed(StratoError):
 
 class InvalidToken(StratoError):
     """A task token is unknown, or its task has already completed or timed out."""
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says a disk (or a quota on it) is full: the node's fault, not
+    the caller's, and one that freeing space ends."""
+    return isinstance(exc, OSError) and exc.errno in _DISK_FULL

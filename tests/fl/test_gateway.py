@@ -8,6 +8,7 @@ short). The end-to-end test runs the real CLI: one server and four client proces
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -698,3 +699,28 @@ def test_serve_with_four_remote_clients_over_https(tmp_path: Path) -> None:
         }
     assert strato_workers(out) == []
     assert not [s for s in shm_segments() if s.startswith(f"strato-{serve.pid}-")]
+
+
+def test_an_upload_the_disk_has_no_room_for_is_answered_507_and_stores_nothing(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+    alice = h.register(client_id="alice")
+    h.open_round(1, [alice])
+    good = encode(_model(2)).payload
+    headers = {**h.auth(alice), "X-Strato-Num-Examples": "100"}
+    store = type(h.svc.blobs)
+    real = store.open_writer
+
+    def full(self: object, key: str, nbytes: int) -> object:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "open_writer", full)
+    resp = h.http.put(f"/v1/rounds/1/updates/{alice}", content=good, headers=headers)
+    assert resp.status_code == 507 and "storage is full" in resp.json()["error"]
+    _wait_idle(h)
+    assert h.stored_updates() == ([], [])
+    monkeypatch.setattr(store, "open_writer", real)  # room again: the same upload is taken
+    resp = h.http.put(f"/v1/rounds/1/updates/{alice}", content=good, headers=headers)
+    assert resp.status_code == 201
+    assert len(h.stored_updates()[1]) == 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,3 +193,46 @@ def test_sigkill_mid_round_then_resume_equals_an_uninterrupted_run(
         # too. (Not exactly the reference's count: an invocation killed in flight never
         # completed, and the aggregator batches the arrivals it finds waiting.)
         assert _invocations(out) >= invocations_ref - 2
+
+
+# Appended to the app: while FULL lies beside it, round 2's training meets a full disk.
+_FULL_DISK = '''
+import errno as _errno
+import pathlib as _pathlib
+
+_train = train
+
+
+@app.train
+def _train_or_fail(net, data, ctx):
+    if ctx.round == 2 and (_pathlib.Path(__file__).parent / "FULL").exists():
+        raise OSError(_errno.ENOSPC, "No space left on device")
+    return _train(net, data, ctx)
+'''
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_run_with_a_clear_error_and_the_resumed_run_loses_nothing(
+    reference: tuple[Path, np.ndarray, int, int], tmp_path: Path
+) -> None:
+    app_ref, model_ref, accepted_ref, _ = reference
+    app = tmp_path / "app"
+    shutil.copytree(app_ref, app)
+    with (app / "app.py").open("a") as f:
+        f.write(_FULL_DISK)
+    (app / "FULL").touch()
+    out = tmp_path / "out"
+    res = strato("run", str(app), "--out", str(out), "--rounds", str(ROUNDS))
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "the disk is full" in res.stderr and "in round 2" in res.stderr
+    assert f"strato run --resume {out}" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (out / "summary.json").exists()
+    assert _accepted(out, 2) == 0  # stopped in round 2, before it closed without them
+    _wait_for(lambda: strato_workers(out) == [], 15, "the stopped run's workers to exit")
+    (app / "FULL").unlink()  # room again
+    res = strato("run", "--resume", str(out))
+    assert res.returncode == 0, res.stderr
+    model, accepted = _final(out)
+    assert accepted == accepted_ref
+    assert np.abs(model - model_ref).max() <= 1e-6

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from strato.codec import decode
-from strato.errors import ConditionFailed, NotFound
+from strato.errors import ConditionFailed, NotFound, StratoError
 from strato.fl import aggregator, state
 from strato.fl.app import App, Dataset, load_app
 from strato.fl.client import SimClient
@@ -107,18 +107,38 @@ def client(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
         if rnd is None or rnd.value["status"] != "open":
             svc.bus.ack(sim.queue, notice.receipt)  # a stale notice from a closed round
             continue
-        return sim.train_round(notice)
+        try:
+            return sim.train_round(notice)
+        except Exception as exc:  # the run reports it (and stops if the disk is full)
+            state.record_failure(svc.table, notice.round, cid, exc, "training")
+            raise
     return {"client": cid, "trained": False}
 
 
 def aggregate(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """Triggered by the updates table's stream: eager, idempotent aggregation (and the
     round's warm-up and deadline close, so one worker serialises everything a round sees)."""
-    if "warm_round" in event:
-        return aggregator.warm_up(_svc(), int(event["warm_round"]), ctx.invoke_async)
-    if "close" in event:
-        return aggregator.close_round(_svc(), int(event["close"]), invoke=ctx.invoke_async)
-    return aggregator.admit_batch(_svc(), list(event.get("records", [])), ctx.invoke_async)
+    svc = _svc()
+    try:
+        if "warm_round" in event:
+            return aggregator.warm_up(svc, int(event["warm_round"]), ctx.invoke_async)
+        if "close" in event:
+            return aggregator.close_round(svc, int(event["close"]), invoke=ctx.invoke_async)
+        return aggregator.admit_batch(svc, list(event.get("records", [])), ctx.invoke_async)
+    except Exception as exc:  # told by the run (which stops if the disk is full)
+        during = "close" if "close" in event else "warm-up" if "warm_round" in event else "admit"
+        state.record_failure(svc.table, _round_of(event), state.AGGREGATOR, exc, during)
+        raise
+
+
+def _round_of(event: dict[str, Any]) -> int:
+    if "warm_round" in event or "close" in event:
+        return int(event.get("close", event.get("warm_round", 0)))
+    for rec in event.get("records", []):
+        new = rec.get("new") or {}
+        if "round" in new:
+            return int(new["round"])
+    return 0
 
 
 def leaf(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
@@ -131,6 +151,7 @@ def close_round(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """The round deadline passed: have the aggregator close it with the updates admitted
     so far, and return once its model is written."""
     svc, r = _svc(), int(event["round"])
+    asked = time.time()
     ctx.invoke_async("aggregate", {"close": r})
     wait = 0.01
     while ctx.remaining_s() > 1.0:
@@ -140,6 +161,10 @@ def close_round(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
         if "model" in item.value:
             accepted = int(item.value.get("accepted_count", 0))
             return {"round": r, "model": item.value["model"], "accepted": accepted}
+        failed = state.failures_since(svc.table, r, state.AGGREGATOR, "close", asked)
+        if failed:  # no model will come of this close: say why now, not at the timeout
+            raise StratoError(f"round {r}: the aggregator could not close it: "
+                              f"{failed[-1]['error']}")  # fmt: skip
         time.sleep(wait)
         wait = min(0.5, wait * 2)
     raise TimeoutError(f"round {r}: the aggregator did not close it in time")

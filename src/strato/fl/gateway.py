@@ -61,7 +61,7 @@ from starlette.routing import Route
 
 from strato.codec import decode, header_bytes
 from strato.control import round as rules
-from strato.errors import CodecError, LayoutError, NotFound, StratoError
+from strato.errors import CodecError, LayoutError, NotFound, StratoError, disk_full
 from strato.fl import credentials as creds
 from strato.fl import state
 from strato.fl._upload import (
@@ -126,6 +126,9 @@ def _endpoint(fn: Handler) -> Handler:
             _log.warning("gateway: %s %s: %s", request.method, request.url.path, exc)
             return _json_error(500, str(exc), close=True)
         except Exception as exc:
+            if disk_full(exc):  # the node's disk: the client may try again once there is room
+                _log.warning("gateway: %s %s: %s", request.method, request.url.path, exc)
+                return _json_error(507, "server storage is full: not stored, try again later")
             _log.exception("gateway: %s %s failed", request.method, request.url.path)
             return _json_error(500, f"internal error: {type(exc).__name__}: {exc}", close=True)
 

@@ -37,6 +37,7 @@ __all__ = ["ClientOptions", "RemoteClient", "ServerUnreachable", "check_server_u
 
 API = "/v1"
 _UPLOAD_SLICE = 1 << 20
+_FULL_RETRY_S = (2.0, 4.0, 8.0, 16.0)  # waits before sending an update the server had no room for
 
 
 @dataclass(frozen=True)
@@ -297,6 +298,13 @@ def _train_and_upload(
         "X-Strato-Metrics": json.dumps(metrics),
     }
     resp = api.upload(str(notice["upload"]), encoded.payload, headers)
+    for wait in _FULL_RETRY_S:  # the server's disk or memory is full: room may come back
+        if resp.status_code not in (503, 507):
+            break
+        _say(f"client {client}: round {r}: the server is full ({_error_text(resp)}); "
+             f"sending again in {wait:.0f} s")  # fmt: skip
+        time.sleep(wait)
+        resp = api.upload(str(notice["upload"]), encoded.payload, headers)
     if resp.status_code == 409:  # the round closed meanwhile, or a retried upload landed
         _say(f"client {client}: round {r}: update not taken: {_error_text(resp)}")
         return

@@ -213,6 +213,37 @@ def _relaunch_missing_clients(svc: Services, job: dict[str, Any]) -> None:
             svc.runtime.invoke_async("client", {"client": c, "wait_s": 60.0})
 
 
+class _Failures:
+    """Simulated clients' failures, each told once (a round then closes without them);
+    one caused by a full disk stops the run, which ``--resume`` continues once there
+    is room: its update is made again, so nothing is lost."""
+
+    def __init__(self, svc: Services, out: Path) -> None:
+        self.svc, self.out = svc, out
+        self.seen = {item.key for item in svc.table.query(state.FAILURES)}  # earlier segments
+        self.next_check = 0.0
+
+    def new(self) -> list[str]:
+        if time.monotonic() < self.next_check:
+            return []
+        self.next_check = time.monotonic() + 1.0
+        lines = []
+        for item in self.svc.table.query(state.FAILURES):
+            if item.key in self.seen:
+                continue
+            self.seen.add(item.key)
+            f = item.value
+            who = "the aggregator" if f["who"] == state.AGGREGATOR else f"client {f['who']}"
+            where = f"{who} in round {f['round']}"
+            if f.get("disk_full"):
+                raise StratoError(
+                    f"the disk is full: {where} failed with {f['error']}; "
+                    f"free some space, then continue with: strato run --resume {self.out}"
+                )
+            lines.append(f"{where} failed: {f['error']}")
+        return lines
+
+
 class _Accounting:
     """Cost counters that survive a resume: earlier segments' totals live in OUT."""
 
@@ -333,10 +364,15 @@ def _drive(svc: Services, opts: RunOptions, job: dict[str, Any], started: float)
         except BaseException as exc:  # reported by the main thread
             outcome["error"] = exc
 
+    failures = _Failures(svc, opts.out)
     driver = threading.Thread(target=drive, name="workflow driver", daemon=True)
     driver.start()
     while True:
         finished = not driver.is_alive()
+        for line in failures.new():
+            progress.clear()
+            _say(opts, line)
+            progress.update(len(rows))
         for item in svc.table.query(state.METRICS):
             m = item.value
             if m["round"] in rows:

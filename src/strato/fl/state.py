@@ -7,16 +7,20 @@ a killed coordinator be resumed.
 
 from __future__ import annotations
 
+import contextlib
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
-from strato.errors import ConditionFailed, NotFound
+from strato.errors import ConditionFailed, NotFound, StratoError, disk_full
 from strato.services.table import Item, Table
 
 __all__ = [
     "ACCEPTED",
+    "AGGREGATOR",
     "CLIENTS",
+    "FAILURES",
     "JOB",
     "METRICS",
     "REJECTIONS",
@@ -26,7 +30,9 @@ __all__ = [
     "accepted_key",
     "cas_update",
     "client_queue",
+    "failures_since",
     "model_key",
+    "record_failure",
     "round_key",
     "update_key",
 ]
@@ -38,8 +44,9 @@ ACCEPTED = "accepted"  # one item per admitted update ("round/client"): what the
 REJECTIONS = "rejections"  # one record per refused update, with the reason
 METRICS = "metrics"  # one record per evaluated round: the checkpoint
 CLIENTS = "clients"  # remote clients registered through the gateway
+FAILURES = "failures"  # one record per failed simulated client: the run reports each
 TOPIC = "global-model-ready"
-TABLES = (JOB, ROUNDS, UPDATES, ACCEPTED, REJECTIONS, METRICS, CLIENTS)
+TABLES = (JOB, ROUNDS, UPDATES, ACCEPTED, REJECTIONS, METRICS, CLIENTS, FAILURES)
 
 
 def round_key(r: int) -> str:
@@ -89,3 +96,28 @@ def cas_update(
         except ConditionFailed:
             time.sleep(0.001 * (attempt + 1))
     raise ConditionFailed(f"{name} record {key!r} kept changing under {attempts} attempts")
+
+
+AGGREGATOR = "aggregator"  # who failed, in a FAILURES record, when not a client
+
+
+def record_failure(table: Table, r: int, who: str, exc: BaseException, during: str = "") -> None:
+    """Note that a simulated client (``who``: its id) or the aggregator (``AGGREGATOR``)
+    failed in round ``r``: the run that drives them says so, and stops when the cause
+    is a full disk. Best effort: the table may lie on the very disk that is full."""
+    text = " ".join(str(exc).split())
+    value = {"round": r, "who": who, "during": during, "error": f"{type(exc).__name__}: {text}",
+             "disk_full": disk_full(exc), "at": time.time()}  # fmt: skip
+    with contextlib.suppress(OSError, StratoError):
+        table.put(FAILURES, f"{round_key(r)}/{who}/{uuid.uuid4().hex[:8]}", value)
+
+
+def failures_since(
+    table: Table, r: int, who: str, during: str, since: float
+) -> list[dict[str, Any]]:
+    """``who``'s failures ``during`` one kind of work in round ``r`` recorded at or after
+    ``since`` (epoch seconds)."""
+    items = table.query(FAILURES, f"{round_key(r)}/{who}/")
+    return [
+        i.value for i in items if i.value.get("during") == during and float(i.value["at"]) >= since
+    ]

@@ -156,7 +156,12 @@ class BlobWriter:
         self.path, self.key, self.nbytes = path, key, nbytes
         fd, self._tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=_TMP_SUFFIX)
         try:
-            os.ftruncate(fd, _HEADER.size + nbytes)
+            # Space reserved up front: a full disk is an OSError here, not a SIGBUS
+            # when a page of a sparse file's map is first written.
+            if nbytes:
+                os.posix_fallocate(fd, 0, _HEADER.size + nbytes)
+            else:
+                os.ftruncate(fd, _HEADER.size)
             self._map = mmap.mmap(fd, _HEADER.size + nbytes)
         except BaseException:
             os.close(fd)
