@@ -525,7 +525,8 @@ def ray_scale() -> str:
 def _faults(name: str) -> str:
     d = _load("faults", name)
     cols = ("trials", "passed", "lost_updates", "double_counted", "diverged",
-            "shm_leftovers", "unfinished", "without_fault")
+            "shm_leftovers", "unfinished", "hung", "without_fault")
+    cols = tuple(c for c in cols if c in d)  # (campaigns before "hung" was counted)
     stopped = ("" if d.get("complete", True) else
                f"; **stopped after {d['trials']} of {d['trials_planned']} trials**")
     lines = [f"{d['date'][:10]}: `{d['command']}` (reference run {d['reference_wall_s']} s"
@@ -573,8 +574,24 @@ def soak() -> str:
     return "\n".join(lines)
 
 
+def poisoning() -> str:
+    d = _load("poisoning", "poisoning.json")
+    lines = [f"{d['date'][:10]}: `{d['command']}` ({d['data']}, {d['rounds']} rounds, "
+             f"{d['seeds']} seeds; attackers: {d['attackers']}; attack: {d['attack']})", "",
+             "| configuration | final test accuracy (mean) | per seed | drop (points) | "
+             "within 3 points | updates clipped |", "|---|---:|---|---:|---|---:|"]
+    for name, row in d["per_config"].items():
+        within = {True: "yes", False: "**no**"}.get(row.get("within_3_points"), "")
+        lines.append(_row([name, f"{row['final_accuracy']:.4f}",
+                           ", ".join(f"{a:.4f}" for a in row["final_accuracy_per_seed"]),
+                           str(row.get("drop_points", "")), within,
+                           str(row["updates_clipped"])]))
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
     "faults-quick": faults_quick,
+    "poisoning": poisoning,
     "faults-full": faults_full,
     "fuzz": fuzz,
     "soak": soak,

@@ -117,6 +117,7 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
         clients=args.clients,
         clients_per_round=args.clients_per_round,
         keep_rounds=args.keep_rounds,
+        max_update_norm=args.max_update_norm,
         strategy=args.strategy,
         strategy_options=_strategy_options(args, cfg.strategy, cfg.strategy_options),
         partition=args.partition,
@@ -124,7 +125,7 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
     )
     from strato.fl.strategies import check_strategy
 
-    check_strategy(cfg.strategy, cfg.strategy_options)
+    check_strategy(cfg.strategy, cfg.strategy_options, cfg.max_update_norm)
     out = Path(args.resume or args.out or f"runs/{app_dir.resolve().name}")
     note = None
     if shaped and not args.resume:
@@ -351,6 +352,12 @@ def _job_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--keep-rounds", type=int, metavar="K",
         help="keep only the last K rounds' update blobs (default: all)",
+    )  # fmt: skip
+    cmd.add_argument(
+        "--max-update-norm", type=float, metavar="K",
+        help="a norm bound against poisoned updates: an update farther from the round's "
+        "model than K times the round's median distance is scaled back to it (fedavg "
+        "and the strategies built on it; default: none)",
     )  # fmt: skip
     cmd.add_argument("--strategy", help="fedavg (default), fedadam, ..., cs "
                      "(Complement Sparsification), or cs-combined (CS with 4-bit "

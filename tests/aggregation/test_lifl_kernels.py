@@ -70,10 +70,11 @@ def test_batch_add_matches_numpy(
     root=st.booleans(),  # the root's call: scale, and the float32 model written to out
     seed=st.integers(0, 2**31),
     fused=st.booleans(),
+    measure=st.booleans(),  # each input's squared distance to a reference (a norm bound)
 )
 def test_checked_add_leaves_out_exactly_the_non_finite_inputs(
     n: int, k: int, bad: list[tuple[int, float, float]], fresh: bool, acc_dtype: type,
-    root: bool, seed: int, fused: bool,
+    root: bool, seed: int, fused: bool, measure: bool,
 ) -> None:
     rng = np.random.default_rng(seed)
     acc = rng.standard_normal(n).astype(acc_dtype)
@@ -86,10 +87,16 @@ def test_checked_add_leaves_out_exactly_the_non_finite_inputs(
     clean = [i for i in range(k) if i not in broken]
     want = reference(acc, [xs[i] for i in clean], [cs[i] for i in clean], fresh)
     out = np.full(n, np.nan, np.float32) if root else None
+    ref = rng.standard_normal(n).astype(np.float32) if measure else None
+    dist = np.full(k, -1.0) if measure else None
     with kernel(fused):
         found = accumulate(acc, list(zip(xs, cs, strict=True)), fresh=fresh, check=True,
-                           scale=0.5 if root else None, out=out)
+                           scale=0.5 if root else None, out=out, ref=ref, dist=dist)
     assert sorted(found) == broken
+    if ref is not None and dist is not None:
+        assert np.isnan(dist[broken]).all()
+        want_dist = [float(((xs[i].astype(np.float64) - ref) ** 2).sum()) for i in clean]
+        np.testing.assert_allclose(dist[clean], want_dist, rtol=1e-9)
     got = out if out is not None else acc
     factor = 0.5 if root else 1.0
     tol = 1e-5 if acc_dtype == np.float32 else 1e-12

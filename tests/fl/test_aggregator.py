@@ -184,3 +184,47 @@ def test_robust_strategies_reduce_through_the_sharded_aggregators(
     assert rnd.value["accepted_count"] == 3 and rnd.value["tree"]["shards"] >= 1
     model = decode(svc.blobs.get(state.model_key(1))).flat()
     np.testing.assert_allclose(model, expected, rtol=1e-6)
+
+
+def test_the_norm_bound_scales_far_updates_back_to_k_medians(svc: Services) -> None:
+    """max_update_norm = 2: a client 10× farther from the model than the others counts
+    as if it were 2 medians away (FedAvg with it unbounded would be dragged along)."""
+    job = svc.table.get(state.JOB, "config")
+    assert job is not None
+    job.value["config"]["max_update_norm"] = 2.0
+    svc.table.put(state.JOB, "config", job.value)
+    svc.table.put(state.ROUNDS, state.round_key(1), {
+        **svc.table.get(state.ROUNDS, state.round_key(1)).value,  # type: ignore[union-attr]
+        "selected": ["a", "b", "c", "d"], "quorum": 4,
+    })  # fmt: skip
+    rng = np.random.default_rng(0)
+    honest = {c: rng.normal(size=9) for c in "abc"}
+    poisoned = -10 * rng.normal(size=9)
+    weights = {"a": 10, "b": 20, "c": 30, "d": 40}
+    for c, x in {**honest, "d": poisoned}.items():
+        _upload(svc, c, x, n=weights[c])
+    aggregator.admit_batch(svc, _stream(svc)[:2])
+    aggregator.reset()  # a cold worker takes the rest: it measures a and b again
+    aggregator.admit_batch(svc, _stream(svc)[2:])
+    xs = {c: np.asarray(v, np.float32).astype(np.float64) for c, v in
+          {**honest, "d": poisoned}.items()}  # fmt: skip
+    norms = {c: float(np.linalg.norm(x)) for c, x in xs.items()}  # the model is all zeros
+    limit = 2.0 * float(np.median(list(norms.values())))
+    assert norms["d"] > limit and all(norms[c] < limit for c in "abc")
+    clipped = {c: x * min(1.0, limit / norms[c]) for c, x in xs.items()}
+    expected = sum(weights[c] * clipped[c] for c in xs) / sum(weights.values())
+    np.testing.assert_allclose(decode(svc.blobs.get(state.model_key(1))).flat(), expected,
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    rnd = svc.table.get(state.ROUNDS, state.round_key(1))
+    assert rnd is not None and list(rnd.value["norm_bound"]["clipped"]) == ["d"]
+
+
+def test_a_norm_bound_with_a_strategy_it_cannot_bound_is_a_clear_error() -> None:
+    from strato.errors import ConfigError
+    from strato.fl.strategies import check_strategy
+
+    check_strategy("fedavg", {}, 3.0)
+    check_strategy("fedadam", {}, 3.0)
+    for name in ("krum", "fedmedian", "cs"):
+        with pytest.raises(ConfigError, match="max_update_norm"):
+            check_strategy(name, {}, 3.0)

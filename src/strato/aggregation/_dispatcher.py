@@ -92,6 +92,7 @@ class _Round:
         self.ingested_bytes = 0
         self.ready_at: float | None = None
         self.bad: list[str] = []  # clients whose update a leaf found non-finite
+        self.dist: dict[str, float] = {}  # client -> ‖update − model‖² (with a dist_ref)
 
 
 class Dispatcher:
@@ -215,12 +216,15 @@ class Dispatcher:
                     item.release()
             raise  # an invocation error fails the round (see _loop)
         bad = set(result.get("bad", ()))
+        dist = result.get("dist")
         for k, item in enumerate(batch):
             if k in bad:  # left out by the leaf's check: no weight, no update
                 r.bad.append(item.client)
             else:
                 agg.weight += item.weight
                 agg.updates += item.updates
+                if dist is not None:
+                    r.dist[item.client] = float(dist[k])
             if item.release is not None:
                 item.release()
         agg.consumed += len(batch)
@@ -351,6 +355,7 @@ class Dispatcher:
             "out": agg.out.ref.to_dict() if root_final and agg.out is not None else None,
             "report": final,
             "check": agg.spec.is_leaf,  # a leaf's inputs are updates: validate them
+            "dist_ref": r.setup.dist_ref if agg.spec.is_leaf else None,
         }
         agg.fresh = False
         agg.inflight = take

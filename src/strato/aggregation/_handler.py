@@ -11,7 +11,9 @@ aggregator and a retried invocation needs nothing restored:
      "scale": null | 1/W,          # the root's last call...
      "out": null | ShmRef,         # ...writes the model here (else scales acc in place)
      "report": false,              # add peak RSS to the reply
-     "check": false}               # leaves: leave out inputs with NaN/Inf, name them
+     "check": false,               # leaves: leave out inputs with NaN/Inf, name them
+     "dist_ref": null | ref}       # leaves: each input's squared distance to this F32
+                                   # vector (the round's model), in the reply's "dist"
 
 Each input is mapped where it lies and read in place by the kernel: a shared-memory
 segment (``ctx.attach``: the worker keeps one mapping per segment, so a warm worker
@@ -79,6 +81,9 @@ def aggregate(event: Mapping[str, Any], ctx: Any) -> dict[str, Any]:
     scale = event.get("scale")
     started = time.perf_counter()
     out_vector = None if out is None else _vector(ctx, out, str(event.get("dtype", "F32")))
+    dist_ref = event.get("dist_ref")
+    ref = None if dist_ref is None else _vector(ctx, dist_ref, "F32")
+    dist = None if ref is None else np.zeros(len(inputs), dtype=np.float64)
     bad = accumulate(
         acc,
         inputs,
@@ -86,6 +91,8 @@ def aggregate(event: Mapping[str, Any], ctx: Any) -> dict[str, Any]:
         scale=None if scale is None else float(scale),
         out=out_vector,
         check=bool(event.get("check")),
+        ref=ref,
+        dist=dist,
     )
     if bad and scale is not None:
         # The scale was 1 / the batch's total weight with the bad updates (coef = weight).
@@ -97,6 +104,8 @@ def aggregate(event: Mapping[str, Any], ctx: Any) -> dict[str, Any]:
     reply: dict[str, Any] = {"n": len(inputs), "busy_s": busy, "pid": os.getpid()}
     if bad:
         reply["bad"] = bad
+    if dist is not None:
+        reply["dist"] = [None if i in bad else float(d) for i, d in enumerate(dist)]
     if event.get("report"):
         reply["hwm_kb"] = peak_rss_kb()
     return reply

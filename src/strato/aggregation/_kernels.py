@@ -80,17 +80,34 @@ def accumulate(
     out: Vector | None = None,
     chunk: int | None = None,
     check: bool = False,
+    ref: Vector | None = None,
+    dist: npt.NDArray[np.float64] | None = None,
 ) -> list[int]:
     """``acc = (0 if fresh else acc) + Σ c·x``; then ``out = acc·scale`` (or ``acc *= scale``).
 
     With ``check``, inputs holding NaN or ±Inf are left out of the sum (found in the
     same pass that adds); returns their indices (empty: all clean). Without it, such an
     input is added like any other (its NaN reaches the sum). ``chunk`` sets the chunk
-    of the numba-less fallbacks."""
+    of the numba-less fallbacks. With ``ref`` (a float32 vector, the round's model),
+    ``dist[i]`` gets ``‖x_i − ref‖²`` (in the same pass with numba; a second read of
+    each input in the fallbacks), NaN for an input left out."""
     _check(acc, inputs, out)
+    want = ref is not None and dist is not None
+    if want:
+        assert ref is not None and dist is not None
+        if ref.shape != acc.shape or dist.shape != (len(inputs),):
+            raise LayoutError(f"a distance reference of {ref.shape} or {dist.shape} slots "
+                              f"does not fit {len(inputs)} inputs of {acc.shape}")
+        dist[:] = 0.0
     kernel = _fused()
-    if kernel is not None and inputs and all(x.dtype == np.float32 for x, _ in inputs):
-        found = _accumulate_fused(kernel, acc, inputs, fresh, scale, out)
+    if kernel is not None and inputs and all(x.dtype == np.float32 for x, _ in inputs) and (
+        not want or (ref is not None and ref.dtype == np.float32)
+    ):
+        found = _accumulate_fused(kernel, acc, inputs, fresh, scale, out,
+                                  ref if want else None, dist if want else None)
+        if want:
+            assert dist is not None
+            dist[found] = np.nan
         if found and not check:  # asked for the plain sum: what was left out goes in
             factor = 1.0 if scale is None else float(scale)
             for i in found:
@@ -103,6 +120,11 @@ def accumulate(
     bad: list[int] = []
     if check:  # the fallbacks look at each input first: a second pass
         bad = [i for i, (x, _) in enumerate(inputs) if not np.isfinite(x).all()]
+    if want:  # and measure each one: another
+        assert ref is not None and dist is not None
+        for i, (x, _) in enumerate(inputs):
+            dist[i] = np.nan if i in bad else _sq_dist(x, ref, chunk or CHUNK)
+    if check:
         inputs = [pair for i, pair in enumerate(inputs) if i not in bad]
     if acc.dtype == np.float32:
         _accumulate32(acc, inputs, fresh, scale, out, chunk or CHUNK)
@@ -114,6 +136,7 @@ def accumulate(
 BLOCK_FUSED = 512  # values per block of the fused kernel: eight inputs + scratch in L1
 
 _SCRATCH = threading.local()
+_NO_DIST = np.empty(0, dtype=np.float64)  # the kernel's "no distances asked"
 _FUSED: dict[str, Any] = {}
 
 
@@ -133,9 +156,18 @@ def _fused() -> Any:
     return _FUSED[name]
 
 
+def _sq_dist(x: Vector, ref: Vector, chunk: int) -> float:
+    total = 0.0
+    for start in range(0, x.shape[0], chunk):
+        d = x[start : start + chunk].astype(np.float64) - ref[start : start + chunk]
+        total += float(np.dot(d, d))
+    return total
+
+
 def _accumulate_fused(
     kernel: Any, acc: Vector, inputs: Sequence[tuple[Vector, float]], fresh: bool,
-    scale: float | None, out: Vector | None,
+    scale: float | None, out: Vector | None, ref: Vector | None = None,
+    dist: npt.NDArray[np.float64] | None = None,
 ) -> list[int]:
     """Up to eight inputs per call; the last call also scales. Returns the inputs found
     non-finite, their contribution taken back out."""
@@ -160,8 +192,13 @@ def _accumulate_fused(
         factor = 1.0 if scale is None or not last else float(scale)
         write_out = out is not None and last
         target = out if out is not None else acc
-        if not kernel(acc, slots, coefs, len(group), fresh and g == 0, factor, scratch,
-                      first_bad, target, write_out):
+        group_dist = _NO_DIST if dist is None else np.zeros(MAX_INPUTS, dtype=np.float64)
+        found = kernel(acc, slots, coefs, len(group), fresh and g == 0, factor, scratch,
+                       first_bad, target, write_out, xs[0] if ref is None else readonly(ref),
+                       group_dist)
+        if dist is not None:
+            dist[group[0] : group[-1] + 1] = group_dist[: len(group)]
+        if not found:
             continue
         for k, i in enumerate(group):
             stop = int(first_bad[k])

@@ -73,6 +73,9 @@ class RoundSetup:
     batch: int
     deliver: Callable[[str, ShmLease, float, int, float], None]
     fail: Callable[[Exception], None]
+    # the round's model, for the leaves to measure each update's distance to it in the
+    # pass that adds it (a norm bound); None: not measured
+    dist_ref: dict[str, Any] | None = None
 
 
 @dataclass

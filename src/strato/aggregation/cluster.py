@@ -95,6 +95,7 @@ class Cluster:
         dtype: str = "F32",
         acc_dtype: str = "F32",
         batch: int = 4,
+        dist_ref: dict[str, Any] | None = None,
     ) -> RoundHandle:
         """Start aggregating round ``round_no`` of a model of ``nbytes`` bytes of ``dtype``.
 
@@ -107,7 +108,10 @@ class Cluster:
         at the end of its quota, where it takes each input at once, or when the node's
         ingest budget is full; the node caps it at half the budget's slots). Measured
         at 100 × 10M: 4 gives 0.68-0.77 of the floor with no back-pressure; 8 (capped
-        to 6) gains little and stalls arrivals on the budget (docs/lifl.md)."""
+        to 6) gains little and stalls arrivals on the budget (docs/lifl.md).
+        ``dist_ref``: a reference (shared memory or file, see ``_inputs``) to the round's
+        F32 model; each leaf then measures every update's squared distance to it in the
+        pass that adds it (``RoundHandle.distances``: what a norm bound needs)."""
         if self._current is not None and not self._current.finished:
             raise StratoError(f"round {self._current.round} is still running")
         for kind in (dtype, acc_dtype):
@@ -136,6 +140,7 @@ class Cluster:
             batch=batch,
             deliver=handle._deliver,
             fail=handle._fail,
+            dist_ref=dist_ref,
         )
         self._current = handle
         for node in self.nodes.values():
@@ -232,6 +237,14 @@ class RoundHandle:
         """Have the leaves add what they hold now, without waiting for full batches."""
         for node in self.cluster.nodes.values():
             node.dispatcher.post("flush", self.round)
+
+    def distances(self) -> dict[str, float]:
+        """Each added update's squared distance to the round's model (``dist_ref``)."""
+        dist: dict[str, float] = {}
+        for node in self.cluster.nodes.values():
+            r = node.dispatcher.history.get(self.round)
+            dist.update(r.dist if r is not None else {})
+        return dist
 
     def bad_clients(self) -> list[str]:
         """Clients whose update a leaf left out so far (NaN or ±Inf)."""

@@ -128,6 +128,12 @@ class _Open:
     targets: dict[str, str] = field(default_factory=dict)  # node -> where its updates go
     landing: dict[str, int] = field(default_factory=dict)  # node -> updates lying there
     partials: list[str] = field(default_factory=list)  # the leaves' partial blobs
+    # the norm bound ([aggregation] max_update_norm): each handed update's blob and
+    # weight, the distances other nodes' leaves measured, and the model's copy in node
+    # memory when its blob is not a file here
+    handed_as: dict[str, tuple[str, float]] = field(default_factory=dict)
+    leaf_dist: dict[str, float] = field(default_factory=dict)
+    ref_lease: Any = None
 
 
 class _Landed:
@@ -236,8 +242,13 @@ class _Agent:
         # float32 rounding of one exact sum), so a rerun or a resumed run reproduces a
         # run. float32 when the job asks: less memory traffic, arrival order in the bits.
         acc = "F32" if self.job["config"].get("accumulator") == "float32" else "F64"
+        dist_ref = None
+        if self._bound() > 0:
+            dist_ref, opened.ref_lease = _model_ref(self.svc, self.cluster, self.layout,
+                                                    opened.rules.round)
         opened.handle = self.cluster.begin_round(
-            opened.rules.round, plan, nbytes=self.layout.nbytes, batch=BATCH, acc_dtype=acc
+            opened.rules.round, plan, nbytes=self.layout.nbytes, batch=BATCH, acc_dtype=acc,
+            dist_ref=dist_ref,
         )
         opened.shape = shape
         opened.decision = {
@@ -298,12 +309,16 @@ class _Agent:
             opened.handle.close()
             with contextlib.suppress(Exception):
                 opened.handle.result(timeout=60).release()
+        if opened is not None and opened.ref_lease is not None:
+            opened.ref_lease.release()
+            opened.ref_lease = None
 
     # ---- updates --------------------------------------------------------------------
 
     def _land(self, opened: _Open, client: str, blob: str, weight: float) -> str:
         """Hand an admitted update to the engine; '' or why it cannot be read."""
         strategy = opened.strategy
+        opened.handed_as[client] = (blob, weight)
         node = self._away(blob)  # where it lies, when not on this node
         if opened.targets:
             source = node or str(getattr(self.svc.blobs, "node_id", ""))
@@ -449,6 +464,7 @@ class _Agent:
         for client in [*covered, *bad]:
             entries.pop(client, None)
         opened.leaf_bad.update(bad)
+        opened.leaf_dist.update(json.loads(meta.get("dist", "{}")))
         weight = float(meta.get("weight", 0.0))
         if not covered or weight <= 0:
             if ref is not None:
@@ -668,6 +684,16 @@ class _Agent:
                     return item.value
         self.open = None
         self.closed.add(r)
+        try:
+            return self._write_close(opened, r, cause, closing_at)
+        except BaseException:
+            # Nothing of it is final (the table still says open): a later close, or an
+            # update arriving meanwhile, rebuilds the round from its accepted items.
+            self.closed.discard(r)
+            raise
+
+    def _write_close(self, opened: _Open, r: int, cause: str, closing_at: float
+                     ) -> dict[str, Any]:
         previous = self._previous_model(r)
         strategy_state = _load_strategy_state(self.svc, r - 1)
         (out, payload), new_state, bad = self._result(opened, previous, strategy_state)
@@ -772,10 +798,52 @@ class _Agent:
             bad = list(result.bad)
             if result.updates == 0:  # every update was bad
                 return self._encode(r, np.array(flat)), strategy_state, bad
-            new, st = strategy.step(flat, result.array, strategy_state)
+            reduced = result.array
+            if self._bound() > 0:
+                reduced = self._clip(opened, flat, reduced, float(result.weight),
+                                     {**handle.distances(), **opened.leaf_dist}, set(bad))
+            new, st = strategy.step(flat, reduced, strategy_state)
             return self._encode(r, new), st, bad  # encoded before the buffer goes back
         finally:
             result.release()
+            if opened.ref_lease is not None:
+                opened.ref_lease.release()
+                opened.ref_lease = None
+
+    def _bound(self) -> float:
+        return float(self.job["config"].get("max_update_norm", 0.0))
+
+    def _clip(self, opened: _Open, flat: npt.NDArray[Any], mean: npt.NDArray[Any],
+              total: float, dist: dict[str, float], bad: set[str]) -> npt.NDArray[Any]:
+        """The norm bound: an update farther from the round's model ``g`` than ``k`` times
+        the round's median distance (``k``: max_update_norm) counts as
+        ``g + c·(x − g)`` with ``c = k·median / ‖x − g‖``. Its distance was measured in
+        the leaf's pass that added it; only such an update is read again, to take
+        ``(w/W)·(1 − c)·(x − g)`` back out of the weighted mean."""
+        norms = {c: float(np.sqrt(d)) for c, d in dist.items()
+                 if not c.startswith("leaf:") and c not in bad and d is not None
+                 and np.isfinite(d)}  # fmt: skip
+        if not norms:
+            return mean
+        median = float(np.median(list(norms.values())))
+        limit = self._bound() * median
+        clipped: dict[str, float] = {}
+        out = mean
+        for client, norm in sorted(norms.items()):
+            if norm <= limit or client not in opened.handed_as or total <= 0:
+                continue
+            blob, weight = opened.handed_as[client]
+            x = decode(self.svc.blobs.get(blob), expect=self.layout).flat()
+            if out is mean:
+                out = np.array(mean, dtype=np.float64)
+            keep = limit / norm
+            out -= (weight / total) * (1.0 - keep) * (x.astype(np.float64) - flat)
+            clipped[client] = round(norm / median, 3) if median > 0 else float("inf")
+        opened.decision["norm_bound"] = {
+            "median_distance": round(median, 6), "limit": round(limit, 6),
+            "clipped": clipped,  # client -> its distance in medians
+        }  # fmt: skip
+        return out if out is mean else out.astype(np.float32)
 
     def _sharded_result(self, opened: _Open) -> npt.NDArray[np.float32] | None:
         """The shards' reduction; a shard worker lost mid-round lost its rows, so the
@@ -819,6 +887,28 @@ class _Agent:
         self.cluster.close()
         if self.shard_runtime is not None:
             self.shard_runtime.close()
+
+
+def _model_ref(svc: Services, cluster: Cluster, layout: Layout, r: int
+               ) -> tuple[dict[str, Any], Any]:
+    """Round r's input model for the leaves to measure distances to: its blob's file
+    mapped in place on this node (no copy), else one copy in node memory (returned
+    with it: release it when the round ends)."""
+    key = state.model_key(r - 1)
+    locate = getattr(svc.blobs, "locate", None)
+    try:
+        if locate is not None:
+            path, offset, length = locate(key)
+            _layout, _meta, start = read_header(attach_input(file_ref(path, offset, length)))
+            return file_ref(path, offset + start, layout.nbytes), None
+    except (NotFound, CorruptBlob):
+        raise
+    except StratoError:  # on another node: one copy comes over
+        pass
+    params = decode(svc.blobs.get(key), expect=layout)
+    lease = cluster.node("n0").lease_update(layout.nbytes, timeout=ROUND_TIMEOUT_S)
+    np.copyto(np.frombuffer(lease.buffer, dtype=np.float32), params.flat(), casting="unsafe")
+    return {**lease.ref.to_dict()}, lease
 
 
 def _quota(opened: _Open) -> int:
@@ -936,14 +1026,19 @@ class _Leaf:
         self.unreadable: dict[str, str] = {}
         self.lost: list[str] = []
         self.done: list[threading.Event] = []
+        self.ref_lease: Any = None  # the round's model in node memory (a norm bound)
 
     def add(self, r: int, tag: str, gen: int, quota: int, updates: list[dict[str, Any]]) -> int:
         if self.current != (r, tag, gen):
             self._drop()
             acc = "F32" if self.job["config"].get("accumulator") == "float32" else "F64"
             plan = self.cluster.plan(TreeShape.of(1), {"n0": max(1, quota)})
+            dist_ref = None
+            if float(self.job["config"].get("max_update_norm", 0.0)) > 0:
+                dist_ref, self.ref_lease = _model_ref(self.svc, self.cluster, self.layout, r)
             self.handle = self.cluster.begin_round(r, plan, nbytes=self.layout.nbytes,
-                                                   batch=BATCH, acc_dtype=acc)
+                                                   batch=BATCH, acc_dtype=acc,
+                                                   dist_ref=dist_ref)
             self.current, self.clients, self.unreadable, self.lost = (r, tag, gen), [], {}, []
         assert self.handle is not None
         for u in updates:
@@ -1006,13 +1101,15 @@ class _Leaf:
             bad = {c: NONFINITE for c in result.bad} | self.unreadable
             meta |= {"weight": repr(float(result.weight)) if result.updates else "0",
                      "clients": json.dumps([c for c in self.clients if c not in bad]),
-                     "bad": json.dumps(bad), "lost": json.dumps(self.lost)}
+                     "bad": json.dumps(bad), "lost": json.dumps(self.lost),
+                     "dist": json.dumps(handle.distances())}
             flat = (np.ascontiguousarray(result.array, dtype=np.float32) if result.updates
                     else np.zeros(self.layout.numel, dtype=np.float32))
             model = Params(self.layout, flat.view(np.uint8))
             self.svc.blobs.put(key, encode(model, meta).payload)
         finally:
             result.release()
+            self._release_ref()
         return {"partial": key, "updates": int(result.updates)}
 
     def _drop(self) -> None:
@@ -1022,6 +1119,12 @@ class _Leaf:
             handle.close()
             with contextlib.suppress(Exception):
                 handle.result(timeout=60).release()
+        self._release_ref()
+
+    def _release_ref(self) -> None:
+        if self.ref_lease is not None:
+            self.ref_lease.release()
+            self.ref_lease = None
 
     def shutdown(self) -> None:
         self._drop()

@@ -47,6 +47,10 @@ class JobConfig:
     # how many rounds' update blobs a run keeps once a newer model supersedes them
     # (0: all; a long run keeps its disk bounded with a few)
     keep_rounds: int = 0
+    # a norm bound against poisoned updates (0: none): an update farther from the
+    # round's model than this many times the round's median distance is scaled back
+    # to that distance; its distance is measured in the pass that adds it
+    max_update_norm: float = 0.0
 
     def validate(self) -> JobConfig:
         self._check_types()
@@ -61,6 +65,9 @@ class JobConfig:
         positive("round_deadline_s", self.round_deadline_s)
         positive("client_concurrency", self.client_concurrency)
         positive("function_memory_mb", self.function_memory_mb)
+        if self.max_update_norm < 0:
+            raise ConfigError("max_update_norm must be 0 (no bound) or positive, "
+                              f"got {self.max_update_norm}")
         if self.keep_rounds < 0:
             raise ConfigError(f"keep_rounds must be 0 (keep all) or more, got {self.keep_rounds}")
         if self.placement not in PLACEMENTS:
@@ -124,7 +131,7 @@ _SECTIONS = {
             "keep_rounds"),
     "round": ("quorum", "round_deadline_s"),
     "data": ("partition", "dirichlet_alpha"),
-    "aggregation": ("function_memory_mb", "accumulator", "placement"),
+    "aggregation": ("function_memory_mb", "accumulator", "placement", "max_update_norm"),
 }
 
 

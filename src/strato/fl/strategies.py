@@ -162,12 +162,21 @@ def initial_download(
     return wire.adopt(initial, wire_seed(seed, 1, "download"))
 
 
-def check_strategy(name: str, options: dict[str, Any]) -> None:
-    """Raise ConfigError (one line) for an unknown strategy or a bad option."""
+def check_strategy(name: str, options: dict[str, Any], max_update_norm: float = 0.0) -> None:
+    """Raise ConfigError (one line) for an unknown strategy, a bad option, or a norm
+    bound the strategy cannot take."""
     if is_complement(name):
         complement_options(options, name)
+        streaming = False
     else:
-        make_strategy(name, **options)
+        streaming = make_strategy(name, **options).streaming
+    if max_update_norm > 0 and not streaming:
+        why = ("its uploads are coded: the leaves cannot measure them" if is_complement(name)
+               else "it is robust without it")  # fmt: skip
+        raise ConfigError(
+            "max_update_norm bounds the updates of a weighted mean (fedavg and the "
+            f"strategies built on it), not {name}'s: {why}"
+        )
 
 
 def download_key(model_key: str) -> str:

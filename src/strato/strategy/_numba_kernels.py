@@ -82,14 +82,31 @@ def finite_scan(x: Any, block: int) -> bool:
 MAX_INPUTS = 8  # inputs per call of ``add_checked``: unused slots are never read
 
 
+# reassoc: the sum of squares vectorises (its order is fixed at compile time: the same
+# input always gives the same distance).
+@numba.njit(cache=True, nogil=True, boundscheck=False, fastmath={"reassoc", "contract"})
+def _sq_dist(y: Any, r: Any) -> float:
+    """``Σ (y_i − r_i)²`` in float64 over one block (in L1: the add just read it)."""
+    s = 0.0
+    for i in range(y.shape[0]):
+        e = np.float64(y[i]) - np.float64(r[i])
+        s += e * e
+    return s
+
+
 @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath={"contract"})
 def add_checked(acc: Any, xs: Any, w: Any, count: int, fresh: bool, scale: float,
-                scratch: Any, first_bad: Any, out: Any, write_out: bool) -> int:
+                scratch: Any, first_bad: Any, out: Any, write_out: bool,
+                ref: Any, dist: Any) -> int:
     """``acc = (0 if fresh else acc) + Σ_{j<count} w[j]·x_j``, leaving out every input that
     holds a NaN or ±Inf; then ``acc *= scale``, or with ``write_out`` (the root's float32
     model beside a float64 accumulator) ``out = acc · scale``. Returns the number of
     bad inputs; ``first_bad[j]`` is the offset of input j's first bad block (-1: clean).
     The caller takes a bad input's contribution to the blocks before that one back out.
+    With ``dist`` of length 8 (else length 0: not asked), ``dist[j] += ‖x_j − ref‖²``
+    for each clean input, block by block while the block is in L1: the update's
+    distance to the round's model (the norm bound's measure) costs no extra pass over
+    memory, only ``ref``'s block read once per call.
 
     ``xs`` is a tuple of eight float32 arrays (slots past ``count`` are never read);
     ``acc`` and ``scratch`` are float32 or float64 (numba compiles each); the model is
@@ -119,6 +136,7 @@ def add_checked(acc: Any, xs: Any, w: Any, count: int, fresh: bool, scale: float
     w4, w5, w6, w7 = t(w[4]), t(w[5]), t(w[6]), t(w[7])
     sc = t(scale)
     bad_inputs = 0
+    want_dist = dist.shape[0] > 0
     for j in range(first_bad.shape[0]):
         first_bad[j] = -1
     for start in range(0, n, block):
@@ -193,6 +211,11 @@ def add_checked(acc: Any, xs: Any, w: Any, count: int, fresh: bool, scale: float
                 wj = t(w[j])
                 for i in range(m):
                     a[i] += wj * yj[i]
+        if want_dist:
+            r = ref[start : start + m]
+            for j in range(count):
+                if first_bad[j] < 0:
+                    dist[j] += _sq_dist(xs[j][start : start + m], r)
         if write_out:
             o = out[start : start + m]
             for i in range(m):
