@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -180,7 +181,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace,
     return {
         "command": "python benchmarks/poisoning.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
-        "data": "mnist" if args.data_dir else "digits",
+        "data": "mnist" if args.data_dir or os.environ.get("STRATO_DATA_DIR") else "digits",
         "rounds": args.rounds or 20,
         "seeds": args.seeds,
         "attackers": "every fifth client (20 %)",

@@ -228,3 +228,32 @@ def test_a_norm_bound_with_a_strategy_it_cannot_bound_is_a_clear_error() -> None
     for name in ("krum", "fedmedian", "cs"):
         with pytest.raises(ConfigError, match="max_update_norm"):
             check_strategy(name, {}, 3.0)
+
+
+def test_an_all_zeros_update_is_clipped_by_the_norm_bound(svc: Services) -> None:
+    """A well-formed malicious update (all zeros) lies as far from the round's model as
+    the model is long: with max_update_norm it moves the model no farther than the
+    bound allows, where FedAvg alone would take a quarter of the way to zero."""
+    job = svc.table.get(state.JOB, "config")
+    assert job is not None
+    job.value["config"]["max_update_norm"] = 3.0
+    svc.table.put(state.JOB, "config", job.value)
+    g = np.full(9, 5.0, dtype=np.float32)
+    svc.blobs.put(state.model_key(0), encode(Params(LAYOUT, g.view(np.uint8))).payload)
+    svc.table.put(state.ROUNDS, state.round_key(1), {
+        **svc.table.get(state.ROUNDS, state.round_key(1)).value,  # type: ignore[union-attr]
+        "selected": ["a", "b", "c", "d"], "quorum": 4,
+    })  # fmt: skip
+    rng = np.random.default_rng(1)
+    for c in "abc":
+        _upload(svc, c, g + 0.1 * rng.normal(size=9))
+    _upload(svc, "d", np.zeros(9))
+    aggregator.admit_batch(svc, _stream(svc))
+    model = decode(svc.blobs.get(state.model_key(1))).flat()
+    rnd = svc.table.get(state.ROUNDS, state.round_key(1))
+    assert rnd is not None
+    bound = rnd.value["norm_bound"]
+    assert list(bound["clipped"]) == ["d"]
+    # each of four equal weights moves the mean at most limit / 4 from g
+    assert float(np.linalg.norm(model - g)) <= bound["limit"] + 1e-5
+    assert float(np.abs(model - g).max()) < 0.5  # FedAvg alone: 1.25 below g everywhere

@@ -214,12 +214,13 @@ def _relaunch_missing_clients(svc: Services, job: dict[str, Any]) -> None:
 
 
 class _Failures:
-    """Simulated clients' failures, each told once (a round then closes without them);
-    one caused by a full disk stops the run, which ``--resume`` continues once there
-    is room: its update is made again, so nothing is lost."""
+    """Failures of simulated clients and of the aggregator, each told once (a round
+    closes at its deadline without a failed client); one caused by a full disk stops
+    the run, which ``--resume`` continues once there is room: the update or the close
+    is made again, so nothing is lost."""
 
-    def __init__(self, svc: Services, out: Path) -> None:
-        self.svc, self.out = svc, out
+    def __init__(self, svc: Services, out: Path, command: str) -> None:
+        self.svc, self.out, self.command = svc, out, command
         self.seen = {item.key for item in svc.table.query(state.FAILURES)}  # earlier segments
         self.next_check = 0.0
 
@@ -238,7 +239,7 @@ class _Failures:
             if f.get("disk_full"):
                 raise StratoError(
                     f"the disk is full: {where} failed with {f['error']}; "
-                    f"free some space, then continue with: strato run --resume {self.out}"
+                    f"free some space, then continue with: {self.command} --resume {self.out}"
                 )
             lines.append(f"{where} failed: {f['error']}")
         return lines
@@ -364,7 +365,8 @@ def _drive(svc: Services, opts: RunOptions, job: dict[str, Any], started: float)
         except BaseException as exc:  # reported by the main thread
             outcome["error"] = exc
 
-    failures = _Failures(svc, opts.out)
+    failures = _Failures(svc, opts.out,
+                         "strato serve" if opts.attach is not None else "strato run")
     driver = threading.Thread(target=drive, name="workflow driver", daemon=True)
     driver.start()
     while True:
