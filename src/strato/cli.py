@@ -351,7 +351,7 @@ def _job_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--clients-per-round", type=int)
     cmd.add_argument(
         "--keep-rounds", type=int, metavar="K",
-        help="keep only the last K rounds' update blobs (default: all)",
+        help="keep only the last K rounds' update blobs and models (default: all)",
     )  # fmt: skip
     cmd.add_argument(
         "--max-update-norm", type=float, metavar="K",

@@ -62,6 +62,9 @@ def test_run_writes_summary_metrics_and_curves(tmp_path: Path) -> None:
     # update blobs left; the records of who sent what stay
     kept = sorted(p.parent.name for p in (out / "services/blobs/updates").rglob("*-*"))
     assert set(kept) == {state.round_key(3)} and len(kept) == 3, kept
+    # ... nor its model: the initial one and the last are kept
+    models = sorted(p.name for p in (out / "services/blobs/models").iterdir())
+    assert models == [Path(state.model_key(0)).name, Path(state.model_key(3)).name], models
     with embedded(out / "services") as svc:
         assert len(svc.table.query(state.UPDATES)) == 9
 

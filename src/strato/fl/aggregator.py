@@ -735,12 +735,17 @@ class _Agent:
 
     def _forget_updates(self, r: int) -> None:
         """``[job] keep_rounds = K``: once round r's model is written, the update blobs of
-        round r - K are not needed any more (their records stay: who sent what, how big);
-        without it every round's updates are kept."""
+        round r - K are not needed any more (their records stay: who sent what, how big),
+        nor is round r - K's model (with its CS download and strategy state: round r's
+        are what a resumed run goes on from; the initial model is kept); without it
+        every round's updates and models are kept."""
         keep = int(self.job["config"].get("keep_rounds", 0))
-        if keep <= 0 or r - keep < 1:
+        old = r - keep
+        if keep <= 0 or old < 1:
             return
-        for key in self.svc.blobs.list(f"updates/{state.round_key(r - keep)}/"):
+        model = state.model_key(old)
+        for key in [*self.svc.blobs.list(f"updates/{state.round_key(old)}/"), model,
+                    download_key(model), _strategy_key(old)]:  # fmt: skip
             with contextlib.suppress(StratoError):  # best effort: a miss only costs disk
                 self.svc.blobs.delete(key)
 

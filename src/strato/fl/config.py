@@ -44,8 +44,8 @@ class JobConfig:
     # place) or "round-robin" (nodes dealt in turn, whatever the updates' node: the
     # locality-blind comparison of benchmarks/ray_scale.py)
     placement: str = "best-fit"
-    # how many rounds' update blobs a run keeps once a newer model supersedes them
-    # (0: all; a long run keeps its disk bounded with a few)
+    # how many rounds' update blobs and models a run keeps once a newer model supersedes
+    # them (0: all; a long run keeps its disk bounded with a few)
     keep_rounds: int = 0
     # a norm bound against poisoned updates (0: none): an update farther from the
     # round's model than this many times the round's median distance is scaled back
