@@ -101,8 +101,6 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
     if args.resume:
         out = Path(args.resume)
         run_file = out / "run.json"
-        if not run_file.exists():
-            raise StratoError(f"{out} holds no run to resume (no run.json)")
         recorded = json.loads(run_file.read_text())
         app_dir = app_dir or Path(recorded["app_dir"])
         _import_backend((recorded.get("services") or {}).get("backend", "embedded"))
@@ -489,8 +487,71 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+COMMAND_FILE = "command.json"  # in OUT: the command that started it, before anything else
+
+
+def _record_command(args: argparse.Namespace, argv: list[str]) -> None:
+    """`strato run`/`serve`: note the command in OUT before anything else happens, so a
+    run stopped in its first moments (before run.json) can be started again from OUT
+    by ``--resume``. Best effort: a directory that cannot be written fails later, with
+    its own message."""
+    if args.resume or not args.app_dir:
+        return
+    out = Path(args.out or f"runs/{Path(args.app_dir).resolve().name}")
+    if (out / "run.json").exists():
+        return  # run_job refuses it, with the way to resume
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{COMMAND_FILE}.tmp"
+        tmp.write_text(json.dumps({"argv": argv, "cwd": os.getcwd()}))
+        os.replace(tmp, out / COMMAND_FILE)
+    except OSError:
+        pass
+
+
+def _recorded_command(out: Path) -> argparse.Namespace:
+    """The arguments of the command that started OUT, for a run stopped before it wrote
+    run.json: nothing of it is durable yet, so it starts again as first asked."""
+    try:
+        recorded = json.loads((out / COMMAND_FILE).read_text())
+        args = _parser().parse_args(recorded["argv"])
+    except (OSError, ValueError, KeyError, SystemExit):
+        raise StratoError(
+            f"{out} holds no run to resume: nothing of it was started (stopped in its "
+            "first moment?); start it again with the command that first started it"
+        ) from None
+    cwd = Path(recorded.get("cwd", "."))
+    for name in ("app_dir", "data_dir", "out"):  # as they were meant where it started
+        value = getattr(args, name, None)
+        if value and not Path(value).is_absolute():
+            setattr(args, name, str(cwd / value))
+    args.out = str(out)
+    return args
+
+
+def _as_started(args: argparse.Namespace) -> argparse.Namespace:
+    """``--resume OUT`` of a run stopped before it wrote run.json: the command that
+    started it, to start again (nothing of it is durable yet, nothing is lost)."""
+    if not args.resume or (Path(args.resume) / "run.json").exists():
+        return args
+    started = _recorded_command(Path(args.resume))
+    print(f"resuming {args.resume}: it was stopped before it began; starting it again",
+          flush=True)  # fmt: skip
+    return started
+
+
+def _start(args: argparse.Namespace) -> int:
+    args = _as_started(args)
+    return int(args.func(args))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["run"], ["serve"]):
+        args = _parser().parse_args(argv)
+        _record_command(args, argv)  # first: before the slow imports
+        _configure_kernels()
+        return _guard(lambda: _start(args))
     _configure_kernels()
     extra: dict[str, Callable[[list[str]], int]] = {"deploy": _deploy}
     try:

@@ -236,3 +236,33 @@ def test_a_full_disk_stops_the_run_with_a_clear_error_and_the_resumed_run_loses_
     model, accepted = _final(out)
     assert accepted == accepted_ref
     assert np.abs(model - model_ref).max() <= 1e-6
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_it_wrote_run_json_starts_again_on_resume(
+    reference: tuple[Path, np.ndarray, int, int], tmp_path: Path
+) -> None:
+    """`strato run` notes its command in OUT first thing (command.json, before the slow
+    imports); killed before run.json, `--resume OUT` starts it as first asked."""
+    app, model_ref, accepted_ref, _ = reference
+    out = tmp_path / "out"
+    proc = _run(app, out)
+    try:
+        _wait_for(lambda: (out / "command.json").exists(), 60, "command.json")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not (out / "run.json").exists()  # killed before it: this path, not the set-up's
+    res = strato("run", "--resume", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "stopped before it began; starting it again" in res.stdout
+    model, accepted = _final(out)
+    assert accepted == accepted_ref
+    assert np.abs(model - model_ref).max() <= 1e-6
+    # Nothing at all in OUT (killed in its first milliseconds): a clear one-line error.
+    res = strato("run", "--resume", str(tmp_path / "never"))
+    assert res.returncode == 2 and "nothing of it was started" in res.stderr
+    assert "Traceback" not in res.stderr
