@@ -400,6 +400,17 @@ def judge(record: dict[str, Any], ref: dict[str, Any], shm_before: set[str]) -> 
     return record
 
 
+def _harness_failure(kind: str, moment: float, exc: Exception, where: Path) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while workers(where / "out") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {"kind": kind, "moment_s": round(moment, 3), "injected": "harness error",
+            "error": f"harness: {type(exc).__name__}: {exc}", "exit": None, "resumes": 0,
+            "hung": False, "finished": False, "workers_left": len(workers(where / "out")),
+            "lost_updates": 0, "double_counted": 0, "diverged": True, "shm_leftovers": 0,
+            "fault_injected": True, "passed": False}  # fmt: skip
+
+
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     def totals(rs: list[dict[str, Any]]) -> dict[str, int]:
         return {
@@ -479,7 +490,10 @@ def main(argv: list[str] | None = None) -> int:
             moment = random.uniform(0.0, min(ref_wall, args.max_moment or ref_wall))
             _clean(where)
             _mk(where)
-            record = judge(trial(app, where, kind, moment), ref, shm_before)
+            try:
+                record = judge(trial(app, where, kind, moment), ref, shm_before)
+            except Exception as exc:  # the campaign's own failure: this trial fails, not all
+                record = _harness_failure(kind, moment, exc, where)
             if record["fault_injected"]:
                 break
         record["trial"], record["wall_s"] = i, round(time.monotonic() - t0, 1)
