@@ -11,6 +11,7 @@ The process-wide settings that come from the environment are read here too
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -490,16 +491,18 @@ def _parser() -> argparse.ArgumentParser:
 COMMAND_FILE = "command.json"  # in OUT: the command that started it, before anything else
 
 
-def _record_command(args: argparse.Namespace, argv: list[str]) -> None:
+def _record_command(args: argparse.Namespace, argv: list[str]) -> Callable[[], None]:
     """`strato run`/`serve`: note the command in OUT before anything else happens, so a
     run stopped in its first moments (before run.json) can be started again from OUT
-    by ``--resume``. Best effort: a directory that cannot be written fails later, with
-    its own message."""
+    by ``--resume``. Returns what takes the note back (and OUT, if this made it) when
+    the command is refused before its run begins: a mistake leaves nothing behind.
+    Best effort: a directory that cannot be written fails later, with its own message."""
     if args.resume or not args.app_dir:
-        return
+        return lambda: None
     out = Path(args.out or f"runs/{Path(args.app_dir).resolve().name}")
     if (out / "run.json").exists():
-        return  # run_job refuses it, with the way to resume
+        return lambda: None  # run_job refuses it, with the way to resume
+    made = [p for p in (out, *out.parents) if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / f".{COMMAND_FILE}.tmp"
@@ -507,6 +510,17 @@ def _record_command(args: argparse.Namespace, argv: list[str]) -> None:
         os.replace(tmp, out / COMMAND_FILE)
     except OSError:
         pass
+
+    def take_back() -> None:
+        if (out / "run.json").exists():
+            return  # the run began: the note is part of it
+        with contextlib.suppress(OSError):
+            (out / COMMAND_FILE).unlink()
+        for directory in made:  # deepest first; only what this made, and only if empty
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+
+    return take_back
 
 
 def _recorded_command(out: Path) -> argparse.Namespace:
@@ -549,9 +563,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["run"], ["serve"]):
         args = _parser().parse_args(argv)
-        _record_command(args, argv)  # first: before the slow imports
+        take_back = _record_command(args, argv)  # first: before the slow imports
         _configure_kernels()
-        return _guard(lambda: _start(args))
+        code = _guard(lambda: _start(args))
+        if code == 2:  # refused (a bad setting): before the run began, nothing stays
+            take_back()
+        return code
     _configure_kernels()
     extra: dict[str, Callable[[list[str]], int]] = {"deploy": _deploy}
     try:
