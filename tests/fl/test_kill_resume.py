@@ -88,6 +88,25 @@ def _final(out: Path) -> tuple[np.ndarray, int]:
     return np.array(decode(data).flat()), int(summary["updates_accepted"])
 
 
+def _kill_once_written(app: Path, out: Path, name: str) -> None:
+    """Start the run and SIGKILL it as soon as OUT/name exists."""
+    proc = _run(app, out)
+    try:
+        _wait_for(lambda: (out / name).exists(), 60, name)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _assert_equals_reference(out: Path, model_ref: np.ndarray, accepted_ref: int) -> None:
+    model, accepted = _final(out)
+    assert accepted == accepted_ref
+    assert np.abs(model - model_ref).max() <= 1e-6
+
+
 def _invocations(out: Path) -> int:
     return int(json.loads((out / "summary.json").read_text())["invocations"])
 
@@ -113,15 +132,7 @@ def test_a_run_killed_during_its_set_up_resumes(
 
     app, model_ref, accepted_ref, _ = reference
     out = tmp_path / "out"
-    proc = _run(app, out)
-    try:
-        _wait_for(lambda: (out / "run.json").exists(), 60, "run.json")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    _kill_once_written(app, out, "run.json")
     _wait_for(lambda: strato_workers(out) == [], 15, "the killed run's workers to exit")
     if (out / "services").exists():
         with embedded(out / "services") as svc:
@@ -133,9 +144,7 @@ def test_a_run_killed_during_its_set_up_resumes(
     res = strato("run", "--resume", str(out))
     assert res.returncode == 0, res.stderr
     assert "setting it up again" in res.stdout
-    model, accepted = _final(out)
-    assert accepted == accepted_ref
-    assert np.abs(model - model_ref).max() <= 1e-6
+    _assert_equals_reference(out, model_ref, accepted_ref)
 
 
 # (Killed before round 2 has anything accepted, and at random moments from start-up to
@@ -184,9 +193,7 @@ def test_sigkill_mid_round_then_resume_equals_an_uninterrupted_run(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    model, accepted = _final(out)
-    assert accepted == accepted_ref
-    assert np.abs(model - model_ref).max() <= 1e-6
+    _assert_equals_reference(out, model_ref, accepted_ref)
     assert strato_workers(out) == []
     if victim == "run":
         # The killed segment's work is counted (saved as it happens), and the redone work
@@ -233,9 +240,7 @@ def test_a_full_disk_stops_the_run_with_a_clear_error_and_the_resumed_run_loses_
     (app / "FULL").unlink()  # room again
     res = strato("run", "--resume", str(out))
     assert res.returncode == 0, res.stderr
-    model, accepted = _final(out)
-    assert accepted == accepted_ref
-    assert np.abs(model - model_ref).max() <= 1e-6
+    _assert_equals_reference(out, model_ref, accepted_ref)
 
 
 @pytest.mark.slow
@@ -246,22 +251,12 @@ def test_a_run_killed_before_it_wrote_run_json_starts_again_on_resume(
     imports); killed before run.json, `--resume OUT` starts it as first asked."""
     app, model_ref, accepted_ref, _ = reference
     out = tmp_path / "out"
-    proc = _run(app, out)
-    try:
-        _wait_for(lambda: (out / "command.json").exists(), 60, "command.json")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    _kill_once_written(app, out, "command.json")
     assert not (out / "run.json").exists()  # killed before it: this path, not the set-up's
     res = strato("run", "--resume", str(out))
     assert res.returncode == 0, res.stderr
     assert "stopped before it began; starting it again" in res.stdout
-    model, accepted = _final(out)
-    assert accepted == accepted_ref
-    assert np.abs(model - model_ref).max() <= 1e-6
+    _assert_equals_reference(out, model_ref, accepted_ref)
     # Nothing at all in OUT (killed in its first milliseconds): a clear one-line error.
     res = strato("run", "--resume", str(tmp_path / "never"))
     assert res.returncode == 2 and "nothing of it was started" in res.stderr
