@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -99,9 +100,15 @@ class Harness:
             "accepted": {},
         }
         self.svc.table.put(state.ROUNDS, state.round_key(r), record)
-        notice = json.dumps({"round": r, "model_key": state.model_key(r - 1)})
         for c in selected:
-            self.svc.bus.publish(state.TOPIC, notice, {"client": c, "round": str(r)})
+            state.send_notice(self.svc.bus, r, c)
+
+    def poll(self, client: str, wait_s: float) -> dict[str, Any]:
+        resp = self.http.get(
+            f"/v1/clients/{client}/notice", params={"wait_s": wait_s}, headers=self.auth(client)
+        )
+        assert resp.status_code == 200, resp.text
+        return dict(resp.json())
 
     def stored_updates(self) -> tuple[list[str], list[str]]:
         blobs = self.svc.blobs.list("updates/")
@@ -293,6 +300,29 @@ def test_poll_download_and_upload_store_the_update_like_the_sim_client(harness: 
     h.svc.table.put(state.METRICS, state.round_key(2), {"round": 2})  # the last round is done
     done = h.http.get(f"/v1/clients/{alice}/notice", params={"wait_s": 5}, headers=h.auth(alice))
     assert done.json() == {"status": "finished"}
+
+
+def test_a_client_that_registers_again_gets_the_notice_it_had_lost_at_once(
+    harness: Harness,
+) -> None:
+    """A client process that restarts mid-round lost the notice it had received, which
+    stays invisible for the round's deadline: registering again sends it anew."""
+    h = harness
+    alice, bob = h.register(client_id="alice"), h.register(client_id="bob")
+    h.open_round(1, [alice])
+    first = h.poll(alice, 5)
+    assert first["status"] == "round" and first["round"] == 1
+    assert h.poll(alice, 0.2) == {"status": "waiting"}  # in flight: the restart lost it
+    assert h.register(alice) == alice  # as itself, with its own credential
+    again = h.poll(alice, 5)
+    assert again["status"] == "round" and again["round"] == 1
+    assert again["receipt"] != first["receipt"]
+    assert h.register(bob) == bob and h.poll(bob, 0.2) == {"status": "waiting"}  # not selected
+    headers = {**h.auth(alice), "X-Strato-Receipt": again["receipt"],
+               "X-Strato-Num-Examples": "100"}  # fmt: skip
+    resp = h.http.put(again["upload"], content=encode(_model(1)).payload, headers=headers)
+    assert resp.status_code == 201, resp.text
+    assert h.register(alice) == alice and h.poll(alice, 0.2) == {"status": "waiting"}
 
 
 def test_bad_uploads_are_refused_store_nothing_and_the_server_keeps_serving(

@@ -511,8 +511,7 @@ class _Agent:
         the round's notice again and a simulated one is started."""
         for upload in self.svc.table.query(state.UPDATES, f"{state.round_key(r)}/{client}/"):
             self.svc.table.delete(state.UPDATES, upload.key)
-        notice = json.dumps({"round": r, "model_key": state.model_key(r - 1)})
-        self.svc.bus.publish(state.TOPIC, notice, {"client": client, "round": str(r)})
+        state.send_notice(self.svc.bus, r, client)
         if self.job.get("simulate", True) and self.invoke is not None:
             self.invoke("client", {"client": client})
 

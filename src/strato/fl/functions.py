@@ -6,7 +6,6 @@ Each opens the run's services from its environment, keeps what is costly to rebu
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -76,9 +75,8 @@ def start_round(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
         state.cas_update(
             svc.table, state.ROUNDS, state.round_key(r), lambda v: {**v, "token": token}
         )
-    notice = json.dumps({"round": r, "model_key": state.model_key(r - 1)})
     for c in selected:
-        svc.bus.publish(state.TOPIC, notice, {"client": c, "round": str(r)})
+        state.send_notice(svc.bus, r, c)
     if simulate:
         for c in selected:
             ctx.invoke_async("client", {"client": c})

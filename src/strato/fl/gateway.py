@@ -300,6 +300,7 @@ class Gateway:
             if client is not None and (item := table.get(state.CLIENTS, client)) is not None:
                 if caller is None:
                     raise HttpError(409, f"client id {client!r} is taken")
+                self._notify_again(client)
                 return {"client": client, **item.value}, False
             if caller is None and client is not None and self._reserved(client):
                 raise HttpError(409, f"client id {client!r} is taken")
@@ -325,6 +326,18 @@ class Gateway:
             register_client(self.svc, client, info)
             _log.info("gateway: client %s registered", client)
             return {"client": client, **info, **shown}, True
+
+    def _notify_again(self, client: str) -> None:
+        """A client registering again (its process restarted) may have lost a notice it
+        had received: that notice stays invisible until its visibility timeout, past the
+        round's deadline. It gets the notice of each open round it owes an update to
+        again; the old one, once visible, is stale and dropped."""
+        for item in self.svc.table.query(state.ROUNDS):
+            r = int(item.value["round"])
+            if item.value.get("status") == "open" and self._refusal(r, client) is None:
+                state.send_notice(self.svc.bus, r, client)
+                _log.info("gateway: client %s registered again: round %d's notice sent again",
+                          client, r)  # fmt: skip
 
     def _reserved(self, name: str) -> bool:
         return self.clients_file is not None and name in self.clients_file.clients()

@@ -255,25 +255,29 @@ def _loop(
         try:
             notice = api.next_notice(client, opts.wait_s)
         except ServerUnreachable:
-            # The server may be restarting (strato serve --resume): retry for a while.
-            down_since = down_since or time.monotonic()
-            if time.monotonic() - down_since > opts.reconnect_s:
-                raise
+            notice = {"status": "unreachable"}
+        status = notice.get("status")
+        if status in ("closing", "unreachable"):
+            # The server stopped or went away; it may be resumed (strato serve --resume)
+            # on the same address: wait for it a while before giving up.
+            if not down_since:
+                down_since = time.monotonic()
+                _say(f"client {client}: the server "
+                     + ("stopped" if status == "closing" else "cannot be reached")
+                     + f"; waiting up to {opts.reconnect_s:.0f} s for it to come back")
+            elif time.monotonic() - down_since > opts.reconnect_s:
+                raise StratoError("the server stopped before the job finished")
             time.sleep(1.0)
             continue
         down_since = 0.0
-        status = notice.get("status")
         if status == "finished":
             _say(f"client {client}: the job is finished")
             break
-        if status == "closing":
-            raise StratoError("the server stopped before the job finished")
         if status != "round":
             continue
         try:
-            _train_and_upload(api, trainer, layout, client, notice, data)
-        except ServerUnreachable:  # gone while we trained: back to polling, which retries
-            down_since = time.monotonic()
+            _train_and_upload(api, trainer, layout, client, notice, data, opts.reconnect_s)
+        except ServerUnreachable:  # gone longer than we wait: back to polling, which waits
             continue
         trained += 1
     return trained
@@ -286,6 +290,7 @@ def _train_and_upload(
     client: str,
     notice: dict[str, Any],
     data: Dataset,
+    reconnect_s: float,
 ) -> None:
     r = int(notice["round"])
     payload = api.download(str(notice["model"]))
@@ -297,14 +302,27 @@ def _train_and_upload(
         "X-Strato-Train-S": f"{train_s:.4f}",
         "X-Strato-Metrics": json.dumps(metrics),
     }
-    resp = api.upload(str(notice["upload"]), encoded.payload, headers)
+    def send() -> httpx.Response:
+        # A server restarting (strato serve --resume) keeps the round and this notice's
+        # receipt: the update is sent again once it is back, rather than lost.
+        down_since = 0.0
+        while True:
+            try:
+                return api.upload(str(notice["upload"]), encoded.payload, headers)
+            except ServerUnreachable:
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > reconnect_s:
+                    raise
+                time.sleep(1.0)
+
+    resp = send()
     for wait in _FULL_RETRY_S:  # the server's disk or memory is full: room may come back
         if resp.status_code not in (503, 507):
             break
         _say(f"client {client}: round {r}: the server is full ({_error_text(resp)}); "
              f"sending again in {wait:.0f} s")  # fmt: skip
         time.sleep(wait)
-        resp = api.upload(str(notice["upload"]), encoded.payload, headers)
+        resp = send()
     if resp.status_code == 409:  # the round closed meanwhile, or a retried upload landed
         _say(f"client {client}: round {r}: update not taken: {_error_text(resp)}")
         return

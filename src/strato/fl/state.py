@@ -8,12 +8,14 @@ a killed coordinator be resumed.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 from strato.errors import ConditionFailed, NotFound, StratoError, disk_full
+from strato.services.bus import Bus
 from strato.services.table import Item, Table
 
 __all__ = [
@@ -68,6 +70,12 @@ def model_key(r: int) -> str:
 
 def client_queue(client: str) -> str:
     return f"client-{client}"
+
+
+def send_notice(bus: Bus, r: int, client: str) -> None:
+    """Tell ``client`` that round ``r``'s model is ready (on the global-model-ready topic)."""
+    notice = json.dumps({"round": r, "model_key": model_key(r - 1)})
+    bus.publish(TOPIC, notice, {"client": client, "round": str(r)})
 
 
 def cas_update(
