@@ -39,6 +39,12 @@ The faults (``--kinds``):
                        to the last byte; once the run has stopped (or after 60 s) the
                        filler is deleted, as a user freeing space would, and the run
                        is resumed if it did not finish (needs root, for the mount)
+``serve-kill``         SIGINT, SIGTERM or SIGKILL (drawn) of ``strato serve``, whose six
+                       clients are ``strato client`` processes, each with a credential
+                       of its own; the server is resumed (``strato serve --resume OUT``
+                       on the same port) and the clients go on as they are (one that
+                       gave up waiting is started again, as a user would); the
+                       reference is an uninterrupted ``strato serve`` run
 =====================  ===============================================================
 
 Prints a table, writes JSON (``--json``). ``--quick``: 20 trials; the full campaign
@@ -100,6 +106,7 @@ KINDS = (
     "bus-redelivery",
     "torn-blob",
     "disk-full",
+    "serve-kill",
 )
 DISK_MB = 64
 FULL_FOR_S = 60.0  # the longest a disk stays full while the run keeps going
@@ -126,9 +133,10 @@ def _env() -> dict[str, str]:
 
 
 def start_run(args: list[str], log_file: Path) -> subprocess.Popen[bytes]:
+    """``strato ARGS`` (``run …``, ``serve …``, ``client …``), its output in ``log_file``."""
     with log_file.open("ab") as f:
         return subprocess.Popen(
-            [sys.executable, "-m", "strato.cli", "run", *args],
+            [sys.executable, "-m", "strato.cli", *args],
             env=_env(), stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
 
@@ -242,14 +250,16 @@ def inject(kind: str, proc: subprocess.Popen[bytes], out: Path, moment: float) -
         time.sleep(0.005)
     if proc.poll() is not None and kind.startswith(("aggregator", "client", "torn")):
         return "the run had ended"
-    if kind.startswith("run-") or kind in ("stream-redelivery", "bus-redelivery"):
+    if kind.startswith("run-") or kind in ("stream-redelivery", "bus-redelivery", "serve-kill"):
         sig = {"run-sigint": signal.SIGINT, "run-sigterm": signal.SIGTERM}.get(
             kind, signal.SIGKILL
         )
+        if kind == "serve-kill":
+            sig = random.choice((signal.SIGINT, signal.SIGTERM, signal.SIGKILL))
         if proc.poll() is not None:
             return "the run had ended"
         proc.send_signal(sig)
-        return f"signal {sig.name} to the run"
+        return f"signal {sig.name} to " + ("strato serve" if kind == "serve-kill" else "the run")
     if kind.startswith(("aggregator", "client")):
         function = "aggregate" if kind.startswith("aggregator") else "client"
         pid = _victim(out, function, time.monotonic() + 10)
@@ -319,13 +329,113 @@ def _fill(out: Path) -> int:
     return written
 
 
-def trial(app: Path, where: Path, kind: str, moment: float) -> dict[str, Any]:
+CLIENTS = 6  # the job's clients; a serve trial runs each as a `strato client`
+CLIENT_RESTARTS = 5
+
+
+class Serving:
+    """A `strato serve` trial's set-up: a credential per client, a port per trial."""
+
+    def __init__(self, work: Path) -> None:
+        self.dir = _mk(work / "serving")
+        self.clients_file = self.dir / "clients.json"
+        self.clients_file.unlink(missing_ok=True)
+        for i in range(CLIENTS):
+            issued = subprocess.run(
+                [sys.executable, "-m", "strato.cli", "token", "issue", f"edge-{i}",
+                 "--clients-file", str(self.clients_file)],
+                env=_env(), capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            token = self.dir / f"edge-{i}.token"
+            token.write_text(issued.stdout)
+            token.chmod(0o600)
+        self.port = 0
+
+    def new_port(self) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+
+    def where(self) -> list[str]:
+        return ["--port", str(self.port), "--clients-file", str(self.clients_file)]
+
+    def first(self, app: Path, out: Path) -> list[str]:
+        return ["serve", str(app), "--out", str(out), *self.where(),
+                "--min-clients", str(CLIENTS)]  # fmt: skip
+
+    def client(self, app: Path, i: int) -> list[str]:
+        return ["client", str(app), "--server", f"http://127.0.0.1:{self.port}",
+                "--token-file", str(self.dir / f"edge-{i}.token"),
+                "--partition-index", str(i)]  # fmt: skip
+
+
+class Clients:
+    """The serve trial's remote clients, tended as a user would: a client that gave up
+    (the server was away longer than it retries) is started again, until the job ends."""
+
+    def __init__(self, serving: Serving, app: Path, out: Path, log_file: Path) -> None:
+        import threading
+
+        self.serving, self.app, self.out, self.log_file = serving, app, out, log_file
+        self.procs = [start_run(serving.client(app, i), log_file) for i in range(CLIENTS)]
+        self.restarts = 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._tend, daemon=True)
+        self.thread.start()
+
+    def _tend(self) -> None:
+        while not self.done.wait(0.5):
+            if (self.out / "summary.json").exists():
+                return
+            for i, proc in enumerate(self.procs):
+                code = proc.poll()
+                if code not in (None, 0) and self.restarts < CLIENT_RESTARTS * CLIENTS:
+                    self.restarts += 1
+                    self.procs[i] = start_run(self.serving.client(self.app, i), self.log_file)
+
+    def stop(self, timeout: float) -> int:
+        """Wait for the clients to hear the job finished; returns how many had to be killed."""
+        self.done.set()
+        self.thread.join()
+        deadline = time.monotonic() + timeout
+        killed = 0
+        for proc in self.procs:
+            if _wait(proc, max(0.0, deadline - time.monotonic())) is None:
+                proc.kill()
+                proc.wait()
+                killed += 1
+        return killed
+
+
+def _finish(proc: subprocess.Popen[bytes]) -> bool:
+    """Wait for ``proc`` up to the run timeout; True when it hung (and was killed)."""
+    if _wait(proc, RUN_TIMEOUT_S) is not None:
+        return False
+    proc.kill()
+    proc.wait()
+    return True
+
+
+def trial(app: Path, where: Path, kind: str | None, moment: float,
+          serving: Serving | None = None) -> dict[str, Any]:
+    """One run with the fault ``kind`` at ``moment`` (None: the uninterrupted reference),
+    resumed until it finishes; with ``serving``, a `strato serve` run and its clients."""
     out = where / "out"
     log_file = where / "run.log"
     if kind == "disk-full":
         _mount_small_disk(out)
-    proc = start_run([str(app), "--out", str(out)], log_file)
-    injected = inject(kind, proc, out, moment)
+    if serving is not None:
+        serving.new_port()
+        first = serving.first(app, out)
+        resume = ["serve", "--resume", str(out), *serving.where()]
+    else:
+        first = ["run", str(app), "--out", str(out)]
+        resume = ["run", "--resume", str(out)]
+    proc = start_run(first, log_file)
+    clients = None if serving is None else Clients(serving, app, out, where / "clients.log")
+    injected = "nothing" if kind is None else inject(kind, proc, out, moment)
     code = _wait(proc, RUN_TIMEOUT_S)
     hung = code is None
     if hung:
@@ -342,24 +452,19 @@ def trial(app: Path, where: Path, kind: str, moment: float) -> dict[str, Any]:
             injected += f"; {_redeliver_notices(out)} notice(s) visible again"
         resumes += 1
         seen = log_file.stat().st_size
-        resumed = start_run(["--resume", str(out)], log_file)
-        if _wait(resumed, RUN_TIMEOUT_S) is None:
-            hung = True
-            resumed.kill()
-            resumed.wait()
+        hung |= _finish(start_run(resume, log_file))
         said = log_file.read_bytes()[seen:].decode(errors="replace")
         if "nothing of it was started" in said and not restarted:
             # Killed before it could note anything (its first ~50 ms): the product says
             # to start it again with the first command, as a user then does.
             restarted = True
-            again = start_run([str(app), "--out", str(out)], log_file)
-            if _wait(again, RUN_TIMEOUT_S) is None:
-                hung = True
-                again.kill()
-                again.wait()
+            hung |= _finish(start_run(first, log_file))
     record: dict[str, Any] = {"kind": kind, "moment_s": round(moment, 3), "injected": injected,
                               "exit": code, "resumes": resumes, "restarted": restarted,
                               "hung": hung}  # fmt: skip
+    if clients is not None:
+        record["clients_killed"] = clients.stop(60.0)
+        record["client_restarts"] = clients.restarts
     deadline = time.monotonic() + 30
     while workers(out) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -468,17 +573,21 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     app = make_app(work)
 
-    log("reference: one uninterrupted run")
-    ref_dir = work / "reference"
-    _clean(ref_dir)
-    started = time.monotonic()
-    proc = start_run([str(app), "--out", str(ref_dir / "out")], _mk(ref_dir) / "run.log")
-    if _wait(proc, RUN_TIMEOUT_S) != 0:
-        log((ref_dir / "run.log").read_text())
-        return 1
-    ref_wall = time.monotonic() - started
-    ref = outcome(ref_dir / "out")
-    log(f"reference: {ref_wall:.1f} s, {ref['updates_accepted']} updates accepted")
+    serving = Serving(work) if "serve-kill" in kinds else None
+    refs: dict[str, dict[str, Any]] = {}
+    walls: dict[str, float] = {}
+    for how in ("run", "serve") if serving is not None else ("run",):
+        log(f"reference: one uninterrupted `strato {how}`")
+        ref_dir = work / f"reference-{how}"
+        _clean(ref_dir)
+        started = time.monotonic()
+        done = trial(app, _mk(ref_dir), None, 0.0, serving if how == "serve" else None)
+        walls[how] = time.monotonic() - started
+        if not done["finished"] or done["exit"] != 0 or done["hung"]:
+            log((ref_dir / "run.log").read_text())
+            return 1
+        refs[how] = done["got"]
+        log(f"reference: {walls[how]:.1f} s, {refs[how]['updates_accepted']} updates accepted")
 
     records = []
     shm_before = shm_leftovers()
@@ -486,12 +595,15 @@ def main(argv: list[str] | None = None) -> int:
         kind = kinds[i % len(kinds)]
         where = work / f"trial-{i:04d}"
         t0 = time.monotonic()
+        how = "serve" if kind == "serve-kill" else "run"
+        wall = walls[how]
         for _draw in range(5):  # a moment past the run's end injects nothing: draw again
-            moment = random.uniform(0.0, min(ref_wall, args.max_moment or ref_wall))
+            moment = random.uniform(0.0, min(wall, args.max_moment or wall))
             _clean(where)
             _mk(where)
             try:
-                record = judge(trial(app, where, kind, moment), ref, shm_before)
+                done = trial(app, where, kind, moment, serving if how == "serve" else None)
+                record = judge(done, refs[how], shm_before)
             except Exception as exc:  # the campaign's own failure: this trial fails, not all
                 record = _harness_failure(kind, moment, exc, where)
             if record["fault_injected"]:
@@ -507,8 +619,8 @@ def main(argv: list[str] | None = None) -> int:
         if record["passed"]:
             _clean(where)  # keep the failures to look at
         if args.json and i + 1 < trials:  # a campaign stopped early keeps what it found
-            write_results(Path(args.json), result_of(records, trials, args, ref_wall, argv))
-    result = result_of(records, trials, args, ref_wall, argv)
+            write_results(Path(args.json), result_of(records, trials, args, walls, argv))
+    result = result_of(records, trials, args, walls, argv)
     print(table(result))
     if args.json:
         write_results(Path(args.json), result)
@@ -516,13 +628,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def result_of(records: list[dict[str, Any]], planned: int, args: argparse.Namespace,
-              ref_wall: float, argv: list[str] | None) -> dict[str, Any]:
+              walls: dict[str, float], argv: list[str] | None) -> dict[str, Any]:
     return {
         "command": "python benchmarks/faults.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "seed": args.seed,
         "max_moment_s": args.max_moment,
-        "reference_wall_s": round(ref_wall, 2),
+        "reference_wall_s": round(walls["run"], 2),
+        "reference_wall_s_serve": round(walls["serve"], 2) if "serve" in walls else None,
         "trials_planned": planned,
         "complete": len(records) == planned,
         **summarise(records),
