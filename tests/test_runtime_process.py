@@ -77,7 +77,11 @@ def test_worker_started_from_a_finished_thread_survives(runtime: ProcessRuntime)
     assert runtime.invoke("echo", {})["pid"] == pids[0]
 
 
-def test_workers_die_with_a_sigkilled_parent(tmp_path: Path) -> None:
+def test_workers_die_with_a_sigkilled_parent_and_leave_no_shared_memory(
+    tmp_path: Path,
+) -> None:
+    """The busy worker holds a shared-memory segment: it unlinks it as it dies (the
+    parent's death reaches it as a SIGTERM), before any later process could sweep it."""
     pid_file = tmp_path / "busy-pid"
     script = textwrap.dedent(
         f"""
@@ -88,7 +92,8 @@ def test_workers_die_with_a_sigkilled_parent(tmp_path: Path) -> None:
         env = {{"PYTHONPATH": {HANDLERS_DIR!r}}}
         rt.register(FunctionSpec("echo", "runtime_handlers:echo", env=env))
         rt.register(FunctionSpec("nap", "runtime_handlers:nap", env=env))
-        rt.invoke_async("nap", {{"seconds": 60, "pid_file": {str(pid_file)!r}}})
+        rt.invoke_async("nap", {{"seconds": 60, "pid_file": {str(pid_file)!r},
+                                 "lease_bytes": 4096}})
         print(rt.invoke("echo", {{}})["pid"], flush=True)
         sys.stdin.read()  # wait to be killed
         """
@@ -103,10 +108,13 @@ def test_workers_die_with_a_sigkilled_parent(tmp_path: Path) -> None:
         time.sleep(0.02)
     busy_pid = int(pid_file.read_text())
     assert alive(idle_pid) and alive(busy_pid)
+    held = [n for n in os.listdir("/dev/shm") if n.startswith(f"strato-{busy_pid}-")]
+    assert len(held) == 1
     parent.kill()
     parent.communicate(timeout=30)
     assert wait_gone(idle_pid), "an idle worker outlived its SIGKILLed parent"
     assert wait_gone(busy_pid), "a busy worker outlived its SIGKILLed parent"
+    assert not os.path.exists(f"/dev/shm/{held[0]}"), "the dead worker's segment is left"
 
 
 def test_closed_runtime_refuses_work(runtime: ProcessRuntime) -> None:

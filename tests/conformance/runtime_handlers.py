@@ -30,8 +30,17 @@ def echo(event: Any, ctx: Any) -> dict[str, Any]:
     }
 
 
+held: list[Any] = []  # shared-memory leases a nap holds (kept past the invocation)
+
+
 def nap(event: Any, ctx: Any) -> dict[str, Any]:
-    """Sleep; optionally write the pid first so a test can find (and kill) the worker."""
+    """Sleep; optionally hold a shared-memory lease, and write the pid first so a test
+    can find (and kill) the worker."""
+    if event.get("lease_bytes"):
+        from strato.services.shm import ShmPool
+
+        pool = ShmPool()
+        held.extend([pool, pool.lease(int(event["lease_bytes"]))])
     if "pid_file" in event:
         Path(event["pid_file"]).write_text(str(os.getpid()))
     start = time.time()

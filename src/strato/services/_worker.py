@@ -13,7 +13,10 @@ PARENT_PID`` with pipes on stdin/stdout that carry JSON frames (``_frames``):
 
 The worker exits when its stdin hits EOF, and dies with its parent (PR_SET_PDEATHSIG
 on Linux, plus a watchdog that notices being re-parented), so no worker outlives the
-run that started it.
+run that started it. The parent's death is a SIGTERM, not a SIGKILL: the worker's
+shared-memory guard unlinks the segments it made before it dies, so a run killed
+outright (or a SIGTERM to all of its processes at once, as a service manager sends)
+leaves nothing in /dev/shm; the watchdog's exit unlinks them too.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from strato.services import _frames
+from strato.services._shm_lifetime import unlink_created
 
 _PR_SET_PDEATHSIG = 1
 
@@ -39,7 +43,7 @@ def _die_with_parent(parent_pid: int) -> None:
             import ctypes
 
             libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         except (OSError, AttributeError):
             pass  # the watchdog below still catches the parent's death
 
@@ -48,6 +52,7 @@ def _die_with_parent(parent_pid: int) -> None:
         # being re-parented is the portable sign that the parent is gone.
         while os.getppid() == parent_pid:
             time.sleep(0.5)
+        unlink_created()
         os._exit(1)
 
     if os.getppid() != parent_pid:
