@@ -26,7 +26,10 @@ The faults (``--kinds``):
 ``run-sigint``         Ctrl-C of the run process
 ``run-sigterm``        SIGTERM of the run process
 ``run-sigkill``        SIGKILL of the run process
-``aggregator-sigkill`` SIGKILL of the aggregator's worker process
+``all-sigterm``        SIGTERM to the run process and all of its workers at once (as a
+                       service manager stops a service)
+``aggregator-sigkill`` SIGKILL of the aggregator's worker process (it hosts the node's
+                       dispatcher thread: this is also the dispatcher's fault)
 ``aggregator-sigterm`` SIGTERM of the aggregator's worker process
 ``client-sigkill``     SIGKILL of a simulated client's worker process
 ``stream-redelivery``  SIGKILL of the run, then its update stream's checkpoint is lost:
@@ -54,6 +57,7 @@ is ``--trials 200``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -99,6 +103,7 @@ KINDS = (
     "run-sigint",
     "run-sigterm",
     "run-sigkill",
+    "all-sigterm",
     "aggregator-sigkill",
     "aggregator-sigterm",
     "client-sigkill",
@@ -260,6 +265,14 @@ def inject(kind: str, proc: subprocess.Popen[bytes], out: Path, moment: float) -
             return "the run had ended"
         proc.send_signal(sig)
         return f"signal {sig.name} to " + ("strato serve" if kind == "serve-kill" else "the run")
+    if kind == "all-sigterm":  # as a service manager stops a run: every process at once
+        if proc.poll() is not None:
+            return "the run had ended"
+        pids = [proc.pid, *workers(out)]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        return f"signal SIGTERM to the run and its {len(pids) - 1} worker(s) at once"
     if kind.startswith(("aggregator", "client")):
         function = "aggregate" if kind.startswith("aggregator") else "client"
         pid = _victim(out, function, time.monotonic() + 10)
@@ -433,6 +446,7 @@ def trial(app: Path, where: Path, kind: str | None, moment: float,
     else:
         first = ["run", str(app), "--out", str(out)]
         resume = ["run", "--resume", str(out)]
+    dead_before = shm_leftovers()
     proc = start_run(first, log_file)
     clients = None if serving is None else Clients(serving, app, out, where / "clients.log")
     injected = "nothing" if kind is None else inject(kind, proc, out, moment)
@@ -441,11 +455,13 @@ def trial(app: Path, where: Path, kind: str | None, moment: float,
     if hung:
         proc.kill()
         proc.wait()
-    resumes, restarted = 0, False
+    resumes, restarted, shm_stopped = 0, False, 0
     while not (out / "summary.json").exists() and resumes < RESUMES:
         deadline = time.monotonic() + 30
         while workers(out) and time.monotonic() < deadline:  # the killed run's workers go
             time.sleep(0.05)
+        if resumes == 0:  # what the stopped run left before any later process swept it
+            shm_stopped = len(shm_leftovers() - dead_before)
         if kind == "stream-redelivery" and resumes == 0 and (out / "services").exists():
             _lose_checkpoint(out)
         if kind == "bus-redelivery" and resumes == 0:
@@ -461,7 +477,7 @@ def trial(app: Path, where: Path, kind: str | None, moment: float,
             hung |= _finish(start_run(first, log_file))
     record: dict[str, Any] = {"kind": kind, "moment_s": round(moment, 3), "injected": injected,
                               "exit": code, "resumes": resumes, "restarted": restarted,
-                              "hung": hung}  # fmt: skip
+                              "hung": hung, "shm_left_by_stopped_run": shm_stopped}  # fmt: skip
     if clients is not None:
         record["clients_killed"] = clients.stop(60.0)
         record["client_restarts"] = clients.restarts
@@ -536,6 +552,9 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
             # worker or blob of the kind yet): they passed, but nothing was injected
             "without_fault": sum(not r["fault_injected"] for r in rs),
             "workers_left": sum(r["workers_left"] for r in rs),
+            # segments a stopped run left in /dev/shm until its resume swept them (not a
+            # failure: the resume cleans up; a run never resumed would leave them)
+            "shm_left_by_stopped_run": sum(r.get("shm_left_by_stopped_run", 0) for r in rs),
         }
 
     kinds = sorted({r["kind"] for r in records})
