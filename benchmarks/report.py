@@ -525,12 +525,13 @@ def ray_scale() -> str:
 def _faults(name: str) -> str:
     d = _load("faults", name)
     cols = ("trials", "passed", "lost_updates", "double_counted", "diverged",
-            "shm_leftovers", "unfinished", "hung", "without_fault")
+            "shm_leftovers", "unfinished", "hung", "without_fault", "shm_left_by_stopped_run")
     cols = tuple(c for c in cols if c in d)  # (campaigns before "hung" was counted)
     stopped = ("" if d.get("complete", True) else
                f"; **stopped after {d['trials']} of {d['trials_planned']} trials**")
+    serve = d.get("reference_wall_s_serve")
     lines = [f"{d['date'][:10]}: `{d['command']}` (reference run {d['reference_wall_s']} s"
-             f"{stopped})",
+             + (f", `strato serve` reference {serve} s" if serve else "") + f"{stopped})",
              "", "| fault | " + " | ".join(cols) + " |", "|---" + "|---:" * len(cols) + "|"]
     for kind, row in d["per_kind"].items():
         lines.append(_row([kind, *(str(row[c]) for c in cols)]))
