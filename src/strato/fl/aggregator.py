@@ -733,11 +733,12 @@ class _Agent:
         return final.value
 
     def _forget_updates(self, r: int) -> None:
-        """``[job] keep_rounds = K``: once round r's model is written, the update blobs of
-        round r - K are not needed any more (their records stay: who sent what, how big),
-        nor is round r - K's model (with its CS download and strategy state: round r's
-        are what a resumed run goes on from; the initial model is kept); without it
-        every round's updates and models are kept."""
+        """``[job] keep_rounds = K``: once round r's model is written, round r - K's
+        updates are not needed any more: their blobs, their records and acceptances
+        (round r - K's metrics record sums them up: counts, bytes; refusals stay, with
+        their reasons), nor is round r - K's model (with its CS download and strategy
+        state: round r's are what a resumed run goes on from; the initial model is
+        kept); without it every round's updates and models are kept."""
         keep = int(self.job["config"].get("keep_rounds", 0))
         old = r - keep
         if keep <= 0 or old < 1:
@@ -747,6 +748,12 @@ class _Agent:
                     download_key(model), _strategy_key(old)]:  # fmt: skip
             with contextlib.suppress(StratoError):  # best effort: a miss only costs disk
                 self.svc.blobs.delete(key)
+        if self.svc.table.get(state.METRICS, state.round_key(old)) is None:
+            return  # not summed up yet (cannot happen for K >= 1): keep the records
+        for table in (state.UPDATES, state.ACCEPTED):
+            for item in self.svc.table.query(table, state.round_key(old) + "/"):
+                with contextlib.suppress(StratoError):
+                    self.svc.table.delete(table, item.key)
 
     def _previous_model(self, r: int) -> Params:
         """Round r's input model: the one this worker wrote last round (still in its
