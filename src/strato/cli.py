@@ -350,7 +350,8 @@ def _job_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--clients-per-round", type=int)
     cmd.add_argument(
         "--keep-rounds", type=int, metavar="K",
-        help="keep only the last K rounds' update blobs and models (default: all)",
+        help="keep only the last K rounds' updates (blobs, records, stream) and models; "
+        "older rounds live on in their metrics (default: keep all)",
     )  # fmt: skip
     cmd.add_argument(
         "--max-update-norm", type=float, metavar="K",

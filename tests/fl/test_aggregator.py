@@ -257,3 +257,25 @@ def test_an_all_zeros_update_is_clipped_by_the_norm_bound(svc: Services) -> None
     # each of four equal weights moves the mean at most limit / 4 from g
     assert float(np.linalg.norm(model - g)) <= bound["limit"] + 1e-5
     assert float(np.abs(model - g).max()) < 0.5  # FedAvg alone: 1.25 below g everywhere
+
+
+def test_an_update_damaged_on_disk_is_made_again_not_lost(svc: Services) -> None:
+    """A stored update cut short after its upload was checked (the storage's fault, not
+    the client's): refused with the reason, and its client gets the round's notice again."""
+    _upload(svc, "a", np.ones(9))
+    path, _offset, _length = svc.blobs.locate("updates/1/a-x")  # type: ignore[attr-defined]
+    with open(path, "r+b") as f:
+        f.truncate(Path(path).stat().st_size // 2)
+    counts = aggregator.admit_batch(svc, _stream(svc))
+    assert counts["accepted"] == 0 and counts["rejected"] == 1
+    assert _reasons(svc) == [aggregator.CORRUPT]
+    assert svc.table.get(state.ACCEPTED, state.accepted_key(1, "a")) is None
+    assert svc.table.query(state.UPDATES, state.round_key(1) + "/a/") == []  # may send again
+    [notice] = svc.bus.receive(state.client_queue("a"), 10, 0.0)
+    assert notice.attributes["round"] == "1"
+    # made again, it is taken like any other
+    before = len(_stream(svc))
+    for c, v in (("a", 1.0), ("b", 2.0), ("c", 3.0)):
+        _upload(svc, c, np.full(9, v), nonce="again")
+    assert aggregator.admit_batch(svc, _stream(svc)[before:])["accepted"] == 3
+    np.testing.assert_allclose(decode(svc.blobs.get(state.model_key(1))).flat(), 2.0, rtol=1e-6)

@@ -59,14 +59,16 @@ def test_run_writes_summary_metrics_and_curves(tmp_path: Path) -> None:
     assert strato_workers(out) == []
     assert shm_segments() <= before
     # --keep-rounds 1: once a round's model is written, the round before it has no
-    # update blobs left; the records of who sent what stay
+    # update blobs left, nor records of its updates (its metrics sum them up)
     kept = sorted(p.parent.name for p in (out / "services/blobs/updates").rglob("*-*"))
     assert set(kept) == {state.round_key(3)} and len(kept) == 3, kept
     # ... nor its model: the initial one and the last are kept
     models = sorted(p.name for p in (out / "services/blobs/models").iterdir())
     assert models == [Path(state.model_key(0)).name, Path(state.model_key(3)).name], models
     with embedded(out / "services") as svc:
-        assert len(svc.table.query(state.UPDATES)) == 9
+        for table in (state.UPDATES, state.ACCEPTED):
+            keys = [i.key for i in svc.table.query(table)]
+            assert len(keys) == 3 and {k[:5] for k in keys} == {state.round_key(3)}, keys
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]

@@ -92,6 +92,26 @@ def test_records_arrive_in_order_and_a_failed_batch_is_delivered_again(svc: Serv
     assert again.events == []
 
 
+def test_a_trigger_that_retains_n_records_trims_the_stream_behind_its_checkpoint(
+    svc: Services,
+) -> None:
+    runtime = Recorder()
+    trigger = StreamTrigger(svc.table, "t", runtime, "f", batch_size=2, retain=3)
+    left = []
+    for i in range(20):
+        svc.table.put("t", f"k{i}", {"i": i})
+        if i % 2:
+            assert trigger.poll_once() == 2
+            left.append(len(svc.table.read_stream("t", limit=1000)))
+    assert runtime.keys() == [f"k{i}" for i in range(20)]  # every record delivered once
+    # once more than 2 x 3 gathered, trimmed to the whole batches that keep 3 or more
+    assert left == [2, 4, 6, *[4, 6] * 3, 4], left
+    assert [c.key for c in svc.table.read_stream("t", limit=1000)] == ["k16", "k17", "k18", "k19"]
+    # without retain, the whole stream stays
+    StreamTrigger(svc.table, "t", Recorder(), "g").poll_once()
+    assert len(svc.table.read_stream("t", limit=1000)) == left[-1]
+
+
 @linux_only
 def test_an_idle_trigger_does_not_poll_and_a_write_from_another_process_wakes_it(
     svc: Services, tmp_path: Path

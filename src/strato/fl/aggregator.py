@@ -93,6 +93,9 @@ KEEP_ALIVE_S = 120.0  # an aggregator idle this long ends (scale to zero)
 ROUND_TIMEOUT_S = 600.0
 NONFINITE = "update holds NaN or Inf values"
 LOST = "update lost with the node it lay on; its client trains again: node"
+# A stored update found cut short or damaged when read (its upload was checked whole):
+# the storage's fault, not the client's, so the client trains again, as for a lost one.
+CORRUPT = "update blob damaged on disk; its client trains again"
 LEAF_ATTEMPTS = 4  # times an update goes to a leaf whose worker lost it before it is made again
 
 # Warm state of this worker: the agent (engine, autoscaler state, the open round).
@@ -124,7 +127,7 @@ class _Open:
     at_leaf: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     to_send: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     leaf_bad: dict[str, str] = field(default_factory=dict)  # clients a leaf left out: why
-    lost_at_leaf: list[tuple[str, str]] = field(default_factory=list)  # (client, node)
+    lost_at_leaf: list[tuple[str, str]] = field(default_factory=list)  # (client, reason)
     targets: dict[str, str] = field(default_factory=dict)  # node -> where its updates go
     landing: dict[str, int] = field(default_factory=dict)  # node -> updates lying there
     partials: list[str] = field(default_factory=list)  # the leaves' partial blobs
@@ -340,8 +343,8 @@ class _Agent:
             layout, _meta, start = read_header(view)
         except NotFound:
             return "update blob is missing"
-        except CorruptBlob as exc:
-            return f"update blob is unreadable: {exc}"
+        except CorruptBlob:
+            return CORRUPT
         except LayoutError as exc:
             return str(exc)
         except CodecError as exc:
@@ -428,7 +431,7 @@ class _Agent:
                         self._land_partial(opened, node, key)
                     elif not blobs.alive(node):  # type: ignore[attr-defined]
                         del waiting[node]
-                        lost += [(c, node) for c in opened.at_leaf.pop(node, {})]
+                        lost += [(c, f"{LOST} {node[:12]}") for c in opened.at_leaf.pop(node, {})]
                 if waiting:
                     time.sleep(0.02)
             for node, entries in opened.at_leaf.items():  # not added: hand them over again
@@ -436,7 +439,7 @@ class _Agent:
                     entry["gen"] = opened.gen[node]
                     opened.to_send.setdefault(node, []).append(entry)
         for node, entries in opened.at_leaf.items():  # a leaf that never added them: made again
-            lost += [(c, node) for c in entries]
+            lost += [(c, f"{LOST} {node[:12]}") for c in entries]
         opened.at_leaf.clear()
         opened.to_send.clear()
         lost += opened.lost_at_leaf
@@ -460,7 +463,10 @@ class _Agent:
         entries = opened.at_leaf.get(node, {})
         for client in json.loads(meta.get("lost", "[]")):  # its file is gone
             if entries.pop(client, None) is not None:
-                opened.lost_at_leaf.append((client, node))
+                opened.lost_at_leaf.append((client, f"{LOST} {node[:12]}"))
+        for client in json.loads(meta.get("corrupt", "[]")):  # its file is damaged
+            if entries.pop(client, None) is not None:
+                opened.lost_at_leaf.append((client, CORRUPT))
         for client in [*covered, *bad]:
             entries.pop(client, None)
         opened.leaf_bad.update(bad)
@@ -489,17 +495,17 @@ class _Agent:
         opened.handle.arrive("n0", landed, client=f"leaf:{key}", weight=weight)  # type: ignore[arg-type]
 
     def _lose(self, opened: _Open, lost: list[tuple[str, str]]) -> None:
-        """Updates that lay on a node now gone: no longer admitted, and their clients
-        train again (a simulated client's update can be made again, as Ray rebuilds a
-        lost object by running its task again)."""
+        """Updates that lay on a node now gone, or whose file was found damaged: no
+        longer admitted, and their clients train again (a simulated client's update can
+        be made again, as Ray rebuilds a lost object by running its task again)."""
         r = opened.rules.round
         admitted = dict(opened.rules.admitted)
-        for client, node in lost:
+        for client, reason in lost:
             key = admitted.pop(client, None)
             item = self.svc.table.get(state.ACCEPTED, state.accepted_key(r, client))
             if key is None or item is None:
                 continue
-            _reject(self.svc, {**item.value, "round": r}, key, f"{LOST} {node[:12]}")
+            _reject(self.svc, {**item.value, "round": r}, key, reason)
             self.svc.table.delete(state.ACCEPTED, state.accepted_key(r, client))
             state.cas_update(self.svc.table, state.ROUNDS, state.round_key(r),
                              lambda v: {**v, "accepted_count": int(v.get("accepted_count", 0)) - 1})
@@ -618,7 +624,7 @@ class _Agent:
         reason = self._land(opened, act.client, entry["blob"], act.weight)
         if reason:
             self.svc.table.delete(state.ACCEPTED, state.accepted_key(r, act.client))
-            if reason.startswith(LOST):
+            if reason.startswith((LOST, CORRUPT)):
                 self._train_again(r, act.client)
             return reason
         state.cas_update(self.svc.table, state.ROUNDS, state.round_key(r),
@@ -733,11 +739,12 @@ class _Agent:
         return final.value
 
     def _forget_updates(self, r: int) -> None:
-        """``[job] keep_rounds = K``: once round r's model is written, the update blobs of
-        round r - K are not needed any more (their records stay: who sent what, how big),
-        nor is round r - K's model (with its CS download and strategy state: round r's
-        are what a resumed run goes on from; the initial model is kept); without it
-        every round's updates and models are kept."""
+        """``[job] keep_rounds = K``: once round r's model is written, round r - K's
+        updates are not needed any more: their blobs, their records and acceptances
+        (round r - K's metrics record sums them up: counts, bytes; refusals stay, with
+        their reasons), nor is round r - K's model (with its CS download and strategy
+        state: round r's are what a resumed run goes on from; the initial model is
+        kept); without it every round's updates and models are kept."""
         keep = int(self.job["config"].get("keep_rounds", 0))
         old = r - keep
         if keep <= 0 or old < 1:
@@ -747,6 +754,12 @@ class _Agent:
                     download_key(model), _strategy_key(old)]:  # fmt: skip
             with contextlib.suppress(StratoError):  # best effort: a miss only costs disk
                 self.svc.blobs.delete(key)
+        if self.svc.table.get(state.METRICS, state.round_key(old)) is None:
+            return  # not summed up yet (cannot happen for K >= 1): keep the records
+        for table in (state.UPDATES, state.ACCEPTED):
+            for item in self.svc.table.query(table, state.round_key(old) + "/"):
+                with contextlib.suppress(StratoError):
+                    self.svc.table.delete(table, item.key)
 
     def _previous_model(self, r: int) -> Params:
         """Round r's input model: the one this worker wrote last round (still in its
@@ -1029,6 +1042,7 @@ class _Leaf:
         self.clients: list[str] = []
         self.unreadable: dict[str, str] = {}
         self.lost: list[str] = []
+        self.corrupt: list[str] = []
         self.done: list[threading.Event] = []
         self.ref_lease: Any = None  # the round's model in node memory (a norm bound)
 
@@ -1043,7 +1057,8 @@ class _Leaf:
             self.handle = self.cluster.begin_round(r, plan, nbytes=self.layout.nbytes,
                                                    batch=BATCH, acc_dtype=acc,
                                                    dist_ref=dist_ref)
-            self.current, self.clients, self.unreadable, self.lost = (r, tag, gen), [], {}, []
+            self.current, self.clients, self.unreadable = (r, tag, gen), [], {}
+            self.lost, self.corrupt = [], []
         assert self.handle is not None
         for u in updates:
             client, blob = str(u["client"]), str(u["blob"])
@@ -1051,6 +1066,9 @@ class _Leaf:
                 landed = self._landed(blob)
             except NotFound:  # gone (its node's files were removed): made again
                 self.lost.append(client)
+                continue
+            except CorruptBlob:  # damaged on disk: made again too
+                self.corrupt.append(client)
                 continue
             except (StratoError, CodecError) as exc:
                 self.unreadable[client] = f"update blob is unreadable: {exc}"
@@ -1106,6 +1124,7 @@ class _Leaf:
             meta |= {"weight": repr(float(result.weight)) if result.updates else "0",
                      "clients": json.dumps([c for c in self.clients if c not in bad]),
                      "bad": json.dumps(bad), "lost": json.dumps(self.lost),
+                     "corrupt": json.dumps(self.corrupt),
                      "dist": json.dumps(handle.distances())}
             flat = (np.ascontiguousarray(result.array, dtype=np.float32) if result.updates
                     else np.zeros(self.layout.numel, dtype=np.float32))

@@ -9,6 +9,7 @@ round state of its own, so a SIGKILL loses nothing that a resume cannot redo.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -113,7 +114,13 @@ def _open_services(opts: RunOptions) -> Services:
 def _start_trigger(svc: Services, opts: RunOptions) -> Trigger:
     """What wakes the aggregator on the updates stream: the backend's (a poller here,
     or the cloud's own event source mapping)."""
-    return svc.start_trigger(_AGGREGATE_SOURCE)
+    keep = opts.config.keep_rounds
+    if keep <= 0:
+        return svc.start_trigger(_AGGREGATE_SOURCE)
+    # --keep-rounds K: the stream keeps about K rounds of update records behind the
+    # aggregator's checkpoint, and no more (older rounds are summed up in their metrics).
+    retain = max(100, keep * opts.config.clients_per_round)
+    return svc.start_trigger(dataclasses.replace(_AGGREGATE_SOURCE, retain=retain))
 
 
 def _write_usage(svc: Services, opts: RunOptions, meter: Meter) -> None:

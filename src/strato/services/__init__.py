@@ -252,6 +252,7 @@ class Services:
             source.function,
             batch_size=source.batch_size,
             kinds=source.kinds,
+            retain=source.retain,
         )
         return trigger.start()
 

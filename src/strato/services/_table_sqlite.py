@@ -192,6 +192,12 @@ class SqliteTable:
             for seq, key, kind, old, new in rows
         ]
 
+    def trim_stream(self, table: str, upto: str) -> None:
+        seq = _parse_cursor(table, upto)
+        with self._db.write() as conn:
+            self._check_table(conn, table)
+            conn.execute("DELETE FROM stream WHERE tbl = ? AND seq <= ?", (table, seq))
+
     def close(self) -> None:
         self._db.close()
         self._bell.close()

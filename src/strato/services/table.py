@@ -67,4 +67,10 @@ class Table(Protocol):
         """Changes committed after cursor ``after`` (from the start when None), in order."""
         ...
 
+    def trim_stream(self, table: str, upto: str) -> None:
+        """Its readers are past cursor ``upto``: the changes up to it may be dropped (a
+        later ``read_stream`` from the start begins after them; reading from a cursor
+        still works). A backend whose streams expire by themselves may keep them."""
+        ...
+
     def close(self) -> None: ...

@@ -16,6 +16,7 @@ embedded backend, the cloud's own event source mapping on AWS.
 
 from __future__ import annotations
 
+import collections
 import threading
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
@@ -36,13 +37,17 @@ class StreamSource:
     """The change stream of ``table`` invokes ``function`` with batches of its records.
 
     ``kinds``: the change kinds delivered (the others are skipped, as an event source
-    mapping's filter skips them); ``batch_size``: the most records in one invocation.
+    mapping's filter skips them); ``batch_size``: the most records in one invocation;
+    ``retain``: when set, the mapping is the stream's only reader and keeps only that
+    many records behind its checkpoint (the stream is trimmed: its disk stays bounded);
+    None keeps the whole stream.
     """
 
     table: str
     function: str
     kinds: tuple[str, ...] = ("INSERT", "MODIFY", "REMOVE")
     batch_size: int = 100
+    retain: int | None = None
 
 
 class StreamTrigger:
@@ -58,8 +63,12 @@ class StreamTrigger:
         idle_s: float = 1.0,
         on_error: Callable[[Exception], None] | None = None,
         kinds: Collection[str] | None = None,
+        retain: int | None = None,
     ) -> None:
         self.table, self.source, self.runtime, self.function = table, source, runtime, function
+        self.retain = retain
+        self._behind: collections.deque[tuple[str, int]] = collections.deque()  # (cursor, n)
+        self._behind_n = 0  # records delivered and checkpointed, not yet trimmed
         self.batch_size, self.poll_s, self.on_error = batch_size, poll_s, on_error
         self.idle_s = idle_s
         self.kinds = None if kinds is None else frozenset(kinds)
@@ -91,7 +100,24 @@ class StreamTrigger:
         self.table.put(CHECKPOINTS, self.name, {"cursor": changes[-1].cursor})
         self._cursor = changes[-1].cursor
         self.batches += 1
+        if self.retain is not None:
+            self._trim(changes[-1].cursor, len(changes))
         return len(changes)
+
+    def _trim(self, cursor: str, n: int) -> None:
+        """Drop the stream's records more than ``retain`` behind the checkpoint (once
+        twice that many have gathered: one trim per many batches)."""
+        assert self.retain is not None
+        self._behind.append((cursor, n))
+        self._behind_n += n
+        if self._behind_n < 2 * self.retain + 1:
+            return
+        upto = None
+        while self._behind and self._behind_n - self._behind[0][1] >= self.retain:
+            upto, dropped = self._behind.popleft()
+            self._behind_n -= dropped
+        if upto is not None:
+            self.table.trim_stream(self.source, upto)
 
     def _loop(self) -> None:
         listener = self._listener

@@ -246,6 +246,9 @@ class DynamoTable:
             self._stream_arns[table] = arn
         return arn
 
+    def trim_stream(self, table: str, upto: str) -> None:
+        """DynamoDB Streams drop their records after 24 hours by themselves."""
+
     def read_stream(self, table: str, after: str | None = None, limit: int = 100) -> list[Change]:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")

@@ -24,7 +24,7 @@ __all__ = ["StateHost", "serve"]
 
 
 _METHODS = {
-    "table": {"create_table", "put", "get", "query", "delete", "read_stream"},
+    "table": {"create_table", "put", "get", "query", "delete", "read_stream", "trim_stream"},
     "bus": {"create_topic", "subscribe", "unsubscribe", "delete_queue", "publish", "receive",
             "ack"},
     "blobs": {"put", "put_content", "get", "exists", "list", "delete", "locate", "stat"},

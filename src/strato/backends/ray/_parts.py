@@ -66,6 +66,9 @@ class RayTable(_Proxy):
     def read_stream(self, table: str, after: str | None = None, limit: int = 100) -> list[Change]:
         return [Change(**x) for x in self._call("read_stream", table, after, limit)]
 
+    def trim_stream(self, table: str, upto: str) -> None:
+        self._call("trim_stream", table, upto)
+
 
 class RayBus(_Proxy):
     kind = "bus"
