@@ -279,3 +279,30 @@ def test_an_update_damaged_on_disk_is_made_again_not_lost(svc: Services) -> None
         _upload(svc, c, np.full(9, v), nonce="again")
     assert aggregator.admit_batch(svc, _stream(svc)[before:])["accepted"] == 3
     np.testing.assert_allclose(decode(svc.blobs.get(state.model_key(1))).flat(), 2.0, rtol=1e-6)
+
+
+def test_an_accepted_update_damaged_before_a_cold_worker_rebuilds_the_round_is_made_again(
+    svc: Services,
+) -> None:
+    """The worker that accepted it is gone (or failed and dropped its state); the one
+    that rebuilds the round from its acceptances finds the file cut short."""
+    for c, v in (("a", 1.0), ("b", 2.0)):
+        _upload(svc, c, np.full(9, v))
+    assert aggregator.admit_batch(svc, _stream(svc))["accepted"] == 2
+    path, _offset, _length = svc.blobs.locate("updates/1/a-x")  # type: ignore[attr-defined]
+    with open(path, "r+b") as f:
+        f.truncate(Path(path).stat().st_size // 2)
+    aggregator.reset()
+    before = len(_stream(svc))
+    _upload(svc, "c", np.full(9, 3.0))
+    aggregator.admit_batch(svc, _stream(svc)[before:])
+    assert _reasons(svc) == [aggregator.CORRUPT]
+    assert svc.table.get(state.ACCEPTED, state.accepted_key(1, "a")) is None
+    rnd = svc.table.get(state.ROUNDS, state.round_key(1))
+    assert rnd is not None and rnd.value["status"] == "open" and rnd.value["accepted_count"] == 2
+    [notice] = svc.bus.receive(state.client_queue("a"), 10, 0.0)
+    assert notice.attributes["round"] == "1"
+    before = len(_stream(svc))
+    _upload(svc, "a", np.full(9, 1.0), nonce="again")
+    assert aggregator.admit_batch(svc, _stream(svc)[before:])["accepted"] == 1
+    np.testing.assert_allclose(decode(svc.blobs.get(state.model_key(1))).flat(), 2.0, rtol=1e-6)

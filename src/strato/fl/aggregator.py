@@ -211,14 +211,20 @@ class _Agent:
             self._begin(opened)
         else:
             self._begin_sharded(opened)
-        # A cold worker (or a resumed run): what was admitted before goes in again.
+        # A cold worker (or a resumed run): what was admitted before goes in again. One
+        # that cannot be (its file was damaged or lost since) is made again by its client.
+        unusable = []
         for acc in self.svc.table.query(state.ACCEPTED, state.round_key(r) + "/"):
             a = acc.value
             opened.rules = rules.RoundState(
                 r, rules.OPEN, opened.rules.selected, opened.rules.quorum,
                 {**opened.rules.admitted, a["client"]: a["key"]},
             )
-            self._land(opened, a["client"], a["blob"], float(a["weight"]))
+            reason = self._land(opened, a["client"], a["blob"], float(a["weight"]))
+            if reason:
+                unusable.append((a["client"], reason))
+        if unusable:
+            self._lose(opened, unusable)
         return opened
 
     def _begin(self, opened: _Open) -> None:
@@ -339,7 +345,10 @@ class _Agent:
                 params = decode(self.svc.blobs.get(blob), expect=self.layout)
                 return self._land_array(opened, client, params.flat(), weight)
             path, offset, length = where(blob)
-            view = attach_input(file_ref(path, offset, length))
+            try:
+                view = attach_input(file_ref(path, offset, length))
+            except LayoutError:  # shorter than when it was stored: cut since
+                return CORRUPT
             layout, _meta, start = read_header(view)
         except NotFound:
             return "update blob is missing"

@@ -6,6 +6,7 @@ Each opens the run's services from its environment, keeps what is costly to rebu
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -126,6 +127,10 @@ def aggregate(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     except Exception as exc:  # told by the run (which stops if the disk is full)
         during = "close" if "close" in event else "warm-up" if "warm_round" in event else "admit"
         state.record_failure(svc.table, _round_of(event), state.AGGREGATOR, exc, during)
+        # What this worker holds of the round may be half done: the retry rebuilds it
+        # from the table, as a cold worker would.
+        with contextlib.suppress(Exception):
+            aggregator.reset()
         raise
 
 
