@@ -547,6 +547,10 @@ def faults_full() -> str:
     return _faults("full.json")
 
 
+def faults_torn_blob() -> str:
+    return _faults("torn-blob.json")
+
+
 def fuzz() -> str:
     d = _load("fuzz", "fuzz.json")
     lines = [f"{d['date'][:10]}: `{d['command']}`", "",
@@ -568,10 +572,13 @@ def soak() -> str:
              f"{d['rounds_per_s']} rounds/s)", "",
              "| key | value | bound |", "|---|---:|---|"]
     bounds = {"rss_slope_mb_per_100_rounds": "≤ 2", "open_fds_growth": "0",
+              "open_fds_min_max": "", "open_fds_slope_per_100_rounds": "",
+              "open_fds_least_first_last": "",
               "shm_segments_left": "0", "services_dir_mb_per_100_rounds": "bounded",
               "services_dir_mb_final": ""}
     for key, bound in bounds.items():
-        lines.append(_row([f"`{key}`", str(d[key]), bound]))
+        if key in d:
+            lines.append(_row([f"`{key}`", str(d[key]), bound]))
     return "\n".join(lines)
 
 
@@ -594,6 +601,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "faults-quick": faults_quick,
     "poisoning": poisoning,
     "faults-full": faults_full,
+    "faults-torn-blob": faults_torn_blob,
     "fuzz": fuzz,
     "soak": soak,
     "vs-flower": vs_flower,

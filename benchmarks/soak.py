@@ -11,9 +11,12 @@ the run's ``services`` directory, each against the rounds done so far.
 Keys: ``rss_slope_mb_per_100_rounds`` (a least-squares line through the samples of
 the second half of the run, after the warm-up; bound ≤ 2), ``open_fds_growth`` (the
 last sample's descriptors minus the first sample's after round 10; bound 0, with the
-spread of the samples), ``shm_segments_left`` (segments of the run in /dev/shm after
-it ended; bound 0), ``services_dir_mb_per_100_rounds`` (the same kind of line through
-the directory's size: bounded when old rounds' updates are deleted).
+spread of the samples; as workers come and go one sample differs from another by a few,
+so the trend is given too: ``open_fds_slope_per_100_rounds``, a line through the second
+half, and the least count among the first and among the last ten samples),
+``shm_segments_left`` (segments of the run in /dev/shm after it ended; bound 0),
+``services_dir_mb_per_100_rounds`` (the same kind of line through the directory's
+size: bounded when old rounds' updates are deleted).
 
     python benchmarks/soak.py --json benchmarks/results/soak/soak.json   # 1,000 rounds
     python benchmarks/soak.py --rounds 100 --json /tmp/soak.json          # a short one
@@ -167,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         "rss_mb_first_last": [round(settled[0]["rss_mb"], 1), round(running[-1]["rss_mb"], 1)],
         "open_fds_growth": int(fds[-1] - fds[0]),
         "open_fds_min_max": [int(min(fds)), int(max(fds))],
+        # workers come and go, so one sample against another moves by a few: the trend
+        "open_fds_slope_per_100_rounds": round(slope_per_100(
+            [s["round"] for s in half], [s["fds"] for s in half]), 3),
+        "open_fds_least_first_last": [int(min(fds[:10])), int(min(fds[-10:]))],
         "shm_segments_left": len(left),
         "services_dir_mb_per_100_rounds": round(slope_per_100(
             [s["round"] for s in half], [s["services_mb"] for s in half]), 3),
