@@ -62,9 +62,11 @@ import json
 import os
 import random
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -365,8 +367,6 @@ class Serving:
         self.port = 0
 
     def new_port(self) -> None:
-        import socket
-
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -389,8 +389,6 @@ class Clients:
     (the server was away longer than it retries) is started again, until the job ends."""
 
     def __init__(self, serving: Serving, app: Path, out: Path, log_file: Path) -> None:
-        import threading
-
         self.serving, self.app, self.out, self.log_file = serving, app, out, log_file
         self.procs = [start_run(serving.client(app, i), log_file) for i in range(CLIENTS)]
         self.restarts = 0

@@ -98,6 +98,11 @@ LOST = "update lost with the node it lay on; its client trains again: node"
 CORRUPT = "update blob damaged on disk; its client trains again"
 LEAF_ATTEMPTS = 4  # times an update goes to a leaf whose worker lost it before it is made again
 
+
+def _lost_on(node: str) -> str:
+    return f"{LOST} {node[:12]}"
+
+
 # Warm state of this worker: the agent (engine, autoscaler state, the open round).
 # An optimisation only: the table and the blobs are the truth.
 _warm: dict[str, Any] = {}
@@ -391,7 +396,7 @@ class _Agent:
         alive = self.svc.blobs.alive  # type: ignore[attr-defined]
         if not alive(source):
             opened.landing[source] -= 1
-            return f"{LOST} {source[:12]}"
+            return _lost_on(source)
         if not alive(node):  # its leaf's node went: the update's own node adds it
             node = source
         gen = opened.gen.setdefault(node, 0)
@@ -440,7 +445,7 @@ class _Agent:
                         self._land_partial(opened, node, key)
                     elif not blobs.alive(node):  # type: ignore[attr-defined]
                         del waiting[node]
-                        lost += [(c, f"{LOST} {node[:12]}") for c in opened.at_leaf.pop(node, {})]
+                        lost += [(c, _lost_on(node)) for c in opened.at_leaf.pop(node, {})]
                 if waiting:
                     time.sleep(0.02)
             for node, entries in opened.at_leaf.items():  # not added: hand them over again
@@ -448,7 +453,7 @@ class _Agent:
                     entry["gen"] = opened.gen[node]
                     opened.to_send.setdefault(node, []).append(entry)
         for node, entries in opened.at_leaf.items():  # a leaf that never added them: made again
-            lost += [(c, f"{LOST} {node[:12]}") for c in entries]
+            lost += [(c, _lost_on(node)) for c in entries]
         opened.at_leaf.clear()
         opened.to_send.clear()
         lost += opened.lost_at_leaf
@@ -472,7 +477,7 @@ class _Agent:
         entries = opened.at_leaf.get(node, {})
         for client in json.loads(meta.get("lost", "[]")):  # its file is gone
             if entries.pop(client, None) is not None:
-                opened.lost_at_leaf.append((client, f"{LOST} {node[:12]}"))
+                opened.lost_at_leaf.append((client, _lost_on(node)))
         for client in json.loads(meta.get("corrupt", "[]")):  # its file is damaged
             if entries.pop(client, None) is not None:
                 opened.lost_at_leaf.append((client, CORRUPT))

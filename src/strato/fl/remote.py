@@ -240,6 +240,26 @@ def run_client(opts: ClientOptions) -> int:
         api.close()
 
 
+class _Away:
+    """How long the server has been away: it may come back on the same address
+    (``strato serve --resume``), so a client waits ``limit_s`` before giving up."""
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s, self.since = limit_s, 0.0
+
+    def wait(self) -> bool:
+        """Sleep a second; False (without sleeping) once it has been away too long."""
+        now = time.monotonic()
+        self.since = self.since or now
+        if now - self.since > self.limit_s:
+            return False
+        time.sleep(1.0)
+        return True
+
+    def back(self) -> None:
+        self.since = 0.0
+
+
 def _loop(
     api: RemoteClient,
     app: App,
@@ -250,7 +270,7 @@ def _loop(
 ) -> int:
     trainer = LocalTrainer(app, data, client, reg["config"])
     layout = Layout.from_json(reg["layout"])
-    trained, down_since = 0, 0.0
+    trained, away = 0, _Away(opts.reconnect_s)
     while opts.rounds_max is None or trained < opts.rounds_max:
         try:
             notice = api.next_notice(client, opts.wait_s)
@@ -260,16 +280,14 @@ def _loop(
         if status in ("closing", "unreachable"):
             # The server stopped or went away; it may be resumed (strato serve --resume)
             # on the same address: wait for it a while before giving up.
-            if not down_since:
-                down_since = time.monotonic()
+            if not away.since:
                 _say(f"client {client}: the server "
                      + ("stopped" if status == "closing" else "cannot be reached")
                      + f"; waiting up to {opts.reconnect_s:.0f} s for it to come back")
-            elif time.monotonic() - down_since > opts.reconnect_s:
+            if not away.wait():
                 raise StratoError("the server stopped before the job finished")
-            time.sleep(1.0)
             continue
-        down_since = 0.0
+        away.back()
         if status == "finished":
             _say(f"client {client}: the job is finished")
             break
@@ -305,15 +323,13 @@ def _train_and_upload(
     def send() -> httpx.Response:
         # A server restarting (strato serve --resume) keeps the round and this notice's
         # receipt: the update is sent again once it is back, rather than lost.
-        down_since = 0.0
+        away = _Away(reconnect_s)
         while True:
             try:
                 return api.upload(str(notice["upload"]), encoded.payload, headers)
             except ServerUnreachable:
-                down_since = down_since or time.monotonic()
-                if time.monotonic() - down_since > reconnect_s:
+                if not away.wait():
                     raise
-                time.sleep(1.0)
 
     resp = send()
     for wait in _FULL_RETRY_S:  # the server's disk or memory is full: room may come back
