@@ -12,15 +12,23 @@ under each defence:
 
 - ``fedavg``: no defence (the weighted mean takes the attackers in);
 - ``fedmedian``: the coordinate-wise median;
-- ``trimmedmean``: ``beta = 0.2``, the attackers' share;
+- ``trimmedmean``: the fraction ``beta`` trimmed from each end, chosen on a validation
+  split (``--tune-beta``, below); ``0.2``, the attackers' share, when not tuned;
 - ``krum``: multi-Krum with ``f = 2`` (the attackers a round holds on average),
   keeping ``m = 6``;
 - ``fedavg+bound``: FedAvg with ``[aggregation] max_update_norm = 1``: an update farther
   from the round's model than the round's median distance is scaled back to it (the
   median as the clipping norm, as adaptive clipping does; Andrew et al., 2021).
 
-Every option above is fixed before any run (the attackers' share is what the defences
-are told); nothing is tuned on the test set. An attacker trains honestly, then sends
+The other options are fixed before any run (the attackers' share is what the defences
+are told). The trimmed mean's ``beta`` is chosen on a **validation split**, never on the
+test set: with ``--data-dir``, about 10,000 of MNIST's 60,000 training images (1/6 of each
+class, a fixed draw) are held out and written, with the other 50,000, as an MNIST
+directory of their own; each candidate ``beta`` runs the attacked job on it
+(``--seeds`` seeds) and is scored by its final accuracy on the held-out images; the
+best (the smaller on a tie) then runs on the real data and is scored on the test set
+once, beside the other configurations. Without ``--data-dir`` (the digits) ``beta``
+stays 0.2. An attacker trains honestly, then sends
 ``g − 10·(x − g)`` for its trained model ``x`` and the round's model ``g`` (the app
 does it, from ``[train] attackers``). Each configuration runs with ``--seeds`` seeds;
 the keys are the mean final test accuracy per configuration, its drop against the
@@ -31,6 +39,7 @@ writes JSON.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import statistics
@@ -40,6 +49,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -55,11 +66,13 @@ CONFIGS: dict[str, tuple[str, str, bool]] = {
     "clean": ("fedavg", "", False),
     "fedavg": ("fedavg", "", True),
     "fedmedian": ("fedmedian", "", True),
-    "trimmedmean": ("trimmedmean", "beta = 0.2\n", True),
+    "trimmedmean": ("trimmedmean", "", True),  # beta: tuned, see make_app
     "krum": ("krum", "f = 2\nm = 6\n", True),
     "fedavg+bound": ("fedavg", "", True),
 }
 BOUND = 1.0
+BETA_UNTUNED = 0.2
+VALIDATION_PER_CLASS = 1 / 6  # of each class's training images: 10,001 of MNIST's 60,000
 
 ATTACK = f'''
 
@@ -80,9 +93,11 @@ def _train_or_attack(net, data, ctx):
 '''
 
 
-def make_app(where: Path, name: str, seed: int) -> Path:
+def make_app(where: Path, name: str, seed: int, beta: float = BETA_UNTUNED) -> Path:
     strategy, options, attacked = CONFIGS[name]
-    app = where / f"app-{name}-{seed}"
+    if strategy == "trimmedmean":
+        options = f"beta = {beta}\n"
+    app = where / f"app-{name}-{beta:g}-{seed}"
     app.mkdir(parents=True, exist_ok=True)
     example = (APP / "app.py").read_text()
     (app / "app.py").write_text(example + (ATTACK if attacked else ""))
@@ -102,6 +117,59 @@ def make_app(where: Path, name: str, seed: int) -> Path:
         raise SystemExit(f"{APP / 'strato.toml'} changed: this benchmark cannot shape it")
     (app / "strato.toml").write_text(toml)
     return app
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """An MNIST IDX file (unsigned bytes), gzipped: magic, big-endian dims, data."""
+    head = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(gzip.compress(head + np.ascontiguousarray(array, np.uint8).tobytes(), 1))
+
+
+def validation_dir(data_dir: str, where: Path) -> Path:
+    """An MNIST directory whose "test" files hold images carved out of the training set
+    (1/6 of each class, fixed draw) and whose "train" files hold the rest: a run on it
+    never sees the real test set."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from strato.data.mnist import MNIST_FILES, read_mnist
+
+    images, labels, _, _ = read_mnist(data_dir)
+    rng = np.random.default_rng(20261204)
+    held = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        held[members[: round(len(members) * VALIDATION_PER_CLASS)]] = True
+    out = where / "validation-mnist"
+    out.mkdir(parents=True, exist_ok=True)
+    for key, array in (("train_images", images[~held]), ("train_labels", labels[~held]),
+                       ("test_images", images[held]), ("test_labels", labels[held])):
+        _write_idx(out / f"{MNIST_FILES[key]}.gz", array)
+    return out
+
+
+def tune_beta(candidates: list[float], tmp: Path, data_dir: str, seeds: int,
+              rounds: int | None) -> dict[str, Any]:
+    """Each candidate beta on the validation split; the best mean final accuracy wins
+    (the smaller beta on a tie)."""
+    val = validation_dir(data_dir, tmp)
+    scores: dict[str, list[float]] = {}
+    for beta in candidates:
+        for seed in range(seeds):
+            app = make_app(tmp, "trimmedmean", seed, beta)
+            run = run_one(app, tmp / f"val-{beta:g}-{seed}", str(val), rounds)
+            scores.setdefault(f"{beta:g}", []).append(run["final_accuracy"])
+            print(f"validation: trimmedmean beta {beta:g} seed {seed} "
+                  f"final accuracy {run['final_accuracy']:.4f} ({run['wall_s']:.0f} s)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    means = {b: statistics.fmean(v) for b, v in scores.items()}
+    chosen = max(candidates, key=lambda b: (round(means[f"{b:g}"], 6), -b))
+    return {
+        "split": "validation split: 10,001 of MNIST's training images (1/6 of each class, "
+                 "fixed draw), never trained on in these runs; the test set unused",
+        "validation_final_accuracy": {b: round(m, 4) for b, m in means.items()},
+        "validation_final_accuracy_per_seed": scores,
+        "chosen_beta": chosen,
+    }
 
 
 def run_one(app: Path, out: Path, data_dir: str | None, rounds: int | None) -> dict[str, Any]:
@@ -141,18 +209,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--configs", default=",".join(CONFIGS),
                    help="comma-separated: " + ", ".join(CONFIGS))  # fmt: skip
+    p.add_argument("--tune-beta", default="0.2,0.3,0.4", metavar="B1,B2,...",
+                   help="trimmed mean betas tried on the validation split (with --data-dir); "
+                        "'' keeps 0.2")  # fmt: skip
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    try:
+        betas = [float(b) for b in args.tune_beta.split(",") if b.strip()]
+    except ValueError:
+        p.error(f"--tune-beta takes numbers separated by commas, got {args.tune_beta!r}")
+    if any(not 0.0 <= b < 0.5 for b in betas):
+        p.error("--tune-beta: each beta must be at least 0 and below 0.5")
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = sorted(set(names) - set(CONFIGS))
     if unknown or (args.rounds is not None and args.rounds < 1) or args.seeds < 1:
         p.error(f"unknown config(s): {', '.join(unknown)}" if unknown
                 else "--rounds and --seeds must be at least 1")  # fmt: skip
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    tuning: dict[str, Any] = {"chosen_beta": BETA_UNTUNED, "split": "none: not tuned"}
+    data_dir = args.data_dir or os.environ.get("STRATO_DATA_DIR")
     with tempfile.TemporaryDirectory(prefix="strato-poisoning-") as tmp:
+        if "trimmedmean" in names and betas and data_dir:
+            tuning = tune_beta(betas, Path(tmp), data_dir, args.seeds, args.rounds)
         for seed in range(args.seeds):
             for name in names:
-                app = make_app(Path(tmp), name, seed)
+                app = make_app(Path(tmp), name, seed, tuning["chosen_beta"])
                 out = Path(tmp) / f"out-{name}-{seed}"
                 run = run_one(app, out, args.data_dir, args.rounds)
                 runs[name].append(run)
@@ -160,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"({run['wall_s']:.0f} s, {run['updates_clipped']} clipped)",
                       file=sys.stderr, flush=True)  # fmt: skip
     result = summarise(runs, args, argv)
+    if "trimmedmean" in names:
+        result["trimmedmean_beta"] = tuning
     print(table(result))
     if args.json:
         write_results(Path(args.json), result)

@@ -594,6 +594,11 @@ def poisoning() -> str:
                            ", ".join(f"{a:.4f}" for a in row["final_accuracy_per_seed"]),
                            str(row.get("drop_points", "")), within,
                            str(row["updates_clipped"])]))
+    tuning = d.get("trimmedmean_beta")
+    if tuning and "validation_final_accuracy" in tuning:
+        tried = ", ".join(f"{b}: {a:.4f}" for b, a in tuning["validation_final_accuracy"].items())
+        lines += ["", f"trimmedmean's `beta` = {tuning['chosen_beta']:g}, chosen on the "
+                  f"{tuning['split']}; mean final validation accuracy per beta: {tried}."]
     return "\n".join(lines)
 
 
