@@ -8,6 +8,7 @@ Ray is left running afterwards.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -41,19 +42,34 @@ def _ray_processes() -> list[str]:
 def cluster() -> Iterator[LocalCluster]:
     if ray.is_initialized():  # another module's local Ray: this module has its own cluster
         ray.shutdown()
-    before = set(_ray_processes())
     shm_before = set(os.listdir("/dev/shm"))
     node_dirs = Path(tempfile.gettempdir()) / "strato-ray"
     dirs_before = set(node_dirs.iterdir()) if node_dirs.is_dir() else set()
     with LocalCluster(nodes=3, cpus=1) as c:
+        port = c.address.rsplit(":", 1)[-1]
+        sessions = {m for p in _ray_processes() if port in p
+                    for m in re.findall(r"session_[0-9][0-9_-]*", p)}  # fmt: skip
+        assert sessions, "the cluster's raylets were not found"
         yield c
+
+    def ours() -> list[str]:  # this cluster's GCS and raylets: they name its session
+        return [p for p in _ray_processes() if any(s in p for s in sessions)]
+
     deadline = time.monotonic() + 20
-    while set(_ray_processes()) - before and time.monotonic() < deadline:
+    while ours() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not set(_ray_processes()) - before, "Ray processes outlived the cluster"
-    assert not set(os.listdir("/dev/shm")) - shm_before, "segments outlived the cluster"
+    assert not ours(), "Ray processes outlived the cluster"
+    left = {n for n in set(os.listdir("/dev/shm")) - shm_before if not _owner_alive(n)}
+    assert not left, "segments outlived the cluster"
     dirs_after = set(node_dirs.iterdir()) if node_dirs.is_dir() else set()
     assert not dirs_after - dirs_before, "node directories outlived their runs"
+
+
+def _owner_alive(name: str) -> bool:
+    """A Strato segment whose owner still runs (another test's, under pytest-xdist)."""
+    parts = name.split("-")
+    return name.startswith("strato-") and len(parts) > 1 and parts[1].isdigit() and (
+        Path("/proc", parts[1]).exists())
 
 
 def _options(out: Path, address: str, **overrides: Any) -> RunOptions:
