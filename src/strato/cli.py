@@ -117,6 +117,7 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
         clients_per_round=args.clients_per_round,
         keep_rounds=args.keep_rounds,
         max_update_norm=args.max_update_norm,
+        mode=args.mode,
         strategy=args.strategy,
         strategy_options=_strategy_options(args, cfg.strategy, cfg.strategy_options),
         partition=args.partition,
@@ -124,7 +125,7 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
     )
     from strato.fl.strategies import check_strategy
 
-    check_strategy(cfg.strategy, cfg.strategy_options, cfg.max_update_norm)
+    check_strategy(cfg.strategy, cfg.strategy_options, cfg.max_update_norm, cfg.mode)
     out = Path(args.resume or args.out or f"runs/{app_dir.resolve().name}")
     note = None
     if shaped and not args.resume:
@@ -348,6 +349,11 @@ def _job_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--rounds", type=int)
     cmd.add_argument("--clients", type=int)
     cmd.add_argument("--clients-per-round", type=int)
+    cmd.add_argument(
+        "--mode", choices=("sync", "async"),
+        help="sync: rounds with a barrier (default); async: buffered aggregation without "
+        "one, [async] in strato.toml sets its concurrency, buffer and staleness (docs/async.md)",
+    )  # fmt: skip
     cmd.add_argument(
         "--keep-rounds", type=int, metavar="K",
         help="keep only the last K rounds' updates (blobs, records, stream) and models; "

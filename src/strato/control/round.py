@@ -41,6 +41,7 @@ __all__ = [
     "RoundState",
     "Seen",
     "may_upload",
+    "positive_weight",
     "step",
 ]
 
@@ -57,10 +58,13 @@ class RoundState:
     # stores one item per admitted update; the round record itself holds a count)
     admitted: dict[str, str] = field(default_factory=dict)
     closed_by: str | None = None
+    # an async buffer: any client may add to it, once (no selection)
+    open_to_all: bool = False
 
     @classmethod
-    def open(cls, r: int, selected: Any, quorum: int) -> RoundState:
-        return cls(r, OPEN, frozenset(str(c) for c in selected), max(1, int(quorum)))
+    def open(cls, r: int, selected: Any, quorum: int, open_to_all: bool = False) -> RoundState:
+        return cls(r, OPEN, frozenset(str(c) for c in selected), max(1, int(quorum)),
+                   open_to_all=open_to_all)
 
     @property
     def is_open(self) -> bool:
@@ -114,7 +118,8 @@ Action = Admit | Seen | Refuse | Close
 Event = Arrival | Deadline | Invalid
 
 
-def _weight(value: Any) -> float | None:
+def positive_weight(value: Any) -> float | None:
+    """``value`` as a weight (a finite positive number), or None."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     w = float(value)
@@ -128,7 +133,7 @@ def may_upload(state: RoundState | None, r: int, client: str) -> str | None:
         return f"round {r} does not exist"
     if not state.is_open:
         return f"late: round {r} is already closed"
-    if client not in state.selected:
+    if client not in state.selected and not state.open_to_all:
         return f"client {client} was not selected for round {r}"
     if client in state.admitted:
         return f"duplicate: client {client} already has an update in round {r}"
@@ -151,7 +156,7 @@ def step(state: RoundState, event: Event) -> tuple[RoundState, tuple[Action, ...
     if state.admitted.get(client) == key:
         return state, (Seen(client, key),)
     refusal = may_upload(state, state.round, client)
-    weight = _weight(event.weight)
+    weight = positive_weight(event.weight)
     if refusal is None and weight is None:
         refusal = f"num_examples must be a positive number, got {event.weight!r}"
     if refusal is not None:

@@ -78,7 +78,7 @@ from strato.errors import (
     NotFound,
     StratoError,
 )
-from strato.fl import state
+from strato.fl import buffered, state
 from strato.fl.strategies import RoundAggregator, download_key
 from strato.params import Layout, Params
 from strato.services import Services
@@ -142,6 +142,9 @@ class _Open:
     handed_as: dict[str, tuple[str, float]] = field(default_factory=dict)
     leaf_dist: dict[str, float] = field(default_factory=dict)
     ref_lease: Any = None
+    # async mode: each admitted client's base round (its update started from model
+    # base - 1) and its staleness-weighted weight
+    bases: dict[str, tuple[int, float]] = field(default_factory=dict)
 
 
 class _Landed:
@@ -189,6 +192,8 @@ class _Agent:
         self.open: _Open | None = None
         self.closed: set[int] = set()
         self.invoke: Invoke | None = None  # the invocation at hand's, to reach the leaves
+        self.asynchronous = buffered.is_async(job)  # buffered versions, no round barrier
+        self.staleness = buffered.staleness(job)
 
     # ---- rounds ---------------------------------------------------------------------
 
@@ -210,7 +215,8 @@ class _Agent:
         cfg = self.job["config"]
         strategy = RoundAggregator(cfg["strategy"], cfg["strategy_options"], self.layout, r,
                                    seed=int(cfg.get("seed", 0)))
-        opened = _Open(rules.RoundState.open(r, rec["selected"], int(rec["quorum"])), strategy)
+        opened = _Open(rules.RoundState.open(r, rec["selected"], int(rec["quorum"]),
+                                             bool(rec.get("open_to_all", False))), strategy)
         self.open = opened
         if strategy.streaming:
             self._begin(opened)
@@ -221,10 +227,10 @@ class _Agent:
         unusable = []
         for acc in self.svc.table.query(state.ACCEPTED, state.round_key(r) + "/"):
             a = acc.value
-            opened.rules = rules.RoundState(
-                r, rules.OPEN, opened.rules.selected, opened.rules.quorum,
-                {**opened.rules.admitted, a["client"]: a["key"]},
-            )
+            opened.rules = dataclasses.replace(
+                opened.rules, admitted={**opened.rules.admitted, a["client"]: a["key"]})
+            if "base" in a:
+                opened.bases[a["client"]] = (int(a["base"]), float(a["weight"]))
             reason = self._land(opened, a["client"], a["blob"], float(a["weight"]))
             if reason:
                 unusable.append((a["client"], reason))
@@ -235,7 +241,7 @@ class _Agent:
     def _begin(self, opened: _Open) -> None:
         """The round's tree: the autoscaler's choice, placed on this node's cores. The
         rules close it (at quorum or the deadline), not its leaves' quota."""
-        expected = len(opened.rules.selected) or 1
+        expected = _expected(opened)
         if self.measured is None:  # nothing measured yet: as many leaves as cores
             shape = TreeShape.of(max(1, min(int(self.cores), expected)))
             inputs: dict[str, Any] = {"measured": False}
@@ -573,6 +579,57 @@ class _Agent:
             counts["ignored"] += 1
             return
         key, r, client = rec["key"], int(meta.get("round", -1)), str(meta.get("client", ""))
+        if not self.asynchronous:
+            self._admit_to(r, key, client, meta, meta.get("num_examples"), counts)
+            return
+        # async: the update goes into the open buffer, weighted by how stale it is
+        base, r = r, buffered.open_round(self.svc)
+        stale = r - base
+        if self._decided(key, client, base, r):  # a redelivered record: told before
+            counts["ignored"] += 1
+            return
+        try:
+            refusal = self.staleness.refusal(base, r)
+            if refusal is not None:
+                _reject(self.svc, meta, key, refusal)
+                counts["rejected"] += 1
+            else:
+                weight = meta.get("num_examples")
+                if rules.positive_weight(weight) is not None:
+                    weight = float(weight) * self.staleness.weight(stale)
+                self._admit_to(r, key, client, {**meta, "base": base}, weight, counts)
+        finally:  # admitted or not, its client's slot goes to the next one
+            self._next_clients(done=(client, base))
+
+    def _decided(self, key: str, client: str, base: int, r: int) -> bool:
+        """Async: was this update record refused, or admitted into a buffer before the
+        open one (round ``r``; the rules recognise it in that one)?"""
+        if self.svc.table.get(state.REJECTIONS, key) is not None:
+            return True
+        for earlier in range(max(1, base), r):
+            item = self.svc.table.get(state.ACCEPTED, state.accepted_key(earlier, client))
+            if item is not None and item.value.get("key") == key:
+                return True
+        return False
+
+    def _next_clients(self, done: tuple[str, int] | None = None) -> None:
+        """Async: free ``done``'s slot and fill the clients in flight up to the
+        concurrency, with clients not already in the open buffer (none once the last
+        version is made)."""
+        opened = self.round(buffered.open_round(self.svc))
+        buffered.dispatch(self.svc, self.job, pool=buffered.pool(self.svc, self.job),
+                          done=done, accepting=opened is not None,
+                          exclude=frozenset(opened.rules.admitted if opened else ()),
+                          invoke=self._invoke_clients())
+
+    def _invoke_clients(self) -> Invoke | None:
+        if not bool(self.job.get("simulate", True)) or self.invoke is None:
+            return None
+        return self.invoke
+
+    def _admit_to(self, r: int, key: str, client: str, meta: dict[str, Any], weight: Any,
+                  counts: dict[str, int]) -> None:
+        """Round r's rules and admission for one update record."""
         opened = self.round(r)
         if opened is not None and len(opened.rules.admitted) >= opened.rules.quorum:
             self.close(r, "quorum")  # a cold rebuild of a round whose quorum was in
@@ -581,9 +638,7 @@ class _Agent:
             for k, v in self._refuse_closed(key, r, client, meta).items():
                 counts[k] += v
             return
-        new_rules, actions = rules.step(
-            opened.rules, rules.Arrival(client, key, meta.get("num_examples"))
-        )
+        new_rules, actions = rules.step(opened.rules, rules.Arrival(client, key, weight))
         for action in actions:
             if isinstance(action, rules.Seen):
                 counts["ignored"] += 1
@@ -629,6 +684,8 @@ class _Agent:
             "bytes_down": int(meta.get("bytes_down", 0)),
             "uploaded_at": float(meta.get("uploaded_at", time.time())),
         }
+        if "base" in meta:  # async: the round whose model it started from
+            entry |= {"base": int(meta["base"]), "staleness": r - int(meta["base"])}
         # Durable first (the blob already is): from here the update cannot be lost.
         try:
             self.svc.table.put(state.ACCEPTED, state.accepted_key(r, act.client), entry,
@@ -643,6 +700,8 @@ class _Agent:
             return reason
         state.cas_update(self.svc.table, state.ROUNDS, state.round_key(r),
                          lambda v: {**v, "accepted_count": int(v.get("accepted_count", 0)) + 1})
+        if "base" in entry:
+            opened.bases[act.client] = (int(entry["base"]), act.weight)
         return ""
 
     def settle(self) -> int:
@@ -743,12 +802,15 @@ class _Agent:
                     "model": state.model_key(r), "model_ready_at": time.time()}
 
         state.cas_update(self.svc.table, state.ROUNDS, state.round_key(r), done)
+        if self.asynchronous and r < int(self.job["config"]["rounds"]):
+            buffered.open_version(self.svc, self.job, r + 1)  # no client waits for the loop
         final = self.svc.table.get(state.ROUNDS, state.round_key(r))
         assert final is not None
         # InvalidToken: the round was already called back (or timed out into the deadline).
-        with contextlib.suppress(InvalidToken):
-            self.svc.workflow.send_task_success(final.value["token"],
-                                                {"round": r, "model": state.model_key(r)})
+        if "token" in final.value:  # async: the loop may not have reached round r yet
+            with contextlib.suppress(InvalidToken):
+                self.svc.workflow.send_task_success(final.value["token"],
+                                                    {"round": r, "model": state.model_key(r)})
         self._forget_updates(r)
         return final.value
 
@@ -823,13 +885,15 @@ class _Agent:
         try:
             stats = handle.stats()
             self.measured = stats.autoscaler_context(
-                expected_updates=len(opened.rules.selected), cores=self.cores,
+                expected_updates=_expected(opened), cores=self.cores,
                 now=time.monotonic(),
             )
             bad = list(result.bad)
             if result.updates == 0:  # every update was bad
                 return self._encode(r, np.array(flat)), strategy_state, bad
             reduced = result.array
+            if opened.bases:
+                reduced = self._from_bases(opened, flat, reduced, set(bad))
             if self._bound() > 0:
                 reduced = self._clip(opened, flat, reduced, float(result.weight),
                                      {**handle.distances(), **opened.leaf_dist}, set(bad))
@@ -840,6 +904,30 @@ class _Agent:
             if opened.ref_lease is not None:
                 opened.ref_lease.release()
                 opened.ref_lease = None
+
+    def _from_bases(self, opened: _Open, flat: npt.NDArray[Any], mean: npt.NDArray[Any],
+                    bad: set[str]) -> npt.NDArray[Any]:
+        """Async: the buffer's weighted mean of trained models, turned into the round's
+        model plus the weighted mean of each update's change against the model it
+        started from: mean + flat - sum_b (W_b / W) x_b (control.asynchronous)."""
+        r = opened.rules.round
+        per_base: dict[int, float] = {}
+        for client in opened.rules.admitted:
+            if client in opened.bases and client not in bad:
+                base, weight = opened.bases[client]
+                per_base[base] = per_base.get(base, 0.0) + weight
+        total = sum(per_base.values())
+        if total <= 0 or set(per_base) <= {r}:
+            return mean  # nothing stale: the plain weighted mean
+        out = np.array(mean, dtype=np.float64)
+        out += flat
+        for base, weight in sorted(per_base.items()):
+            started = flat if base == r else self._model_of(base - 1)
+            out -= (weight / total) * started.astype(np.float64)
+        return out.astype(np.float32)
+
+    def _model_of(self, version: int) -> npt.NDArray[Any]:
+        return decode(self.svc.blobs.get(state.model_key(version)), expect=self.layout).flat()
 
     def _bound(self) -> float:
         return float(self.job["config"].get("max_update_norm", 0.0))
@@ -942,9 +1030,14 @@ def _model_ref(svc: Services, cluster: Cluster, layout: Layout, r: int
     return {**lease.ref.to_dict()}, lease
 
 
+def _expected(opened: _Open) -> int:
+    """Updates a round expects: its selection (a sync round) or its buffer (async)."""
+    return max(1, len(opened.rules.selected), opened.rules.quorum)
+
+
 def _quota(opened: _Open) -> int:
-    """Updates the engine takes in a round: each selected client, and once more each."""
-    return 2 * max(1, len(opened.rules.selected))
+    """Updates the engine takes in a round: each expected one, and once more each."""
+    return 2 * _expected(opened)
 
 
 def _take_slot(opened: _Open) -> bool:
@@ -989,8 +1082,12 @@ def reset() -> None:
 
 
 def warm_up(svc: Services, r: int, invoke: Invoke | None = None) -> dict[str, int]:
-    """Set round r's tree up before its first update arrives."""
-    _agent(svc, invoke).round(r)
+    """Set round r's tree up before its first update arrives (async: and fill the
+    clients in flight up to the concurrency)."""
+    agent = _agent(svc, invoke)
+    agent.round(r)
+    if agent.asynchronous:
+        agent._next_clients()
     return {"accepted": 0, "rejected": 0, "ignored": 0}
 
 
@@ -1016,6 +1113,8 @@ def close_round(svc: Services, r: int, cause: str = "deadline",
     """Close round ``r`` (if still open), write its global model, call back its token."""
     agent = _agent(svc, invoke)
     rnd = agent.close(r, cause)
+    if agent.asynchronous:  # clients given up on (lost) make room for others
+        agent._next_clients()
     accepted = int(rnd.get("accepted_count", 0))
     return {"round": r, "model": rnd["model"], "accepted": accepted}
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from strato.codec import decode, encode
+from strato.control.asynchronous import speed_factor
 from strato.fl import state
 from strato.fl.app import App, Dataset, TrainContext
 from strato.fl.strategies import complement_options, download_key, is_complement, wire_seed
@@ -146,6 +147,9 @@ class SimClient:
             payload = self.svc.blobs.get(notice.model_key)
             received = decode(payload)
         update, metrics, train_s = self.trainer.train(notice.round, received)
+        cfg = self.job["config"]
+        if cfg.get("speed"):  # simulated heterogeneity: a slow client takes longer
+            time.sleep(train_s * speed_factor(str(cfg["speed"]), int(cfg["seed"]), self.client))
         if wire is None:
             encoded = encode(update)
         else:  # CS: the complement, or a delta against what this client decoded

@@ -15,6 +15,7 @@ __all__ = ["JobConfig", "dataset_settings", "load_job_config"]
 PARTITIONS = ("iid", "dirichlet", "shards")
 ACCUMULATORS = ("float32", "float64")
 PLACEMENTS = ("best-fit", "round-robin")
+MODES = ("sync", "async")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,19 @@ class JobConfig:
     # round's model than this many times the round's median distance is scaled back
     # to that distance; its distance is measured in the pass that adds it
     max_update_norm: float = 0.0
+    # "sync": rounds with a barrier; "async": buffered aggregation without one
+    # (control.asynchronous): ``concurrency`` clients train at once, every ``buffer``
+    # updates make the next version, staleness-weighted; ``rounds`` counts versions
+    mode: str = "sync"
+    concurrency: int = 10
+    buffer: int = 10
+    staleness: str = "polynomial"  # constant | polynomial | hinge
+    staleness_exponent: float = 0.5  # polynomial's a in (1 + s)^-a; hinge's slope
+    staleness_hinge: int = 4  # hinge: the staleness up to which the weight stays 1
+    max_staleness: int = 10  # staler updates are refused, with the reason
+    # simulated heterogeneity: "" (none) or "lognormal:SIGMA": each client waits its
+    # factor exp(SIGMA z) times its training time after training
+    speed: str = ""
 
     def validate(self) -> JobConfig:
         self._check_types()
@@ -76,7 +90,7 @@ class JobConfig:
         if self.accumulator not in ACCUMULATORS:
             raise ConfigError(f"accumulator must be one of {', '.join(ACCUMULATORS)}, "
                               f"got {self.accumulator!r}")
-        if self.clients_per_round > self.clients:
+        if self.clients_per_round > self.clients and self.mode != "async":
             raise ConfigError(
                 f"clients_per_round ({self.clients_per_round}) exceeds clients ({self.clients})"
             )
@@ -87,7 +101,39 @@ class JobConfig:
                 f"unknown partition {self.partition!r} (choose from {', '.join(PARTITIONS)})"
             )
         positive("dirichlet_alpha", self.dirichlet_alpha)
+        self._validate_async()
         return self
+
+    def _validate_async(self) -> None:
+        from strato.control.asynchronous import RULES, speed_factor
+
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("concurrency", "buffer"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} (in [async]) must be at least 1, "
+                                  f"got {getattr(self, name)}")
+        if self.mode == "async" and self.concurrency > self.clients:
+            raise ConfigError(f"concurrency ({self.concurrency}, in [async]) exceeds "
+                              f"clients ({self.clients})")
+        if self.max_staleness < 0 or self.staleness_hinge < 0:
+            raise ConfigError("max_staleness and staleness_hinge (in [async]) must be 0 or "
+                              "more")
+        if self.staleness not in RULES:
+            raise ConfigError(f"staleness (in [async]) must be one of {', '.join(RULES)}, "
+                              f"got {self.staleness!r}")
+        if not (math.isfinite(self.staleness_exponent) and self.staleness_exponent >= 0):
+            raise ConfigError("staleness_exponent (in [async]) must be 0 or more, "
+                              f"got {self.staleness_exponent}")
+        try:
+            speed_factor(self.speed, 0, "check")
+        except ValueError as exc:
+            raise ConfigError(f"speed (in [clients]): {exc}") from None
+        if self.mode == "async" and self.keep_rounds and self.keep_rounds <= self.max_staleness + 1:
+            raise ConfigError(
+                f"keep_rounds ({self.keep_rounds}) must exceed max_staleness + 1 "
+                f"({self.max_staleness + 1}) in async mode: a stale update is measured against "
+                "the model it started from")
 
     def _check_types(self) -> None:
         """Every setting's type, with a message that names the setting and where it is set
@@ -128,7 +174,10 @@ class JobConfig:
 
 _SECTIONS = {
     "job": ("rounds", "clients", "clients_per_round", "seed", "client_concurrency",
-            "keep_rounds"),
+            "keep_rounds", "mode"),
+    "async": ("concurrency", "buffer", "staleness", "staleness_exponent", "staleness_hinge",
+              "max_staleness"),
+    "clients": ("speed",),
     "round": ("quorum", "round_deadline_s"),
     "data": ("partition", "dirichlet_alpha"),
     "aggregation": ("function_memory_mb", "accumulator", "placement", "max_update_norm"),

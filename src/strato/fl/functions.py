@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from strato.codec import decode
-from strato.errors import ConditionFailed, NotFound, StratoError
-from strato.fl import aggregator, state
+from strato.errors import ConditionFailed, InvalidToken, NotFound, StratoError
+from strato.fl import aggregator, buffered, state
 from strato.fl.app import App, Dataset, load_app
 from strato.fl.client import SimClient
 from strato.fl.data import load_job_data
@@ -55,6 +55,8 @@ def start_round(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """Open round r: select clients, record the token, notify the selected clients."""
     svc, job = _svc(), _job()
     r, token = int(event["round"]), str(event["token"])
+    if buffered.is_async(job):
+        return _start_version(svc, job, r, token, ctx)
     cfg = job["config"]
     simulate = bool(job.get("simulate", True))
     pool = job["clients"] if simulate else [i.key for i in svc.table.query(state.CLIENTS)]
@@ -85,6 +87,23 @@ def start_round(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     return {"round": r, "selected": selected}
 
 
+def _start_version(svc: Services, job: dict[str, Any], r: int, token: str,
+                   ctx: Context) -> dict[str, Any]:
+    """Async: the round loop reaches version r, which the aggregator may have opened
+    (and even closed) already: record the token, call it back at once if r's model is
+    written, and keep the clients in flight at the concurrency (round 1; a resume)."""
+    buffered.open_version(svc, job, r)
+    state.cas_update(svc.table, state.ROUNDS, state.round_key(r),
+                     lambda v: {**v, "token": token} if v.get("token") != token else None)
+    item = svc.table.get(state.ROUNDS, state.round_key(r))
+    if item is not None and "model" in item.value:  # closed before the loop got here
+        with contextlib.suppress(InvalidToken):
+            svc.workflow.send_task_success(token, {"round": r, "model": item.value["model"]})
+    # the aggregator draws the clients, so its warm worker serialises every draw
+    ctx.invoke_async("aggregate", {"records": [], "warm_round": r})
+    return {"round": r, "async": True}
+
+
 def _client_data(client_id: str) -> Dataset:
     cache = _warm.setdefault("data", {})
     if client_id not in cache:
@@ -103,8 +122,9 @@ def client(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
         if notice is None:
             continue
         rnd = svc.table.get(state.ROUNDS, state.round_key(notice.round))
-        if rnd is None or rnd.value["status"] != "open":
-            svc.bus.ack(sim.queue, notice.receipt)  # a stale notice from a closed round
+        if rnd is None or (rnd.value["status"] != "open" and not buffered.is_async(job)):
+            # a stale notice from a closed round (async: the aggregator weighs staleness)
+            svc.bus.ack(sim.queue, notice.receipt)
             continue
         try:
             return sim.train_round(notice)
@@ -219,10 +239,16 @@ def evaluate(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
         "aggregation_latency_s": aggregation_latency(rnd, accepted),
         "round_s": float(rnd["model_ready_at"]) - float(rnd["opened_at"]),
         "closed_by": rnd.get("closed_by", "quorum"),
+        "model_ready_at": float(rnd["model_ready_at"]),  # epoch s: curves against wall time
         # the aggregation tree the autoscaler chose for this round, and its inputs
         "tree": rnd.get("tree", {}),
         "autoscaler": rnd.get("autoscaler", {}),
     }
+    if buffered.is_async(job):  # how stale the buffer's updates were: {versions: count}
+        stale: dict[str, int] = {}
+        for a in accepted:
+            stale[str(a.get("staleness", 0))] = stale.get(str(a.get("staleness", 0)), 0) + 1
+        metrics["staleness"] = dict(sorted(stale.items(), key=lambda kv: int(kv[0])))
     if "nodes" in rnd:  # several nodes: the leaves' placement, landing, predicted bytes
         metrics["nodes"] = rnd["nodes"]
     try:

@@ -62,8 +62,8 @@ from starlette.routing import Route
 from strato.codec import decode, header_bytes
 from strato.control import round as rules
 from strato.errors import CodecError, LayoutError, NotFound, StratoError, disk_full
+from strato.fl import buffered, state
 from strato.fl import credentials as creds
-from strato.fl import state
 from strato.fl._upload import (
     HttpError,
     content_length,
@@ -414,6 +414,8 @@ class Gateway:
         item = self.svc.table.get(state.ROUNDS, state.round_key(r))
         if item is None:
             return rules.may_upload(None, r, client)
+        if buffered.is_async(self.job):
+            return self._async_refusal(r, client)
         rnd = item.value
         view = rules.RoundState.open(r, rnd["selected"], int(rnd["quorum"]))
         if rnd["status"] != "open" or "model" in rnd:
@@ -422,6 +424,17 @@ class Gateway:
         if uploads:
             view = dataclasses.replace(view, admitted={client: uploads[0].key})
         return rules.may_upload(view, r, client)
+
+    def _async_refusal(self, r: int, client: str) -> str | None:
+        """Async: an update sent round r's notice goes into the open buffer unless it is
+        too stale, its client sent it already, or the last version is made."""
+        open_r = buffered.open_round(self.svc)
+        last = self.svc.table.get(state.ROUNDS, state.round_key(open_r))
+        if last is None or last.value.get("status") != "open":
+            return f"late: round {open_r} is already closed"
+        if self.svc.table.query(state.UPDATES, f"{state.round_key(r)}/{client}/"):
+            return f"duplicate: client {client} already has an update for round {r}"
+        return buffered.staleness(self.job).refusal(r, open_r)
 
     async def model(self, request: Request) -> Response:
         await self._principal(request)

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from strato.codec import encode
+from strato.control.asynchronous import STALE
 from strato.errors import ConfigError, NotFound, StratoError
-from strato.fl import coordinator, report, state
+from strato.fl import buffered, coordinator, report, state
 from strato.fl.app import load_app
 from strato.fl.config import JobConfig
 from strato.fl.data import prepare_job_data
@@ -208,6 +209,10 @@ def _resume_job(svc: Services, opts: RunOptions, run_file: Path) -> dict[str, An
 def _relaunch_missing_clients(svc: Services, job: dict[str, Any]) -> None:
     """After a resume, restart the simulated clients of the open round that had not
     uploaded (their workers died with the killed run; their notices are still queued)."""
+    if buffered.is_async(job):  # the clients in flight: their notices are still queued
+        for c in buffered.in_flight(svc):
+            svc.runtime.invoke_async("client", {"client": c, "wait_s": 60.0})
+        return
     rounds = svc.table.query(state.ROUNDS)
     if not rounds or rounds[-1].value["status"] != "open":
         return
@@ -413,6 +418,20 @@ def _drive(svc: Services, opts: RunOptions, job: dict[str, Any], started: float)
     return _finish(svc, opts, [rows[k] for k in sorted(rows)], accounting, started)
 
 
+def _async_summary(svc: Services, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """An async run's versions, how stale their updates were, and how many were refused
+    as too stale."""
+    histogram: dict[str, int] = {}
+    for row in rows:
+        for s, n in row.get("staleness", {}).items():
+            histogram[s] = histogram.get(s, 0) + int(n)
+    stale = [i for i in svc.table.query(state.REJECTIONS)
+             if str(i.value.get("reason", "")).startswith(STALE)]
+    return {"mode": "async", "versions": len(rows),
+            "staleness_histogram": dict(sorted(histogram.items(), key=lambda kv: int(kv[0]))),
+            "updates_refused_stale": len(stale)}
+
+
 def _finish(
     svc: Services,
     opts: RunOptions,
@@ -442,6 +461,8 @@ def _finish(
         "config": opts.config.to_dict(),
         "per_round": rows,
     }
+    if opts.config.mode == "async":
+        summary.update(_async_summary(svc, rows))
     where = getattr(svc.runtime, "placement", None)  # a backend with nodes says where
     if callable(where):
         try:

@@ -162,9 +162,10 @@ def initial_download(
     return wire.adopt(initial, wire_seed(seed, 1, "download"))
 
 
-def check_strategy(name: str, options: dict[str, Any], max_update_norm: float = 0.0) -> None:
-    """Raise ConfigError (one line) for an unknown strategy, a bad option, or a norm
-    bound the strategy cannot take."""
+def check_strategy(name: str, options: dict[str, Any], max_update_norm: float = 0.0,
+                   mode: str = "sync") -> None:
+    """Raise ConfigError (one line) for an unknown strategy, a bad option, a norm
+    bound the strategy cannot take, or a strategy async mode cannot run."""
     if is_complement(name):
         complement_options(options, name)
         streaming = False
@@ -177,6 +178,13 @@ def check_strategy(name: str, options: dict[str, Any], max_update_norm: float = 
             "max_update_norm bounds the updates of a weighted mean (fedavg and the "
             f"strategies built on it), not {name}'s: {why}"
         )
+    if mode == "async" and (not streaming or max_update_norm > 0):
+        what = ("max_update_norm (the distance of an update from a model it may not "
+                "have started from)" if streaming else name)
+        raise ConfigError(
+            f"async mode adds each update to a buffer as it arrives, against the model it "
+            f"started from: it runs fedavg and the strategies built on it (fedavgm, "
+            f"fedadam, fedyogi, fedadagrad, fedprox), not {what}")
 
 
 def download_key(model_key: str) -> str:
