@@ -602,7 +602,30 @@ def poisoning() -> str:
     return "\n".join(lines)
 
 
+def async_fl() -> str:
+    d = _load("async", "async.json")
+
+    def num(v: Any, spec: str) -> str:
+        return "missed" if v is None else format(v, spec)
+
+    lines = [f"{d['date'][:10]}: `{d['command']}` ({d['data']}, {d['clients']} clients, "
+             f"{d['per_round']} a round / at once, {d['rounds']} models each, speeds "
+             f"{d['speed']}, {d['seeds']} seed(s))", "",
+             "| mode | time to 0.97 (s) | final test accuracy |", "|---|---:|---:|",
+             _row(["sync", num(d["sync_time_to_target_s"], ".1f"),
+                   f"{d['sync_final_accuracy']:.4f}"]),
+             _row(["async", num(d["async_time_to_target_s"], ".1f"),
+                   f"{d['async_final_accuracy']:.4f}"]), "",
+             "| key | value | target | met |", "|---|---:|---|---|"]
+    for key, t in d["targets"].items():
+        lines.append(_row([f"`{key}`", num(t["value"], ".4g"), t["target"],
+                           "yes" if t["met"] else "**no**"]))
+    lines.append(_row(["`updates_refused_stale`", str(d["updates_refused_stale"]), "", ""]))
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
+    "async": async_fl,
     "faults-quick": faults_quick,
     "poisoning": poisoning,
     "faults-full": faults_full,

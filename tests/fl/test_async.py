@@ -60,6 +60,8 @@ def test_speeds_are_per_client_heavy_tailed_and_checked() -> None:
         JobConfig(speed="pareto:2").validate()
     with pytest.raises(ConfigError, match="concurrency"):
         JobConfig(mode="async", clients=4, concurrency=5).validate()
+    default = JobConfig(mode="async", clients=8, clients_per_round=3).validate()
+    assert (default.async_concurrency, default.async_buffer) == (3, 3)  # a round's work
 
 
 @pytest.fixture
@@ -68,7 +70,7 @@ def svc(tmp_path: Path) -> Iterator[Services]:
     with embedded(tmp_path / "svc") as s:
         provision(s, CLIENTS)
         config = {"strategy": "fedavg", "strategy_options": {}, "seed": 0, "rounds": 4,
-                  "mode": "async", "concurrency": 2, "buffer": 2, "staleness": "polynomial",
+                  "clients_per_round": 3, "mode": "async", "concurrency": 2, "buffer": 2, "staleness": "polynomial",
                   "staleness_exponent": 0.5, "staleness_hinge": 4, "max_staleness": 1}
         job = {"config": config, "quorum_count": 2, "layout": LAYOUT.to_json(),
                "clients": CLIENTS, "simulate": True}
@@ -217,3 +219,17 @@ def test_a_killed_async_run_resumes_at_its_last_version_and_loses_no_update(
     assert len(after) == sum(r["accepted"] for r in rows) == summary["updates_accepted"]
     assert sum(summary["staleness_histogram"].values()) == len(after)
     assert strato_workers(out) == []
+
+
+def test_async_refuses_what_it_cannot_run_in_one_line(tmp_path: Path) -> None:
+    from fltools import make_tiny_app, strato
+
+    app = make_tiny_app(tmp_path)
+    for extra, says in ((["--strategy", "fedmedian"], "not fedmedian"),
+                        (["--max-update-norm", "1"], "not max_update_norm"),
+                        (["--strategy", "cs"], "not cs")):  # fmt: skip
+        res = strato("run", str(app), "--mode", "async", *extra, "--out", str(tmp_path / "o"))
+        assert res.returncode == 2 and says in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = strato("run", str(app), "--mode", "later", "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and "--mode" in res.stderr

@@ -754,3 +754,40 @@ def test_an_upload_the_disk_has_no_room_for_is_answered_507_and_stores_nothing(
     resp = h.http.put(f"/v1/rounds/1/updates/{alice}", content=good, headers=headers)
     assert resp.status_code == 201
     assert len(h.stored_updates()[1]) == 1
+
+
+def test_async_an_upload_goes_to_the_open_buffer_unless_too_stale(harness: Harness) -> None:
+    """Async mode: an update sent an older round's notice is taken into the open buffer
+    while it is at most max_staleness versions behind; staler ones, second uploads and
+    uploads after the last version are refused before a byte is read."""
+    from strato.fl import buffered
+
+    h = harness
+    item = h.svc.table.get(state.JOB, "config")
+    assert item is not None
+    job = item.value
+    job["config"] |= {"mode": "async", "buffer": 2, "max_staleness": 1, "rounds": 3}
+    h.svc.table.put(state.JOB, "config", job)
+    h.gateway.job, h.gateway.config = job, job["config"]
+    alice = h.register(client_id="alice")
+    for r in (1, 2, 3):  # versions 1 and 2 made: round 3's buffer is open
+        buffered.open_version(h.svc, job, r)
+        if r < 3:
+            h.svc.blobs.put(state.model_key(r), encode(_model(0)).payload)
+            state.cas_update(h.svc.table, state.ROUNDS, state.round_key(r),
+                             lambda v: {**v, "status": "closed"})
+    update = encode(_model(2)).payload
+    headers = {**h.auth(alice), "X-Strato-Num-Examples": "100"}
+    stale = h.http.put(f"/v1/rounds/1/updates/{alice}", content=update, headers=headers)
+    assert stale.status_code == 409 and stale.json()["error"].startswith(
+        "stale: it started from version 0, 2 versions behind")
+    assert h.stored_updates() == ([], [])
+    ok = h.http.put(f"/v1/rounds/2/updates/{alice}", content=update, headers=headers)
+    assert ok.status_code == 201, ok.text  # one version behind: taken
+    again = h.http.put(f"/v1/rounds/2/updates/{alice}", content=update, headers=headers)
+    assert again.status_code == 409 and "already has an update" in again.json()["error"]
+    state.cas_update(h.svc.table, state.ROUNDS, state.round_key(3),
+                     lambda v: {**v, "status": "closed"})  # the last version is made
+    late = h.http.put(f"/v1/rounds/3/updates/{alice}", content=update, headers=headers)
+    assert late.status_code == 409 and late.json()["error"].startswith("late")
+    assert len(h.stored_updates()[1]) == 1

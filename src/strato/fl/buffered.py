@@ -78,7 +78,7 @@ def open_version(svc: Services, job: dict[str, Any], r: int) -> None:
         "status": "open",
         "selected": [],
         "open_to_all": True,  # any client may add to it: the rules check no selection
-        "quorum": int(cfg["buffer"]),
+        "quorum": int(cfg["buffer"]) or int(cfg["clients_per_round"]),
         "model_in": state.model_key(r - 1),
         "opened_at": time.time(),
         "accepted_count": 0,
@@ -107,7 +107,8 @@ def dispatch(svc: Services, job: dict[str, Any], *, pool: list[str],
     ``exclude``: clients already in the open buffer; ``accepting`` False (the last
     version is made): nobody is drawn. Returns the clients drawn."""
     cfg = job["config"]
-    seed, limit, rounds = int(cfg["seed"]), int(cfg["concurrency"]), int(cfg["rounds"])
+    seed, rounds = int(cfg["seed"]), int(cfg["rounds"])
+    limit = int(cfg["concurrency"]) or int(cfg["clients_per_round"])
     oldest = int(cfg.get("max_staleness", 10))
     _item(svc)
     drawn: list[str] = []

@@ -56,8 +56,8 @@ class JobConfig:
     # (control.asynchronous): ``concurrency`` clients train at once, every ``buffer``
     # updates make the next version, staleness-weighted; ``rounds`` counts versions
     mode: str = "sync"
-    concurrency: int = 10
-    buffer: int = 10
+    concurrency: int = 0  # 0: clients_per_round
+    buffer: int = 0  # 0: clients_per_round (a version takes a round's work)
     staleness: str = "polynomial"  # constant | polynomial | hinge
     staleness_exponent: float = 0.5  # polynomial's a in (1 + s)^-a; hinge's slope
     staleness_hinge: int = 4  # hinge: the staleness up to which the weight stays 1
@@ -110,11 +110,11 @@ class JobConfig:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         for name in ("concurrency", "buffer"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} (in [async]) must be at least 1, "
-                                  f"got {getattr(self, name)}")
-        if self.mode == "async" and self.concurrency > self.clients:
-            raise ConfigError(f"concurrency ({self.concurrency}, in [async]) exceeds "
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} (in [async]) must be 0 (clients_per_round) or "
+                                  f"more, got {getattr(self, name)}")
+        if self.mode == "async" and self.async_concurrency > self.clients:
+            raise ConfigError(f"concurrency ({self.async_concurrency}, in [async]) exceeds "
                               f"clients ({self.clients})")
         if self.max_staleness < 0 or self.staleness_hinge < 0:
             raise ConfigError("max_staleness and staleness_hinge (in [async]) must be 0 or "
@@ -149,6 +149,16 @@ class JobConfig:
                     f"setting {f.name!r}{where} must be {_TYPE_NAMES[kind]}, "
                     f"got {_describe(value)}"
                 )
+
+    @property
+    def async_concurrency(self) -> int:
+        """Async: clients training at once (``concurrency``, else clients_per_round)."""
+        return self.concurrency or self.clients_per_round
+
+    @property
+    def async_buffer(self) -> int:
+        """Async: updates a version takes (``buffer``, else clients_per_round)."""
+        return self.buffer or self.clients_per_round
 
     @property
     def quorum_count(self) -> int:
