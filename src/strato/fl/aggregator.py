@@ -893,7 +893,7 @@ class _Agent:
                 return self._encode(r, np.array(flat)), strategy_state, bad
             reduced = result.array
             if opened.bases:
-                reduced = self._from_bases(opened, flat, reduced, set(bad))
+                reduced = self._from_bases(opened, flat, reduced, {*bad, *opened.leaf_bad})
             if self._bound() > 0:
                 reduced = self._clip(opened, flat, reduced, float(result.weight),
                                      {**handle.distances(), **opened.leaf_dist}, set(bad))

@@ -34,7 +34,7 @@ import time
 import uuid
 import zlib
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -336,7 +336,8 @@ class RayRuntime:
                 with contextlib.suppress(StratoError):
                     future = self.invoke_async(str(call["name"]), call.get("event") or {},
                                                node=call.get("node"))
-                    future.add_done_callback(_report_failure(str(call["name"])))
+                    future.add_done_callback(
+                        _report_failure(str(call["name"]), lambda: self._closed))
                 bus.ack(self._inbox, message.receipt)
 
     # ---- one invocation ---------------------------------------------------------------
@@ -639,12 +640,13 @@ def _sum_stats(parts: Iterable[RuntimeStats]) -> RuntimeStats:
     return total
 
 
-def _report_failure(name: str) -> Any:
-    """A nested invocation has no caller waiting for it: its failure is said here."""
+def _report_failure(name: str, closing: Callable[[], bool]) -> Any:
+    """A nested invocation has no caller waiting for it: its failure is said here, unless
+    the runtime closed under it (the run ended: e.g. an async run's clients in flight)."""
 
     def report(future: Future[Any]) -> None:
         exc = None if future.cancelled() else future.exception()
-        if exc is not None:
+        if exc is not None and not closing():
             print(f"strato: {name} (started by another function) failed: "
                   f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                   file=sys.stderr, flush=True)
