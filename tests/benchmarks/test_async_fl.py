@@ -26,7 +26,8 @@ def test_the_async_benchmark_runs_both_modes_and_writes_its_keys(tmp_path: Path)
     assert res.returncode == 0, res.stderr[-4000:]
     data = json.loads(out.read_text())
     for key in ("sync_time_to_target_s", "async_time_to_target_s", "speedup",
-                "sync_final_accuracy", "async_final_accuracy", "updates_refused_stale"):
+                "sync_final_accuracy", "async_final_accuracy", "updates_refused_stale",
+                "speedup_busy"):
         assert key in data, key
     assert data["data"] == "digits" and data["speedup"] > 0
     sync, asyn = data["runs"]["sync"][0], data["runs"]["async"][0]
