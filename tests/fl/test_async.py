@@ -70,8 +70,9 @@ def svc(tmp_path: Path) -> Iterator[Services]:
     with embedded(tmp_path / "svc") as s:
         provision(s, CLIENTS)
         config = {"strategy": "fedavg", "strategy_options": {}, "seed": 0, "rounds": 4,
-                  "clients_per_round": 3, "mode": "async", "concurrency": 2, "buffer": 2, "staleness": "polynomial",
-                  "staleness_exponent": 0.5, "staleness_hinge": 4, "max_staleness": 1}
+                  "clients_per_round": 3, "mode": "async", "concurrency": 2, "buffer": 2,
+                  "staleness": "polynomial", "staleness_exponent": 0.5, "staleness_hinge": 4,
+                  "max_staleness": 1}
         job = {"config": config, "quorum_count": 2, "layout": LAYOUT.to_json(),
                "clients": CLIENTS, "simulate": True}
         s.table.put(state.JOB, "config", job)
