@@ -47,7 +47,7 @@ client_concurrency = 1
 
 [round]
 quorum = {quorum}
-round_deadline_s = 60
+round_deadline_s = 300  # generous: a loaded machine cold-starts slowly; rounds close on quorum
 
 [train]
 epochs = 1
