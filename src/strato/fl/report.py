@@ -87,8 +87,10 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def write_curves(path: Path, rows: list[dict[str, Any]]) -> bool:
-    """Accuracy and loss per round as a PNG; False when matplotlib is missing."""
+def write_curves(path: Path, rows: list[dict[str, Any]], started: float | None = None) -> bool:
+    """Accuracy and loss per round (per version, async) as a PNG, and accuracy against
+    the wall time since ``started`` (epoch s) when the rows say when each model was
+    ready; False when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -97,7 +99,9 @@ def write_curves(path: Path, rows: list[dict[str, Any]]) -> bool:
     except ImportError:
         return False
     rounds = [r["round"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    timed = started is not None and bool(rows) and all("model_ready_at" in r for r in rows)
+    fig, axes = plt.subplots(1, 3 if timed else 2, figsize=(13.5 if timed else 9, 3.5))
+    ax1, ax2 = axes[0], axes[1]
     ax1.plot(rounds, [r["accuracy"] for r in rows], marker="o", ms=3)
     ax1.set(xlabel="round", ylabel="test accuracy", title="Accuracy")
     ax2.plot(
@@ -108,7 +112,13 @@ def write_curves(path: Path, rows: list[dict[str, Any]]) -> bool:
         color="tab:red",
     )
     ax2.set(xlabel="round", ylabel="test loss", title="Loss")
-    for ax in (ax1, ax2):
+    if timed:
+        assert started is not None
+        axes[2].plot([float(r["model_ready_at"]) - started for r in rows],
+                     [r["accuracy"] for r in rows], marker="o", ms=3, color="tab:green")
+        axes[2].set(xlabel="seconds since the run started", ylabel="test accuracy",
+                    title="Accuracy against wall time")
+    for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

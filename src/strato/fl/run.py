@@ -470,7 +470,7 @@ def _finish(
         except Exception as exc:  # a report must not fail a finished run
             summary["placement"] = {"error": str(exc)}
     (opts.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    curves = report.write_curves(opts.out / "curves.png", rows)
+    curves = report.write_curves(opts.out / "curves.png", rows, started=first)
     _say(
         opts,
         f"done: {summary['rounds']} rounds, final accuracy {summary['final_accuracy']:.4f}, "
