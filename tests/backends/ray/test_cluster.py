@@ -8,7 +8,6 @@ Ray is left running afterwards.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -32,10 +31,15 @@ EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "mnist"
 pytestmark = pytest.mark.slow
 
 
-def _ray_processes() -> list[str]:
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines()
-            if ("raylet" in line or "gcs_server" in line) and "ps -eo" not in line]
+def _ray_processes() -> dict[int, str]:
+    """The GCS servers and raylets running now: pid -> command line."""
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    found = {}
+    for line in out.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if ("raylet" in args or "gcs_server" in args) and "ps -eo" not in args:
+            found[int(pid)] = args
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -45,20 +49,23 @@ def cluster() -> Iterator[LocalCluster]:
     shm_before = set(os.listdir("/dev/shm"))
     node_dirs = Path(tempfile.gettempdir()) / "strato-ray"
     dirs_before = set(node_dirs.iterdir()) if node_dirs.is_dir() else set()
+    before = _ray_processes()
     with LocalCluster(nodes=3, cpus=1) as c:
-        port = c.address.rsplit(":", 1)[-1]
-        sessions = {m for p in _ray_processes() if port in p
-                    for m in re.findall(r"session_[0-9][0-9_-]*", p)}  # fmt: skip
-        assert sessions, "the cluster's raylets were not found"
+        # this cluster's GCS and raylets: those that came with it (a Ray started later
+        # by another test on this worker is not the cluster's to stop)
+        ours = {pid: args for pid, args in _ray_processes().items()
+                if before.get(pid) != args}  # fmt: skip
+        assert ours, "the cluster's GCS and raylets were not seen"
         yield c
 
-    def ours() -> list[str]:  # this cluster's GCS and raylets: they name its session
-        return [p for p in _ray_processes() if any(s in p for s in sessions)]
+    def alive() -> list[str]:
+        now = _ray_processes()
+        return [args for pid, args in ours.items() if now.get(pid) == args]
 
-    deadline = time.monotonic() + 20
-    while ours() and time.monotonic() < deadline:
+    deadline = time.monotonic() + 60  # raylets exit slowly on a loaded machine
+    while alive() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not ours(), "Ray processes outlived the cluster"
+    assert not alive(), "Ray processes outlived the cluster"
     left = {n for n in set(os.listdir("/dev/shm")) - shm_before if not _owner_alive(n)}
     assert not left, "segments outlived the cluster"
     dirs_after = set(node_dirs.iterdir()) if node_dirs.is_dir() else set()
