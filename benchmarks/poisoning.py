@@ -32,7 +32,10 @@ stays 0.2. An attacker trains honestly, then sends
 ``g − 10·(x − g)`` for its trained model ``x`` and the round's model ``g`` (the app
 does it, from ``[train] attackers``). Each configuration runs with ``--seeds`` seeds;
 the keys are the mean final test accuracy per configuration, its drop against the
-clean run (``drop_points``), and ``within_3_points`` per defence. Prints a table and
+clean run (``drop_points``), and ``within_3_points`` per defence. Rounds close at a
+30 s deadline: a machine too slow for that closes honest rounds early and changes
+the figures, which the JSON says (``clean_rounds_closed_by_deadline``) and the script
+warns of: run it alone on the machine. Prints a table and
 writes JSON.
 """
 
@@ -199,6 +202,9 @@ def run_one(app: Path, out: Path, data_dir: str | None, rounds: int | None) -> d
         "accuracy_per_round": [float(r["accuracy"]) for r in summary["per_round"]],
         "wall_s": round(time.monotonic() - started, 1),
         "updates_clipped": clipped,
+        # rounds that closed at the 30 s deadline: expected once a poisoned model makes
+        # every update NaN; in the clean run, a sign the machine was too slow
+        "deadline_closes": sum(r.get("closed_by") == "deadline" for r in summary["per_round"]),
     }
 
 
@@ -259,6 +265,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace,
             "final_accuracy": round(acc[name], 4),
             "final_accuracy_per_seed": [r["final_accuracy"] for r in rs],
             "updates_clipped": sum(r["updates_clipped"] for r in rs),
+            "deadline_closes": sum(r.get("deadline_closes", 0) for r in rs),
             "wall_s": round(statistics.fmean(r["wall_s"] for r in rs), 1),
             "runs": rs,
         }
@@ -266,7 +273,13 @@ def summarise(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace,
             row["drop_points"] = round(100 * (clean - acc[name]), 2)
             row["within_3_points"] = row["drop_points"] <= 3.0
         per[name] = row
+    slow = per.get("clean", {}).get("deadline_closes", 0)
+    if slow:
+        print(f"warning: the clean run closed {slow} round(s) at the deadline: the machine "
+              "was too slow for this benchmark's 30 s rounds; run it on a quiet machine",
+              file=sys.stderr)  # fmt: skip
     return {
+        "clean_rounds_closed_by_deadline": slow,
         "command": "python benchmarks/poisoning.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "data": "mnist" if args.data_dir or os.environ.get("STRATO_DATA_DIR") else "digits",

@@ -594,6 +594,10 @@ def poisoning() -> str:
                            ", ".join(f"{a:.4f}" for a in row["final_accuracy_per_seed"]),
                            str(row.get("drop_points", "")), within,
                            str(row["updates_clipped"])]))
+    if d.get("clean_rounds_closed_by_deadline"):
+        lines += ["", f"**Not comparable:** the clean run closed "
+                  f"{d['clean_rounds_closed_by_deadline']} round(s) at the deadline (a machine "
+                  "too slow for the benchmark's 30 s rounds)."]
     tuning = d.get("trimmedmean_beta")
     if tuning and "validation_final_accuracy" in tuning:
         tried = ", ".join(f"{b}: {a:.4f}" for b, a in tuning["validation_final_accuracy"].items())
