@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fltools import MNIST_APP, cli_env, strato_workers
+from fltools import cli_env, make_tiny_app, strato_workers
 from strato.codec import decode, encode
 from strato.control.asynchronous import next_client, speed_factor, staleness_weight
 from strato.errors import ConfigError
@@ -182,10 +182,7 @@ def _accepted_updates(out: Path) -> dict[str, str]:
 def test_a_killed_async_run_resumes_at_its_last_version_and_loses_no_update(
     tmp_path: Path,
 ) -> None:
-    app = tmp_path / "app"
-    app.mkdir()
-    (app / "app.py").write_text((MNIST_APP / "app.py").read_text())
-    (app / "strato.toml").write_text(ASYNC_TOML)
+    app = make_tiny_app(tmp_path, ASYNC_TOML)
     out = tmp_path / "out"
     run = subprocess.Popen([sys.executable, "-m", "strato.cli", "run", str(app), "--out",
                             str(out)], env=cli_env(), stdout=subprocess.DEVNULL,
@@ -223,7 +220,7 @@ def test_a_killed_async_run_resumes_at_its_last_version_and_loses_no_update(
 
 
 def test_async_refuses_what_it_cannot_run_in_one_line(tmp_path: Path) -> None:
-    from fltools import make_tiny_app, strato
+    from fltools import strato
 
     app = make_tiny_app(tmp_path)
     for extra, says in ((["--strategy", "fedmedian"], "not fedmedian"),
