@@ -32,13 +32,21 @@ pytestmark = pytest.mark.slow
 
 
 def _ray_processes() -> dict[int, str]:
-    """The GCS servers and raylets running now: pid -> command line."""
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    """The GCS servers and raylets running now: pid -> command line.
+
+    Read from /proc, not from ``ps``, whose columns are cut to ``$COLUMNS`` when set.
+    """
     found = {}
-    for line in out.splitlines():
-        pid, _, args = line.strip().partition(" ")
-        if ("raylet" in args or "gcs_server" in args) and "ps -eo" not in args:
-            found[int(pid)] = args
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            name = (proc / "comm").read_text().strip()
+            args = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        if name in ("raylet", "gcs_server"):
+            found[int(proc.name)] = args
     return found
 
 
