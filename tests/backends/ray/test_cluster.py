@@ -31,23 +31,13 @@ EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "mnist"
 pytestmark = pytest.mark.slow
 
 
-def _ray_processes() -> dict[int, str]:
-    """The GCS servers and raylets running now: pid -> command line.
-
-    Read from /proc, not from ``ps``, whose columns are cut to ``$COLUMNS`` when set.
-    """
-    found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            name = (proc / "comm").read_text().strip()
-            args = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:  # gone meanwhile
-            continue
-        if name in ("raylet", "gcs_server"):
-            found[int(proc.name)] = args
-    return found
+def _alive(pid: int) -> bool:
+    """The process runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        stat = Path("/proc", str(pid), "stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 @pytest.fixture(scope="module")
@@ -57,23 +47,14 @@ def cluster() -> Iterator[LocalCluster]:
     shm_before = set(os.listdir("/dev/shm"))
     node_dirs = Path(tempfile.gettempdir()) / "strato-ray"
     dirs_before = set(node_dirs.iterdir()) if node_dirs.is_dir() else set()
-    before = _ray_processes()
     with LocalCluster(nodes=3, cpus=1) as c:
-        # this cluster's GCS and raylets: those that came with it (a Ray started later
-        # by another test on this worker is not the cluster's to stop)
-        ours = {pid: args for pid, args in _ray_processes().items()
-                if before.get(pid) != args}  # fmt: skip
-        assert ours, "the cluster's GCS and raylets were not seen"
+        ours = c.processes()  # this cluster's GCS, raylets and the rest, by pid
+        assert {"gcs_server", "raylet"} <= set(ours.values()), ours
         yield c
+        ours |= c.processes()  # with the nodes added meanwhile
 
-    def alive() -> list[str]:
-        now = _ray_processes()
-        return [args for pid, args in ours.items() if now.get(pid) == args]
-
-    deadline = time.monotonic() + 60  # raylets exit slowly on a loaded machine
-    while alive() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not alive(), "Ray processes outlived the cluster"
+    left = [f"{pid} ({kind})" for pid, kind in ours.items() if _alive(pid)]
+    assert not left, f"processes outlived the cluster: {left}"
     left = {n for n in set(os.listdir("/dev/shm")) - shm_before if not _owner_alive(n)}
     assert not left, "segments outlived the cluster"
     dirs_after = set(node_dirs.iterdir()) if node_dirs.is_dir() else set()
@@ -176,7 +157,7 @@ def test_losing_a_worker_node_mid_round_loses_no_update(cluster: LocalCluster, t
     from strato.backends.ray._parts import node_dir
 
     shutil.rmtree(node_dir(svc_config["root"], victim.node_id), ignore_errors=True)
-    cluster.workers.append(cluster._cluster.add_node(num_cpus=1))  # for later tests
+    cluster.add_node()  # for later tests
 
 
 @pytest.mark.parametrize("channel", ["bus", "blob"])

@@ -32,18 +32,35 @@ class LocalCluster:
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
         from ray.cluster_utils import Cluster
 
-        store = object_store_mb * 1024 * 1024
+        self._cpus, self._store = cpus, object_store_mb * 1024 * 1024
         self._cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": cpus, "object_store_memory": store, "include_dashboard": False})
+            "num_cpus": cpus, "object_store_memory": self._store, "include_dashboard": False})
         self.workers: list[Any] = []
         for _ in range(nodes - 1):
-            self.workers.append(self._cluster.add_node(num_cpus=cpus,
-                                                       object_store_memory=store))
+            self.add_node()
         self._cluster.wait_for_nodes()
 
     @property
     def address(self) -> str:
         return str(self._cluster.address)
+
+    def processes(self) -> dict[int, str]:
+        """The processes of the nodes now in the cluster (GCS, raylets, ...): pid -> kind."""
+        found: dict[int, str] = {}
+        nodes = [self._cluster.head_node, *self._cluster.worker_nodes]
+        for node in nodes:
+            for kind, infos in (getattr(node, "all_processes", None) or {}).items():
+                for info in infos:
+                    proc = getattr(info, "process", None)
+                    if proc is not None and getattr(proc, "pid", None):
+                        found[int(proc.pid)] = str(kind)
+        return found
+
+    def add_node(self) -> Any:
+        """A worker node more, like the others."""
+        node = self._cluster.add_node(num_cpus=self._cpus, object_store_memory=self._store)
+        self.workers.append(node)
+        return node
 
     def remove_node(self, node: Any) -> None:
         """Take a worker node away at once (its raylet and workers are killed)."""
