@@ -53,7 +53,10 @@ def cluster() -> Iterator[LocalCluster]:
         yield c
         ours |= c.processes()  # with the nodes added meanwhile
 
-    left = [f"{pid} ({kind})" for pid, kind in ours.items() if _alive(pid)]
+    deadline = time.monotonic() + 10.0  # a killed node's processes take a moment to exit
+    while (left := [f"{pid} ({kind})" for pid, kind in ours.items() if _alive(pid)]) and (
+            time.monotonic() < deadline):
+        time.sleep(0.1)
     assert not left, f"processes outlived the cluster: {left}"
     left = {n for n in set(os.listdir("/dev/shm")) - shm_before if not _owner_alive(n)}
     assert not left, "segments outlived the cluster"
