@@ -435,3 +435,40 @@ def test_a_driver_that_crashes_hands_its_lease_back(
     item = table.get("wf_executions", ex_id)
     assert item is not None
     assert item.value["status"] == "RUNNING" and item.value["lease"] is None
+    assert item.value["down_since"] <= time.time()  # down from then: deadlines wait
+
+
+def test_time_the_run_was_down_does_not_count_against_a_token_deadline(
+    wf: EmbeddedWorkflow, table: MemoryTable, tokens: list[str]
+) -> None:
+    """A run killed mid-round and resumed after its round deadline gets the rest of the
+    round; a live caller's own pause is not down time."""
+    wf.create_state_machine("m", {"StartAt": "Wait", "States": {"Wait": callback(
+        TimeoutSeconds=600, End=True)}})  # fmt: skip
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+
+    def waiting(**changes: Any) -> str:
+        ex_id = wf.start("m", {})
+        assert wf.wait(ex_id, timeout_s=0.3).state == "Wait"  # the token is out
+        item = table.get("wf_executions", ex_id)
+        assert item is not None and item.value["lease"] is None
+        table.put("wf_executions", ex_id, {**item.value, **changes})
+        return ex_id
+
+    # killed 30 s ago with 1.5 s of its round left: the deadline passed while it was down
+    now = time.time()
+    lease = {"id": "x", "pid": dead.pid, "host": socket.gethostname(), "heartbeat": now - 30}
+    ex_id = waiting(lease=lease, token_deadline=now - 28.5)
+    assert wf.wait(ex_id, timeout_s=0.5).status == "RUNNING"  # still open after takeover
+    deadline = table.get("wf_executions", ex_id).value["token_deadline"]  # type: ignore[union-attr]
+    assert 0.5 < deadline - time.time() <= 1.5
+    ex = wf.wait(ex_id, timeout_s=30)  # ... and it still ends at the moved deadline
+    assert (ex.status, ex.error) == ("FAILED", "States.Timeout")
+    # stopped (Ctrl-C, or the workflow closed) 30 s ago with 1.5 s left: the same
+    ex_id = waiting(down_since=now - 30, token_deadline=now - 28.5)
+    assert wf.wait(ex_id, timeout_s=0.5).status == "RUNNING"
+    assert wf.wait(ex_id, timeout_s=30).error == "States.Timeout"
+    # a live caller's pause: the deadline is wall-clock, and it passed
+    ex_id = waiting(token_deadline=now - 28.5)
+    assert wf.wait(ex_id, timeout_s=5).error == "States.Timeout"

@@ -12,6 +12,13 @@ was already sent still counts and the execution cannot hang on a token nobody go
 
 Every write carries the lease with a fresh heartbeat; a write that fails its
 version check means another driver took over, and this one stops at once.
+
+Time the execution spent with no driver because its process was down (killed: since
+the dead driver's last heartbeat; stopped or crashed: since it handed the lease back,
+``down_since``) does not count against a task token's deadline: the next driver moves
+the deadline on by that long, so a run resumed after its round deadline gets the rest
+of the round, not a round closed at once. A caller's own pause (``wait`` with a
+timeout, in a live process) is not down time.
 """
 
 from __future__ import annotations
@@ -70,6 +77,7 @@ class Driver:
         stopping: threading.Event,
         poll_s: float,
         heartbeat_s: float,
+        down_since: float | None = None,
     ) -> None:
         self._table, self._runtime = table, runtime
         self.rec: dict[str, Any] = dict(item.value)
@@ -78,6 +86,7 @@ class Driver:
         self._until, self._stopping = until, stopping
         self._poll_s, self._heartbeat_s = poll_s, heartbeat_s
         self._beat_at = time.time()
+        self._down_since = down_since
 
     # --- persistence ---------------------------------------------------------------------
 
@@ -129,6 +138,7 @@ class Driver:
     def run(self) -> None:
         """Drive until the execution ends or the caller's ``until`` passes (then release)."""
         try:
+            self._discount_down_time()
             while self.rec["status"] == "RUNNING":
                 self._check_clock()
                 try:
@@ -139,16 +149,25 @@ class Driver:
             self._finish(
                 "TIMED_OUT", error=TIMEOUT, cause="the execution ran past its TimeoutSeconds"
             )
-        except _Paused:
-            self._save(lease=None)
+        except _Paused:  # the workflow closing is down time; the caller's own pause is not
+            self._save(lease=None, down_since=time.time() if self._stopping.is_set() else None)
         except LostLease:
             raise
         except BaseException:
             # A bug, a broken table or Ctrl-C: hand the execution back at once, so the
             # next caller of wait() (in any process) need not wait for the lease to expire.
             with contextlib.suppress(Exception):
-                self._save(lease=None)
+                self._save(lease=None, down_since=time.time())
             raise
+
+    def _discount_down_time(self) -> None:
+        """Move a token's deadline on by the time no driver ran (see the module's doc)."""
+        deadline, since = self.rec.get("token_deadline"), self._down_since
+        if since is None:
+            return
+        shift = max(0.0, time.time() - since)
+        self._save(down_since=None,
+                   token_deadline=None if deadline is None else deadline + shift)
 
     def _check_clock(self) -> None:
         now = time.time()

@@ -133,6 +133,8 @@ class EmbeddedWorkflow:
                 time.sleep(min(self._poll_s * 2.5, 0.1))
 
     def _drive(self, item: Item, until: float | None) -> None:
+        before = item.value.get("lease")  # a dead owner's: down since its last heartbeat
+        down_since = float(before["heartbeat"]) if before else item.value.get("down_since")
         lease: dict[str, Any] = {
             "id": uuid.uuid4().hex,
             "pid": os.getpid(),
@@ -158,6 +160,7 @@ class EmbeddedWorkflow:
                 stopping=self._stopping,
                 poll_s=self._poll_s,
                 heartbeat_s=self._heartbeat_s,
+                down_since=down_since,
             )
             driver.run()
         except LostLease:
