@@ -266,9 +266,23 @@ def setup(args: argparse.Namespace) -> tuple[Dataset, Trainer, list[list[int]]]:
 Task = tuple[str, str, tuple[str, ...]]  # (partition, method, extra command-line args)
 
 
+def run_task(argv: list[str], part: str, spec: str) -> dict[str, Any]:
+    """One task: ``spec`` on partition ``part``, with the settings ``argv`` gives."""
+    args = parse_args(argv)
+    if ":" in spec:  # a tuning candidate's own spec
+        args.specs[spec] = spec
+    data, trainer, schedule = setup(args)
+    _, parts = partition_for(part, data, args)
+    return run_method(spec, trainer, parts, schedule, args)
+
+
 def run_in_workers(tasks: list[Task], argv: list[str], jobs: int,
                    tmp: Path) -> dict[Task, dict[str, Any]]:
-    """Run each task in its own process, ``jobs`` at a time (1 thread each)."""
+    """Run each task in its own process, ``jobs`` at a time (1 thread each); with
+    ``jobs`` 1, one after another in this process (no interpreter to start per task)."""
+    if jobs == 1:
+        return {(part, spec, extra): run_task([*argv, *extra], part, spec)
+                for part, spec, extra in tasks}
     pending = list(enumerate(tasks))
     running: list[tuple[subprocess.Popen[bytes], int]] = []
     results: dict[Task, dict[str, Any]] = {}
@@ -356,11 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         part, spec, result = args.worker
-        if ":" in spec:  # a tuning candidate's own spec
-            args.specs[spec] = spec
-        data, trainer, schedule = setup(args)
-        _, parts = partition_for(part, data, args)
-        Path(result).write_text(json.dumps(run_method(spec, trainer, parts, schedule, args)))
+        Path(result).write_text(json.dumps(run_task(argv, part, spec)))
         return 0
     if args.tune:
         return tune(args, argv)

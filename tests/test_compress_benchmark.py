@@ -57,7 +57,7 @@ def test_sparsity_tuning_chooses_on_validation_and_the_run_takes_its_choice(
     script = str(ROOT / "benchmarks" / "sparsity.py")
     proc = subprocess.run(
         [sys.executable, script, "--smoke", "--tune", "--tuning", str(tuning),
-         "--out", str(tmp_path / "t")],
+         "--out", str(tmp_path / "t"), "--jobs", "1"],  # in this process, one by one
         capture_output=True, text=True, timeout=270, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -77,7 +77,7 @@ def test_sparsity_tuning_chooses_on_validation_and_the_run_takes_its_choice(
     summary, out = tmp_path / "s.json", tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, script, "--smoke", "--methods", "fedavg,combined", "--tuning",
-         str(tuning), "--json", str(summary), "--out", str(out)],
+         str(tuning), "--json", str(summary), "--out", str(out), "--jobs", "1"],
         capture_output=True, text=True, timeout=270, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
