@@ -20,12 +20,17 @@ def format_bytes(n: float) -> str:
 
 
 def round_line(m: dict[str, Any], total_rounds: int) -> str:
+    """A round's line; an async run's rows are versions, with how stale their updates were."""
+    stale = m.get("staleness")  # async only: {versions stale: updates}
     return (
-        f"round {m['round']:>3}/{total_rounds}  acc {m['accuracy']:.4f}  loss {m['loss']:.4f}  "
+        f"{'version' if stale is not None else 'round'} {m['round']:>3}/{total_rounds}  "
+        f"acc {m['accuracy']:.4f}  loss {m['loss']:.4f}  "
         f"updates {m['accepted']} ok/{m['rejected']} rejected  "
         f"up {format_bytes(m['bytes_up'])}  down {format_bytes(m['bytes_down'])}  "
         f"agg {1000 * m['aggregation_latency_s']:.1f} ms{_tree(m)}  "
         f"cold starts {m['cold_starts']}"
+        + ("" if stale is None else "  staleness " + (" ".join(
+            f"{s}:{n}" for s, n in stale.items()) or "-"))
     )
 
 

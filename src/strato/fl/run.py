@@ -473,7 +473,8 @@ def _finish(
     curves = report.write_curves(opts.out / "curves.png", rows, started=first)
     _say(
         opts,
-        f"done: {summary['rounds']} rounds, final accuracy {summary['final_accuracy']:.4f}, "
+        f"done: {summary['rounds']} {'versions' if summary.get('mode') == 'async' else 'rounds'}"
+        f", final accuracy {summary['final_accuracy']:.4f}, "
         f"{summary['wall_s']:.1f} s; wrote {opts.out}/summary.json, metrics.jsonl"
         + (", curves.png" if curves else " (matplotlib missing: no curves.png)"),
     )
