@@ -98,7 +98,11 @@ def test_latest_starts_after_what_is_already_in_the_stream(
     mapping = lam.create_event_source_mapping(
         EventSourceArn=stream, FunctionName=function, StartingPosition="LATEST"
     )
-    time.sleep(0.5)  # the mapping finds the stream's end
+    assert mapping["State"] == "Creating"
+    deadline = time.monotonic() + 30  # Enabled once it has found the stream's end
+    while lam.get_event_source_mapping(UUID=mapping["UUID"])["State"] != "Enabled":
+        assert time.monotonic() < deadline, "the mapping was not enabled in time"
+        time.sleep(0.05)
     aws.table.put("src", "after", {"n": 1})
     events = seen(aws, 1)
     assert [r["key"] for e in events for r in e["event"]["records"]] == ["after"]

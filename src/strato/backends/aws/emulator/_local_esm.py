@@ -220,7 +220,10 @@ class LocalEventSources:
                 "FunctionArn": arn,
                 "LastModified": time.time(),
                 "LastProcessingResult": "No records processed",
-                "State": "Enabled" if request.get("Enabled", True) else "Disabled",
+                # Creating until its poller has found where to start (LATEST: the
+                # stream's end), as in Lambda: a record written before it is Enabled
+                # may come before a LATEST mapping's start
+                "State": "Creating" if request.get("Enabled", True) else "Disabled",
                 "StateTransitionReason": "User action",
                 "DestinationConfig": {"OnFailure": {}},
                 "MaximumRecordAgeInSeconds": int(request.get("MaximumRecordAgeInSeconds") or -1),
@@ -287,6 +290,9 @@ class LocalEventSources:
         )
         if config["StartingPosition"] == "LATEST":
             mapping.cursor = self._end_of(reader, source)
+        with self._lock:
+            if config["State"] == "Creating":
+                config["State"] = "Enabled"
         while not mapping.stop.is_set():
             if config["State"] != "Enabled":
                 mapping.stop.wait(POLL_S)
