@@ -31,5 +31,16 @@ _RAY_FILES = ("test_vs_flower.py",)
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if _RAY.search(item.nodeid) or item.nodeid.split("::")[0].endswith(_RAY_FILES):
+        module = item.nodeid.split("::")[0]
+        if _RAY.search(item.nodeid) or module.endswith(_RAY_FILES):
             item.add_marker(pytest.mark.xdist_group("ray"))
+        elif _shares_a_module_fixture(item):
+            # e.g. a reference run or a whole AWS run: made once, on the one worker
+            # that runs the module, rather than once on each worker
+            item.add_marker(pytest.mark.xdist_group(module))
+
+
+def _shares_a_module_fixture(item: pytest.Item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)  # pytest's own record of what it uses
+    defs = getattr(info, "name2fixturedefs", None) or {}
+    return any(getattr(d, "scope", None) == "module" for ds in defs.values() for d in ds)
