@@ -161,7 +161,15 @@ def _strategy_options(
 
 def _serve(args: argparse.Namespace) -> int:
     from strato.fl.run import run_job
-    from strato.fl.serve import ServeOptions, gateway_attach, listen, load_tokens
+    from strato.fl.serve import (
+        ServeOptions,
+        gateway_attach,
+        limit_malloc_arenas,
+        listen,
+        load_tokens,
+    )
+
+    limit_malloc_arenas()  # the gateway's threads: bounded memory on a long-lived server
 
     clients_file = Path(args.clients_file) if args.clients_file else None
     if clients_file is not None and (args.token or args.tokens_file):

@@ -791,3 +791,11 @@ def test_async_an_upload_goes_to_the_open_buffer_unless_too_stale(harness: Harne
     late = h.http.put(f"/v1/rounds/3/updates/{alice}", content=update, headers=headers)
     assert late.status_code == 409 and late.json()["error"].startswith("late")
     assert len(h.stored_updates()[1]) == 1
+
+
+def test_the_malloc_arena_cap_applies_where_glibc_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from strato.fl import serve
+
+    assert serve.limit_malloc_arenas() is sys.platform.startswith("linux")  # glibc here
+    monkeypatch.setattr(serve.sys, "platform", "darwin")
+    assert serve.limit_malloc_arenas() is False
