@@ -1,12 +1,12 @@
 """Joining Ray, and the state host: where a run's durable state lives on a cluster.
 
-``ensure_ray(config)`` joins the cluster ``config["address"]`` names, or starts a
-local Ray when there is none (and does nothing inside a Ray worker, which has joined
-already). Every Strato process of a run then reaches the run's durable state through
-one actor, the **state host**, placed on the head node: it keeps the embedded
-backend's SQLite table, SQLite bus and blob directory under the run's ``root`` on the
-head's disk. Worker nodes hold nothing durable, so losing one loses nothing but the
-work in flight there; a head that restarts reopens the same files.
+``ensure_ray(config)`` joins the cluster ``config["address"]`` (or ``RAY_ADDRESS``)
+names, or starts a local Ray of its own when there is none (and does nothing inside a
+Ray worker, which has joined already). Every Strato process of a run then reaches the
+run's durable state through one actor, the **state host**, placed on the head node:
+it keeps the embedded backend's SQLite table, SQLite bus and blob directory under the
+run's ``root`` on the head's disk. Worker nodes hold nothing durable, so losing one
+loses nothing but the work in flight there; a head that restarts reopens the same files.
 
 Calls to the host carry JSON text and raw bytes only: what Ray transports for us is
 our own encoding, never a pickled Python object of ours.
@@ -41,15 +41,18 @@ def ensure_ray(config: Mapping[str, Any]) -> Any:
 
     with _LOCK:
         if not ray.is_initialized():
-            address = config.get("address") or None
+            # No address (in the config or RAY_ADDRESS) means a Ray of this process's
+            # own: "local" starts one even where another Ray runs on this machine
+            # (Ray would otherwise join the latest one started here, whoever's it is).
+            address = config.get("address") or os.environ.get("RAY_ADDRESS") or "local"
             options: dict[str, Any] = {"namespace": NAMESPACE, "include_dashboard": False,
                                        "log_to_driver": False, "configure_logging": False}
-            if address is None:  # a local Ray for this process: one node, this machine
+            if address == "local":  # one node, this machine
                 options["num_cpus"] = os.cpu_count() or 1
             try:
                 ray.init(address=address, **options)
             except (ConnectionError, RuntimeError, ValueError) as exc:
-                where = address or "a local Ray"
+                where = "a local Ray" if address == "local" else address
                 raise errors.ConfigError(f"cannot join Ray at {where}: {exc}") from None
     return ray
 
