@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from strato.errors import StratoError
 
 if TYPE_CHECKING:
+    from strato.fl.flower import FlowerApp
     from strato.fl.run import RunOptions
     from strato.services import AppResources
 
@@ -49,11 +50,52 @@ def _configure_kernels() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from strato.fl.flower import flower_app, flower_resume_refusal
     from strato.fl.run import run_job
 
+    if args.resume:
+        flower_resume_refusal(Path(args.resume))
+    elif args.app_dir and not (Path(args.app_dir) / "app.py").is_file():
+        flower = flower_app(args.app_dir)
+        if flower is not None:
+            return _run_flower(args, flower)
+        from strato.fl.app import load_app
+
+        load_app(args.app_dir)  # says why it is not an app, before the run begins
+    if args.run_config is not None:
+        raise StratoError("--run-config applies to Flower apps (a pyproject.toml with "
+                          "[tool.flwr.app.components]); a Strato app reads strato.toml")
     opts = _run_options(args)
     _apply_backend(opts, args)
     run_job(opts)
+    return 0
+
+
+def _run_flower(args: argparse.Namespace, app: FlowerApp) -> int:
+    """``strato run DIR`` of a Flower app: its ServerApp here, its ClientApp in functions."""
+    from strato.backends.aws import cli as aws_cli
+    from strato.fl.flower import FlowerRun, check_flower_flags, parse_run_config, run_flower
+
+    given = {f"--{k.replace('_', '-')}": getattr(args, k) for k in vars(args)}
+    check_flower_flags(given, aws_cli.given_flags(args))
+    if args.backend == "aws":
+        raise StratoError("a Flower app runs on the embedded and ray backends "
+                          "(--backend aws runs Strato apps)")
+    run_config = parse_run_config(args.run_config, app.config)
+    if args.rounds is not None:
+        if "num-server-rounds" not in run_config:
+            raise StratoError("--rounds sets the app's num-server-rounds, which its config "
+                              "does not have: use --run-config")
+        run_config["num-server-rounds"] = args.rounds
+    services = None
+    if args.backend == "ray":
+        _import_backend("ray")
+        services = {"backend": "ray", "address": args.address}
+    run_flower(FlowerRun(
+        app, Path(args.out or f"runs/{app.directory.name}"), run_config,
+        nodes=args.clients or app.nodes or 10,
+        data_dir=args.data_dir or os.environ.get("STRATO_DATA_DIR") or None,
+        services=services))
     return 0
 
 
@@ -420,6 +462,10 @@ def _parser() -> argparse.ArgumentParser:
         "--address", metavar="ADDR",
         help="ray: the cluster to join (HOST:PORT of its head, or 'auto'); default: start "
         "a local Ray on this machine",
+    )  # fmt: skip
+    run.add_argument(
+        "--run-config", metavar="'KEY=VALUE ...'",
+        help="a Flower app: values over its [tool.flwr.app.config], as `flwr run` takes them",
     )  # fmt: skip
     run.add_argument(
         "--remote-clients", type=int, metavar="N",

@@ -119,7 +119,8 @@ def _load_app(app_dir: str | Path) -> App:
     if not directory.is_dir():
         raise ConfigError(f"app directory {app_dir} does not exist")
     if not source.is_file():
-        raise ConfigError(f"{app_dir} has no app.py")
+        raise ConfigError(f"{app_dir} is neither a Strato app (it has no app.py) nor a "
+                          "Flower app (a pyproject.toml with [tool.flwr.app.components])")
     name = "strato_app_" + hashlib.sha256(str(source).encode()).hexdigest()[:12]
     module = sys.modules.get(name)
     if module is None:

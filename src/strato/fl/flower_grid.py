@@ -1,0 +1,272 @@
+"""``StratoGrid``: Flower's ``Grid`` on Strato's services, for a ServerApp run as is.
+
+``push_messages`` writes each message to the BlobStore (``strato.fl.flower_wire``)
+and starts the ``flower_client`` function for its destination node; nothing waits
+on a node between rounds. ``pull_messages`` hands back the replies that have come in
+(a node whose ClientApp raised, or whose function failed, replies with Flower's
+``Error``, as a SuperNode would). A round's replies are counted as they come: bytes
+each way, failures, function-seconds, and the evaluate replies' metrics (weighted by
+``num-examples``), for the progress lines, ``metrics.jsonl`` and the summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from strato.fl.flower_wire import FUNCTION, MESSAGES, REPLIES, decode_message, encode_message
+from strato.services import Services
+
+__all__ = ["StratoGrid"]
+
+_ACCURACY = ("accuracy", "acc", "eval_acc", "eval_accuracy", "test_acc", "test_accuracy")
+_LOSS = ("loss", "eval_loss", "test_loss")
+
+
+@dataclass
+class _Round:
+    number: int
+    started: float = field(default_factory=time.monotonic)
+    down: int = 0  # bytes of the messages sent
+    up: int = 0  # bytes of the replies
+    train_ok: int = 0
+    failed: int = 0
+    evaluated: int = 0
+    weight: float = 0.0
+    sums: dict[str, float] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        return {k: v / self.weight for k, v in self.sums.items()} if self.weight else {}
+
+
+@dataclass
+class _Pending:
+    message: Message
+    future: Future[Any]
+    round: _Round
+
+
+class StratoGrid(Grid):
+    def __init__(self, svc: Services, nodes: list[int], run_id: int, *,
+                 rounds: Any = None, say: Callable[[str], None] | None = None,
+                 out: Path | None = None) -> None:
+        self.svc, self.nodes, self.say = svc, list(nodes), say
+        self.rounds = rounds if isinstance(rounds, int) else None
+        self.out = out
+        self._run = Run.create_empty(run_id) if hasattr(Run, "create_empty") else None
+        self._pending: dict[str, _Pending] = {}
+        self._rounds: dict[str, _Round] = {}
+        self._current: _Round | None = None
+        self._batch_opened = False
+        self._reported: list[dict[str, Any]] = []
+        self._last_stats = svc.runtime.stats(FUNCTION)
+
+    # -- Flower's Grid ------------------------------------------------------------
+    def set_run(self, run: Run) -> None:  # the run is this one, made by Strato
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run  # type: ignore[return-value]
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        self._batch_opened = False
+        for msg in messages:
+            if msg.metadata.reply_to_message_id or msg.metadata.delivered_at:
+                raise ValueError(f"not a message to send: {msg.metadata}")
+            mid = uuid.uuid4().hex
+            msg.metadata.__dict__["_message_id"] = mid
+            rnd = self._round(msg)
+            if msg.metadata.dst_node_id not in self.nodes:
+                future: Future[Any] = Future()
+                future.set_exception(LookupError(f"no node {msg.metadata.dst_node_id}"))
+            else:
+                data = encode_message(msg)
+                rnd.down += len(data)
+                self.svc.blobs.put(MESSAGES + mid, data)
+                future = self.svc.runtime.invoke_async(
+                    FUNCTION, {"message": mid, "node": msg.metadata.dst_node_id})
+            self._pending[mid] = _Pending(msg, future, rnd)
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [reply for _mid, reply in self._pull(message_ids)]
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        ids = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        rounds = {self._pending[i].round.number for i in ids}
+        while ids:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            out = [self._pending[i].future for i in ids]
+            if not any(f.done() for f in out):
+                wait(out, timeout=left, return_when=FIRST_COMPLETED)
+            for mid, reply in self._pull(ids):
+                ids.discard(mid)
+                replies.append(reply)
+        for number in sorted(rounds):
+            self._maybe_report(number)
+        return replies
+
+    def _pull(self, message_ids: Iterable[str]) -> list[tuple[str, Message]]:
+        replies = []
+        for mid in list(message_ids):
+            pending = self._pending.get(mid)
+            if pending is None or not pending.future.done():
+                continue
+            del self._pending[mid]
+            replies.append((mid, self._reply(mid, pending)))
+        return replies
+
+    # -- Strato's side ------------------------------------------------------------
+    def _round(self, msg: Message) -> _Round:
+        """The round a message belongs to: its ``group_id`` where the ServerApp sets a
+        number there, else a batch of train messages opens the next round (Flower's
+        strategies send a round's train messages, then its evaluate messages)."""
+        group = msg.metadata.group_id
+        if group.isdigit():
+            number = int(group)
+        elif msg.metadata.message_type.split(".")[0] == "train" and not self._batch_opened:
+            number = (self._current.number if self._current else 0) + 1
+            self._batch_opened = True
+        else:
+            number = self._current.number if self._current else 1
+        if self._current is None or self._current.number != number:
+            for earlier in [r for r in self._rounds.values() if r.number < number]:
+                self._maybe_report(earlier.number, force=True)
+            self._current = self._rounds.setdefault(str(number), _Round(number))
+        return self._current
+
+    def _reply(self, mid: str, pending: _Pending) -> Message:
+        rnd = pending.round
+        try:
+            event = pending.future.result()
+            data = self.svc.blobs.get(REPLIES + mid)
+            rnd.up += len(data)
+            reply: Message = decode_message(data)
+            for key in (MESSAGES + mid, REPLIES + mid):
+                self.svc.blobs.delete(key)
+            if event.get("error"):
+                rnd.failed += 1
+        except Exception as exc:  # the function failed: the node answers with an Error
+            rnd.failed += 1
+            reply = Message(Error(ErrorCode.CLIENT_APP_CRASHED, f"{type(exc).__name__}: {exc}"),
+                            reply_to=pending.message)
+            return reply
+        if reply.has_error():
+            return reply
+        kind = pending.message.metadata.message_type.split(".")[0]
+        if kind == "train":
+            rnd.train_ok += 1
+        elif kind == "evaluate":
+            self._count_metrics(rnd, reply.content)
+        return reply
+
+    @staticmethod
+    def _count_metrics(rnd: _Round, content: RecordDict) -> None:
+        rnd.evaluated += 1
+        for record in content.metric_records.values():
+            count = record.get("num-examples", 1)
+            weight = float(count) if isinstance(count, (int, float)) and count > 0 else 1.0
+            rnd.weight += weight
+            for key, value in record.items():
+                if key != "num-examples" and isinstance(value, (int, float)):
+                    rnd.sums[key] = rnd.sums.get(key, 0.0) + weight * float(value)
+            return
+
+    def _maybe_report(self, number: int, *, force: bool = False) -> None:
+        """A round's line once its evaluate replies are in; a round the ServerApp does
+        not evaluate on the nodes gets its line when the next round starts (``force``)."""
+        rnd = next(r for r in self._rounds.values() if r.number == number)
+        if any(p.round is rnd for p in self._pending.values()):
+            return
+        if number in {r["round"] for r in self._reported}:
+            return
+        if not rnd.evaluated and not (force and rnd.train_ok):
+            return
+        stats = self.svc.runtime.stats(FUNCTION)
+        billed = stats.billed_s - self._last_stats.billed_s
+        cold = stats.cold_starts - self._last_stats.cold_starts
+        self._last_stats = stats
+        metrics = rnd.metrics()
+        row = {"round": number, "accuracy": _first(metrics, _ACCURACY),
+               "loss": _first(metrics, _LOSS), "metrics": metrics,
+               "train_replies": rnd.train_ok, "evaluate_replies": rnd.evaluated,
+               "failed": rnd.failed, "bytes_up": rnd.up, "bytes_down": rnd.down,
+               "function_s": round(billed, 3), "cold_starts": cold,
+               "wall_s": round(time.monotonic() - rnd.started, 3)}
+        self._reported.append(row)
+        if self.out is not None:
+            with (self.out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        if self.say is not None:
+            self.say(_line(row, self.rounds))
+
+    def drain(self) -> None:
+        """At the run's end: wait for messages still out (a ServerApp may stop pulling)."""
+        for pending in list(self._pending.values()):
+            with contextlib.suppress(Exception):  # its node's failure is its reply's
+                pending.future.result(timeout=60)
+        self._pending.clear()
+        for rnd in sorted(self._rounds.values(), key=lambda r: r.number):
+            self._maybe_report(rnd.number, force=True)
+
+    def summary(self, wall_s: float) -> dict[str, Any]:
+        rows = sorted(self._reported, key=lambda r: r["round"])
+        stats = self.svc.runtime.stats(FUNCTION)
+        final = rows[-1]["accuracy"] if rows else None
+        return {"rounds": len(rows), "final_accuracy": final,
+                "bytes_up_total": sum(r["bytes_up"] for r in rows),
+                "bytes_down_total": sum(r["bytes_down"] for r in rows),
+                "failed_replies": sum(r["failed"] for r in rows),
+                "function_s": round(stats.billed_s, 3), "cold_starts": stats.cold_starts,
+                "invocations": stats.invocations, "wall_s": round(wall_s, 3),
+                "per_round": rows}
+
+
+def _first(metrics: dict[str, float], names: tuple[str, ...]) -> float | None:
+    for name in names:
+        if name in metrics:
+            return metrics[name]
+    return None
+
+
+def _line(row: dict[str, Any], rounds: int | None) -> str:
+    of = f"/{rounds}" if rounds else ""
+    acc = row["accuracy"]
+    loss = row["loss"]
+    parts = [f"round {row['round']:>3}{of}"]
+    if acc is not None:
+        parts.append(f"acc {acc:.4f}")
+    if loss is not None:
+        parts.append(f"loss {loss:.4f}")
+    parts.append(f"replies {row['train_replies']} train/{row['evaluate_replies']} evaluate"
+                 f"/{row['failed']} failed")
+    parts.append(f"up {row['bytes_up'] / 1e6:.1f} MB  down {row['bytes_down'] / 1e6:.1f} MB")
+    parts.append(f"fn {row['function_s']:.1f} s  cold starts {row['cold_starts']}")
+    return "  ".join(parts)

@@ -1,0 +1,243 @@
+"""Flower apps run on Strato unchanged (``strato run DIR`` of a Flower app directory).
+
+A numpy-only Flower app, written here, runs end to end in a few seconds: its ServerApp
+drives FedAvg against ``StratoGrid``, its ClientApp runs in the ``flower_client``
+function with a per-node ``Context.state`` kept in the Table. The MNIST app in
+``tests/fl/flower_app`` (in the style of Flower's PyTorch quickstart) is the
+acceptance run. Bad directories and options are refused in one line with exit 2.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+flwr = pytest.importorskip("flwr", reason="Flower apps need flwr: pip install 'strato[flower]'")
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.common.serde import recorddict_from_proto  # noqa: E402
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from strato.cli import main  # noqa: E402
+from strato.codec import decode, read_header  # noqa: E402
+from strato.fl.flower import flower_app, parse_run_config  # noqa: E402
+from strato.fl.flower_wire import STATE_TABLE, decode_message, encode_message  # noqa: E402
+from strato.services import embedded  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = ROOT / "tests" / "fl" / "flower_app"
+
+PYPROJECT = """\
+[project]
+name = "{name}"
+version = "1.0.0"
+
+[tool.flwr.app]
+publisher = "strato-tests"
+
+[tool.flwr.app.components]
+serverapp = "{name}.server:app"
+clientapp = "{name}.client:app"
+
+[tool.flwr.app.config]
+num-server-rounds = 3
+fail-node = -1
+
+[tool.flwr.federations]
+default = "local"
+
+[tool.flwr.federations.local]
+options.num-supernodes = 3
+"""
+
+CLIENT = '''\
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    part = int(context.node_config["partition-id"])
+    if part == int(context.run_config["fail-node"]):
+        raise RuntimeError("this node's data is gone")
+    seen = context.state.get("seen", MetricRecord({"rounds": 0}))
+    rounds = int(seen["rounds"]) + 1
+    context.state["seen"] = MetricRecord({"rounds": rounds})
+    w = msg.content["arrays"]["w"].numpy()
+    new = ArrayRecord({"w": Array(w + (part + 1)), "step": Array(np.array([rounds], np.int64))})
+    metrics = MetricRecord({"num-examples": part + 1, "rounds-trained": rounds})
+    return Message(RecordDict({"arrays": new, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    part = int(context.node_config["partition-id"])
+    metrics = MetricRecord({"accuracy": 0.5 + 0.1 * part, "num-examples": 10})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+'''
+
+SERVER = '''\
+import json
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    strategy = FedAvg(min_available_nodes=1, min_train_nodes=1, min_evaluate_nodes=1)
+    start = ArrayRecord({"w": Array(np.zeros(4, np.float32)),
+                         "step": Array(np.zeros(1, np.int64))})
+    result = strategy.start(grid=grid, initial_arrays=start,
+                            num_rounds=int(context.run_config["num-server-rounds"]))
+    final = result.arrays["w"].numpy().tolist()
+    with open("final.json", "w") as f:
+        json.dump({"w": final}, f)
+'''
+
+
+def _numpy_app(tmp_path: Path, name: str = "npflower") -> Path:
+    app = tmp_path / "app"
+    (app / name).mkdir(parents=True)
+    (app / "pyproject.toml").write_text(PYPROJECT.format(name=name))
+    (app / name / "__init__.py").write_text("")
+    (app / name / "client.py").write_text(CLIENT)
+    (app / name / "server.py").write_text(SERVER)
+    return app
+
+
+def _strato(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "strato", *args], capture_output=True,
+                          text=True, timeout=600, cwd=cwd, env=env, stdin=subprocess.DEVNULL)
+
+
+def _node_rounds(out: Path) -> list[int]:
+    svc = embedded(out / "services")
+    try:
+        states = [recorddict_from_proto(ProtoRecordDict.FromString(
+            base64.b64decode(item.value["state"]))) for item in svc.table.query(STATE_TABLE)]
+    finally:
+        svc.close()
+    return sorted(int(s["seen"]["rounds"]) for s in states)
+
+
+def test_a_flower_app_runs_with_its_state_kept_per_node(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = _strato("run", str(_numpy_app(tmp_path)), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("round")]
+    assert len(lines) == 3 and lines[0].startswith("round   1/3  acc 0.6000"), done.stdout
+    # FedAvg weighted by num-examples 1, 2, 3: each round adds (1·1 + 2·2 + 3·3) / 6.
+    assert json.loads((out / "final.json").read_text())["w"] == pytest.approx([14 / 6 * 3] * 4)
+    assert _node_rounds(out) == [3, 3, 3]  # Context.state survived between rounds
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 3 and summary["final_accuracy"] == pytest.approx(0.6)
+    assert summary["failed_replies"] == 0 and summary["invocations"] == 18
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_replies"] for r in rows] == [3, 3, 3]
+    assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rows)
+    assert not list((out / "services").rglob("flower/messages/*"))  # nothing left behind
+
+
+def test_a_node_whose_clientapp_raises_answers_with_an_error(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = _strato("run", str(_numpy_app(tmp_path, "npfail")), "--out", str(out),
+                   "--run-config", "fail-node=2 num-server-rounds=2")
+    assert done.returncode == 0, done.stderr
+    # Nodes 0 and 1 train (weights 1 and 2); node 2's error is left out by FedAvg.
+    assert json.loads((out / "final.json").read_text())["w"] == pytest.approx([10 / 3] * 4)
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["train_replies"], r["failed"]) for r in rows] == [(2, 1), (2, 1)]
+
+
+@pytest.mark.slow
+def test_the_quickstart_style_app_learns_mnist(tmp_path: Path) -> None:
+    data = os.environ.get("STRATO_DATA_DIR")
+    if not data or not (Path(data) / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("needs MNIST: STRATO_DATA_DIR (CI sets it)")
+    out = tmp_path / "run"
+    done = _strato("run", str(QUICKSTART), "--data-dir", data, "--out", str(out),
+                   "--run-config", "examples-per-node=2000")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 3 and summary["final_accuracy"] >= 0.85, summary
+    assert _node_rounds(out) == [3, 3, 3, 3]
+    assert (out / "final_model.pt").stat().st_size > 0  # the ServerApp's file, in the run
+
+
+def test_a_message_travels_in_stratos_frame_with_no_npy_inside() -> None:
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
+    arrays = ArrayRecord({"w": Array(np.arange(6, dtype=np.float32).reshape(2, 3)),
+                          "n": Array(np.array([3], np.int64)),
+                          "c": Array(np.array([1 + 2j], np.complex64))})
+    msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"lr": 0.1}),
+                              "metrics": MetricRecord({"k": 2})}), 42, "train")
+    msg.metadata.__dict__["_message_id"] = "m1"
+    frame = encode_message(msg)
+    shell = base64.b64decode(read_header(frame)[1]["flower"])  # Flower's protobuf, inside
+    assert shell.count(b"NUMPY") == 1  # only the complex array, which the codec cannot name
+    assert sorted(decode(frame)) == ["0.0", "0.1"]  # w and n: tensors of the frame
+    back = decode_message(frame)
+    assert back.metadata.message_id == "m1" and back.metadata.dst_node_id == 42
+    for name in ("w", "n", "c"):
+        assert np.array_equal(back.content["arrays"][name].numpy(), arrays[name].numpy())
+    assert back.content["config"]["lr"] == 0.1 and back.content["metrics"]["k"] == 2
+
+
+def test_run_config_overrides_as_flwr_run_takes_them() -> None:
+    base = {"num-server-rounds": 3, "lr": 0.1, "name": "a", "flag": True}
+    got = parse_run_config("num-server-rounds=5 lr=0.05 name='b c' flag=false", base)
+    assert got == {"num-server-rounds": 5, "lr": 0.05, "name": "b c", "flag": False}
+    for bad, why in (("rounds=5", "has no 'rounds'"), ("lr", "not key=value"),
+                     ("flag=1", "must be like True")):
+        with pytest.raises(Exception, match=why):
+            parse_run_config(bad, base)
+
+
+def test_the_quickstart_app_is_found_with_its_config() -> None:
+    app = flower_app(QUICKSTART)
+    assert app is not None and app.nodes == 4
+    assert app.serverapp == "mnistflower.server_app:app"
+    assert app.config["num-server-rounds"] == 3
+
+
+@pytest.mark.parametrize("case", ["neither", "bad-toml", "no-import", "bad-key", "strato-flag"])
+def test_a_bad_app_or_option_is_one_line_and_exit_2(
+        tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]) -> None:
+    app = _numpy_app(tmp_path, "npbad" + case.replace("-", ""))
+    extra: list[str] = []
+    expect = {"neither": "neither a Strato app", "bad-toml": "does not parse",
+              "no-import": "does not import", "bad-key": "has no 'epochs'",
+              "strato-flag": "--strategy: not for a Flower app"}[case]
+    if case == "neither":
+        (app / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    elif case == "bad-toml":
+        (app / "pyproject.toml").write_text("[tool.flwr.app\n")
+    elif case == "no-import":
+        server = next(app.glob("*/server.py"))
+        server.write_text("import no_such_module_here\n" + server.read_text())
+    elif case == "bad-key":
+        extra = ["--run-config", "epochs=2"]
+    else:
+        extra = ["--strategy", "fedadam"]
+    code = main(["run", str(app), "--out", str(tmp_path / "out"), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and expect in err[0], err
+    assert not (tmp_path / "out").exists()  # a refused command leaves nothing behind
