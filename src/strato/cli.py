@@ -381,8 +381,10 @@ def _token(args: argparse.Namespace) -> int:
 def _new(args: argparse.Namespace) -> int:
     from strato.fl.scaffold import COMMANDS, new_app
 
-    where = new_app(args.name, Path(args.dir))
-    print(f"wrote {where}: app.py, strato.toml, test_app.py, requirements.txt, README.md")
+    where = new_app(args.name, Path(args.dir), flower=args.flower)
+    files = ("pyproject.toml, the Flower app's package" if args.flower
+             else "app.py, strato.toml")
+    print(f"wrote {where}: {files}, test_app.py, requirements.txt, README.md")
     print(f"run it (and its tests) from {where} with:")
     print("\n".join(COMMANDS))
     return 0
@@ -545,6 +547,8 @@ def _parser() -> argparse.ArgumentParser:
     new = sub.add_parser("new", help="write a new app directory to start from")
     new.add_argument("name", help="the app's name (and its directory's)")
     new.add_argument("--dir", default=".", help="where to write it (default: here)")
+    new.add_argument("--flower", action="store_true",
+                     help="a Flower app (Message API) that `strato run` and `flwr run` accept")
     new.set_defaults(func=_new)
     return p
 

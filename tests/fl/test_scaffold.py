@@ -33,6 +33,32 @@ def test_new_writes_an_app_that_runs_and_whose_tests_pass(tmp_path: Path) -> Non
     assert "2 passed" in tests.stdout
 
 
+def test_new_flower_writes_a_flower_app_that_strato_runs_and_whose_tests_pass(
+        tmp_path: Path) -> None:
+    pytest.importorskip("flwr", reason="Flower apps need flwr: pip install 'strato[flower]'")
+    from strato.fl.flower import flower_app
+
+    res = strato("new", "demo-fl", "--flower", "--dir", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    app = tmp_path / "demo-fl"
+    assert sorted(p.name for p in app.iterdir()) == [
+        ".gitignore", "README.md", "demo_fl", "pyproject.toml", "requirements.txt",
+        "test_app.py"]
+    found = flower_app(app)  # what `strato run` and `flwr run` read: the components
+    assert found is not None and found.clientapp == "demo_fl.client_app:app"
+    assert found.nodes == 5 and found.config["num-server-rounds"] == 10
+    readme = (app / "README.md").read_text()
+    commands = readme.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    assert commands[0].endswith("&& .venv/bin/strato run .")
+    assert (app / "requirements.txt").read_text().startswith("strato[torch,fl,flower]")
+    # its tests: a training step, and a two-round `strato run` of the app
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            str(app)], capture_output=True, text=True, cwd=app,
+                           env=cli_env(), timeout=600, stdin=subprocess.DEVNULL)
+    assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-2000:]
+    assert "2 passed" in tests.stdout
+
+
 def test_new_refuses_a_bad_name_or_an_existing_directory(tmp_path: Path) -> None:
     for name in ("../escape", "1app", "a b"):
         res = strato("new", name, "--dir", str(tmp_path))

@@ -1,4 +1,5 @@
-"""``strato new NAME``: a ready app directory to start from.
+"""``strato new NAME``: a ready app directory to start from (``--flower``: a Flower
+app, written by ``scaffold_flower``).
 
 It holds ``app.py`` (a small model, its training and its evaluation), ``strato.toml``
 (the job), ``test_app.py`` (the app's own tests), ``requirements.txt`` (Strato, from
@@ -179,10 +180,10 @@ COMMANDS = (f"{_INSTALL} && .venv/bin/strato run .",
             f"{_INSTALL} pytest && .venv/bin/python -m pytest")
 
 
-def _requirement() -> str:
+def _requirement(extras: str = "torch,fl") -> str:
     """Strato as this one was installed: from its source directory or URL if it came
     from one (an editable checkout, a wheel file), else by name from the index."""
-    spec = "strato[torch,fl]"
+    spec = f"strato[{extras}]"
     try:
         text = importlib.metadata.distribution("strato").read_text("direct_url.json")
     except importlib.metadata.PackageNotFoundError:
@@ -194,8 +195,9 @@ def _requirement() -> str:
     return spec
 
 
-def new_app(name: str, parent: Path) -> Path:
-    """Write the app ``name`` in ``parent/name``; returns its directory."""
+def new_app(name: str, parent: Path, flower: bool = False) -> Path:
+    """Write the app ``name`` in ``parent/name`` (a Flower app with ``flower``);
+    returns its directory."""
     if not _NAME.match(name):
         raise ConfigError(f"an app name is a letter followed by letters, digits, '-' or '_' "
                           f"(at most 64), not {name!r}")
@@ -203,6 +205,11 @@ def new_app(name: str, parent: Path) -> Path:
     if where.exists():
         raise ConfigError(f"{where} already exists: choose another name or remove it")
     where.mkdir(parents=True)
+    if flower:
+        from strato.fl.scaffold_flower import new_flower_app
+
+        new_flower_app(name, where, _requirement("torch,fl,flower"), COMMANDS)
+        return where
     files = {
         "app.py": _APP,
         "strato.toml": _TOML,
