@@ -29,6 +29,7 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from strato.cli import main  # noqa: E402
 from strato.codec import decode, read_header  # noqa: E402
 from strato.fl.flower import flower_app, parse_run_config  # noqa: E402
+from strato.fl.flower_engine import EagerTrain  # noqa: E402
 from strato.fl.flower_wire import STATE_TABLE, decode_message, encode_message  # noqa: E402
 from strato.services import embedded  # noqa: E402
 
@@ -50,6 +51,7 @@ clientapp = "{name}.client:app"
 [tool.flwr.app.config]
 num-server-rounds = 3
 fail-node = -1
+strategy = "fedavg"
 
 [tool.flwr.federations]
 default = "local"
@@ -75,7 +77,7 @@ def train(msg: Message, context: Context) -> Message:
     rounds = int(seen["rounds"]) + 1
     context.state["seen"] = MetricRecord({"rounds": rounds})
     w = msg.content["arrays"]["w"].numpy()
-    new = ArrayRecord({"w": Array(w + (part + 1)), "step": Array(np.array([rounds], np.int64))})
+    new = ArrayRecord({"w": Array(w + (part + 1)), "b": Array(np.full(2, rounds, np.float32))})
     metrics = MetricRecord({"num-examples": part + 1, "rounds-trained": rounds})
     return Message(RecordDict({"arrays": new, "metrics": metrics}), reply_to=msg)
 
@@ -93,16 +95,17 @@ import json
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedMedian
 
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    strategy = FedAvg(min_available_nodes=1, min_train_nodes=1, min_evaluate_nodes=1)
+    kind = {"fedavg": FedAvg, "fedmedian": FedMedian}[str(context.run_config["strategy"])]
+    strategy = kind(min_available_nodes=1, min_train_nodes=1, min_evaluate_nodes=1)
     start = ArrayRecord({"w": Array(np.zeros(4, np.float32)),
-                         "step": Array(np.zeros(1, np.int64))})
+                         "b": Array(np.zeros(2, np.float32))})
     result = strategy.start(grid=grid, initial_arrays=start,
                             num_rounds=int(context.run_config["num-server-rounds"]))
     final = result.arrays["w"].numpy().tolist()
@@ -149,6 +152,8 @@ def test_a_flower_app_runs_with_its_state_kept_per_node(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 3 and summary["final_accuracy"] == pytest.approx(0.6)
     assert summary["failed_replies"] == 0 and summary["invocations"] == 18
+    assert summary["train_batches_averaged_by_engine"] == 3  # eagerly, by Strato's engine
+    assert summary["train_batches_averaged_by_flower"] == 0
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["train_replies"] for r in rows] == [3, 3, 3]
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rows)
@@ -166,6 +171,18 @@ def test_a_node_whose_clientapp_raises_answers_with_an_error(tmp_path: Path) -> 
     assert [(r["train_replies"], r["failed"]) for r in rows] == [(2, 1), (2, 1)]
 
 
+def test_a_strategy_the_engine_does_not_have_still_works(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = _strato("run", str(_numpy_app(tmp_path, "npmedian")), "--out", str(out),
+                   "--run-config", "strategy='fedmedian'")
+    assert done.returncode == 0, done.stderr
+    # The median of w+1, w+2, w+3 is w+2, three times: Flower's own FedMedian answered.
+    assert json.loads((out / "final.json").read_text())["w"] == pytest.approx([6.0] * 4)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_batches_averaged_by_flower"] == 3
+    assert summary["train_batches_averaged_by_engine"] == 0
+
+
 @pytest.mark.slow
 def test_the_quickstart_style_app_learns_mnist(tmp_path: Path) -> None:
     data = os.environ.get("STRATO_DATA_DIR")
@@ -177,6 +194,7 @@ def test_the_quickstart_style_app_learns_mnist(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 3 and summary["final_accuracy"] >= 0.85, summary
+    assert summary["train_batches_averaged_by_engine"] == 3
     assert _node_rounds(out) == [3, 3, 3, 3]
     assert (out / "final_model.pt").stat().st_size > 0  # the ServerApp's file, in the run
 
@@ -198,6 +216,47 @@ def test_a_message_travels_in_stratos_frame_with_no_npy_inside() -> None:
     for name in ("w", "n", "c"):
         assert np.array_equal(back.content["arrays"][name].numpy(), arrays[name].numpy())
     assert back.content["config"]["lr"] == 0.1 and back.content["metrics"]["k"] == 2
+
+
+def test_the_engine_averages_the_apps_replies_as_flowers_fedavg_does(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    torch = pytest.importorskip("torch")
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    monkeypatch.syspath_prepend(str(QUICKSTART))
+    from mnistflower.task import Net
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
+    engine = EagerTrain()
+    try:
+        engine.begin(1, 5)
+        contents = []
+        for k in range(5):  # five nodes' replies: the app's model, each its own weights
+            torch.manual_seed(k)
+            content = RecordDict({"arrays": ArrayRecord(Net().state_dict()),
+                                  "metrics": MetricRecord({"num-examples": 100 + 37 * k})})
+            frame = encode_message(Message(content, 1 + k, "train"))
+            reply = decode_message(frame)
+            engine.add(str(k), frame, reply)
+            contents.append(reply.content)
+        ours = engine.average(contents, "num-examples")
+        theirs = aggregate_arrayrecords(contents, "num-examples")
+        assert list(ours) == list(theirs)
+        for name in theirs:
+            assert ours[name].numpy().dtype == theirs[name].numpy().dtype
+            assert np.abs(ours[name].numpy() - theirs[name].numpy()).max() <= 1e-6, name
+        assert engine.engine_rounds == 1
+        # Replies the strategy picked out of those added (Krum does): Flower's own answers.
+        engine.begin(2, 2)
+        added = []
+        for k in range(2):
+            frame = encode_message(Message(contents[k], 1 + k, "train"))
+            added.append(decode_message(frame))
+            engine.add(str(k), frame, added[-1])
+        assert engine.average([added[0].content], "num-examples") is None
+        assert engine.flower_rounds == 1
+    finally:
+        engine.close()
 
 
 def test_run_config_overrides_as_flwr_run_takes_them() -> None:

@@ -202,6 +202,7 @@ def run_flower(opts: FlowerRun) -> dict[str, Any]:
     from flwr.serverapp import ServerApp
     from flwr.supercore.task_identity import TaskIdentity
 
+    from strato.fl.flower_engine import EagerTrain, patched_strategies
     from strato.fl.flower_grid import StratoGrid
     from strato.services import connect
 
@@ -241,8 +242,9 @@ def run_flower(opts: FlowerRun) -> dict[str, Any]:
         TaskIdentity.run_id = run_id
         TaskIdentity.node_id = 1  # the SuperLink's: where a ServerApp's messages come from
         (out / "metrics.jsonl").write_text("")
+        engine = EagerTrain()
         grid = StratoGrid(svc, nodes, run_id, rounds=opts.run_config.get("num-server-rounds"),
-                          say=None if opts.quiet else _printer, out=out)
+                          say=None if opts.quiet else _printer, out=out, engine=engine)
         context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
                           run_config=dict(opts.run_config))
         _say(opts, f"Flower app {opts.app.directory.name}: ServerApp {opts.app.serverapp}, "
@@ -251,7 +253,8 @@ def run_flower(opts: FlowerRun) -> dict[str, Any]:
         here = os.getcwd()
         os.chdir(out)  # what the ServerApp writes lands in the run directory
         try:
-            server_app(grid=grid, context=context)
+            with patched_strategies(engine):
+                server_app(grid=grid, context=context)
         except (StratoError, KeyboardInterrupt):
             raise
         except Exception as exc:
@@ -260,6 +263,7 @@ def run_flower(opts: FlowerRun) -> dict[str, Any]:
         finally:
             os.chdir(here)
             grid.drain()
+            engine.close()
         summary = grid.summary(time.monotonic() - started)
         summary.update(app=str(opts.app.directory), kind="flower", nodes=opts.nodes,
                        run_config=opts.run_config)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -26,6 +27,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from strato.fl.flower_engine import EagerTrain
 from strato.fl.flower_wire import FUNCTION, MESSAGES, REPLIES, decode_message, encode_message
 from strato.services import Services
 
@@ -56,13 +58,16 @@ class _Pending:
     message: Message
     future: Future[Any]
     round: _Round
+    reply: Any = None  # (frame size, decoded reply), once it came in (train replies)
+    # set once the reply is decoded and with the engine (at once where none takes it)
+    settled: threading.Event = field(default_factory=threading.Event)
 
 
 class StratoGrid(Grid):
     def __init__(self, svc: Services, nodes: list[int], run_id: int, *,
                  rounds: Any = None, say: Callable[[str], None] | None = None,
-                 out: Path | None = None) -> None:
-        self.svc, self.nodes, self.say = svc, list(nodes), say
+                 out: Path | None = None, engine: EagerTrain | None = None) -> None:
+        self.svc, self.nodes, self.say, self.engine = svc, list(nodes), say, engine
         self.rounds = rounds if isinstance(rounds, int) else None
         self.out = out
         self._run = Run.create_empty(run_id) if hasattr(Run, "create_empty") else None
@@ -90,6 +95,7 @@ class StratoGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
+        train: list[_Pending] = []
         self._batch_opened = False
         for msg in messages:
             if msg.metadata.reply_to_message_id or msg.metadata.delivered_at:
@@ -106,9 +112,36 @@ class StratoGrid(Grid):
                 self.svc.blobs.put(MESSAGES + mid, data)
                 future = self.svc.runtime.invoke_async(
                     FUNCTION, {"message": mid, "node": msg.metadata.dst_node_id})
-            self._pending[mid] = _Pending(msg, future, rnd)
+            self._pending[mid] = pending = _Pending(msg, future, rnd)
             ids.append(mid)
+            if msg.metadata.message_type.split(".")[0] == "train" and future is not None:
+                train.append(pending)
+            else:
+                pending.settled.set()
+        if train and self.engine is None:
+            for pending in train:
+                pending.settled.set()
+        elif train and self.engine is not None:
+            self.engine.begin(train[0].round.number, len(train))
+            for pending in train:  # each reply goes to the engine as its function returns
+                pending.future.add_done_callback(
+                    lambda _f, p=pending: self._arrived(p))  # type: ignore[misc]
         return ids
+
+    def _arrived(self, pending: _Pending) -> None:
+        """A train reply came in: decode it once and have the engine add it now."""
+        mid = pending.message.metadata.message_id
+        try:
+            if pending.future.exception() is not None:
+                return
+            data = self.svc.blobs.get(REPLIES + mid)
+            pending.reply = (len(data), decode_message(data))
+            assert self.engine is not None
+            self.engine.add(str(pending.message.metadata.dst_node_id), data, pending.reply[1])
+        except Exception:  # the pull reads it again and reports what is wrong
+            pending.reply = None
+        finally:
+            pending.settled.set()
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [reply for _mid, reply in self._pull(message_ids)]
@@ -139,6 +172,7 @@ class StratoGrid(Grid):
             pending = self._pending.get(mid)
             if pending is None or not pending.future.done():
                 continue
+            pending.settled.wait()  # the engine has it before the strategy may ask
             del self._pending[mid]
             replies.append((mid, self._reply(mid, pending)))
         return replies
@@ -166,9 +200,11 @@ class StratoGrid(Grid):
         rnd = pending.round
         try:
             event = pending.future.result()
-            data = self.svc.blobs.get(REPLIES + mid)
-            rnd.up += len(data)
-            reply: Message = decode_message(data)
+            if pending.reply is None:
+                data = self.svc.blobs.get(REPLIES + mid)
+                pending.reply = (len(data), decode_message(data))
+            rnd.up += pending.reply[0]
+            reply: Message = pending.reply[1]
             for key in (MESSAGES + mid, REPLIES + mid):
                 self.svc.blobs.delete(key)
             if event.get("error"):
@@ -240,12 +276,16 @@ class StratoGrid(Grid):
         rows = sorted(self._reported, key=lambda r: r["round"])
         stats = self.svc.runtime.stats(FUNCTION)
         final = rows[-1]["accuracy"] if rows else None
+        engine_rounds = self.engine.engine_rounds if self.engine else 0
+        flower_rounds = self.engine.flower_rounds if self.engine else 0
         return {"rounds": len(rows), "final_accuracy": final,
                 "bytes_up_total": sum(r["bytes_up"] for r in rows),
                 "bytes_down_total": sum(r["bytes_down"] for r in rows),
                 "failed_replies": sum(r["failed"] for r in rows),
                 "function_s": round(stats.billed_s, 3), "cold_starts": stats.cold_starts,
                 "invocations": stats.invocations, "wall_s": round(wall_s, 3),
+                "train_batches_averaged_by_engine": engine_rounds,
+                "train_batches_averaged_by_flower": flower_rounds,
                 "per_round": rows}
 
 
