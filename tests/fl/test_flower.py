@@ -259,6 +259,51 @@ def test_the_engine_averages_the_apps_replies_as_flowers_fedavg_does(
         engine.close()
 
 
+def test_round_one_of_the_quickstart_app_averages_as_flowers_fedavg(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The app's own round 1: its ClientApp trains on four MNIST partitions; the engine's
+    average of those replies is Flower's FedAvg of them."""
+    data = os.environ.get("STRATO_DATA_DIR")
+    if not data or not (Path(data) / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("needs MNIST: STRATO_DATA_DIR (CI sets it)")
+    torch = pytest.importorskip("torch")
+    from flwr.app import Context
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    monkeypatch.syspath_prepend(str(QUICKSTART))
+    from mnistflower.client_app import app as client_app
+    from mnistflower.task import Net
+
+    flower = flower_app(QUICKSTART)
+    assert flower is not None
+    config = parse_run_config("examples-per-node=500", flower.config)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
+    torch.manual_seed(0)
+    start = RecordDict({"arrays": ArrayRecord(Net().state_dict()),
+                        "config": ConfigRecord({"lr": 0.05})})
+    engine = EagerTrain()
+    try:
+        engine.begin(1, 4)
+        contents = []
+        for part in range(4):
+            msg = decode_message(encode_message(Message(start, 10 + part, "train")))
+            msg.metadata.__dict__["_message_id"] = f"m{part}"
+            context = Context(run_id=7, node_id=10 + part, state=RecordDict(), run_config=config,
+                              node_config={"partition-id": part, "num-partitions": 4,
+                                           "data-dir": data})
+            frame = encode_message(client_app(msg, context))
+            reply = decode_message(frame)
+            engine.add(str(part), frame, reply)
+            contents.append(reply.content)
+        ours = engine.average(contents, "num-examples")
+        theirs = aggregate_arrayrecords(contents, "num-examples")
+        assert list(ours) == list(theirs)
+        for name in theirs:
+            assert np.abs(ours[name].numpy() - theirs[name].numpy()).max() <= 1e-6, name
+    finally:
+        engine.close()
+
+
 def test_run_config_overrides_as_flwr_run_takes_them() -> None:
     base = {"num-server-rounds": 3, "lr": 0.1, "name": "a", "flag": True}
     got = parse_run_config("num-server-rounds=5 lr=0.05 name='b c' flag=false", base)
