@@ -51,6 +51,8 @@ clientapp = "{name}.client:app"
 [tool.flwr.app.config]
 num-server-rounds = 3
 fail-node = -1
+slow-node = -1
+timeout = 3600.0
 strategy = "fedavg"
 
 [tool.flwr.federations]
@@ -61,6 +63,8 @@ options.num-supernodes = 3
 """
 
 CLIENT = '''\
+import time
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -73,6 +77,9 @@ def train(msg: Message, context: Context) -> Message:
     part = int(context.node_config["partition-id"])
     if part == int(context.run_config["fail-node"]):
         raise RuntimeError("this node's data is gone")
+    if part == int(context.run_config["slow-node"]) and "slept" not in context.state:
+        context.state["slept"] = MetricRecord({"s": 30})
+        time.sleep(30.0)  # its first train message: late for the whole run
     seen = context.state.get("seen", MetricRecord({"rounds": 0}))
     rounds = int(seen["rounds"]) + 1
     context.state["seen"] = MetricRecord({"rounds": rounds})
@@ -107,7 +114,8 @@ def main(grid: Grid, context: Context) -> None:
     start = ArrayRecord({"w": Array(np.zeros(4, np.float32)),
                          "b": Array(np.zeros(2, np.float32))})
     result = strategy.start(grid=grid, initial_arrays=start,
-                            num_rounds=int(context.run_config["num-server-rounds"]))
+                            num_rounds=int(context.run_config["num-server-rounds"]),
+                            timeout=float(context.run_config["timeout"]))
     final = result.arrays["w"].numpy().tolist()
     with open("final.json", "w") as f:
         json.dump({"w": final}, f)
@@ -169,6 +177,21 @@ def test_a_node_whose_clientapp_raises_answers_with_an_error(tmp_path: Path) -> 
     assert json.loads((out / "final.json").read_text())["w"] == pytest.approx([10 / 3] * 4)
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["train_replies"], r["failed"]) for r in rows] == [(2, 1), (2, 1)]
+
+
+def test_a_node_that_misses_the_serverapps_timeout_is_left_out(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = _strato("run", str(_numpy_app(tmp_path, "npslow")), "--out", str(out),
+                   "--run-config", "slow-node=2 timeout=3.0 num-server-rounds=2")
+    assert done.returncode == 0, done.stderr
+    # Nodes 0 and 1 answer in time (weights 1, 2). Node 2 is still on its first message:
+    # its next ones wait behind it, as on a SuperNode, and are left out at the timeout.
+    assert json.loads((out / "final.json").read_text())["w"] == pytest.approx([10 / 3] * 4)
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["train_replies"], r["evaluate_replies"], r["failed"]) for r in rows] == [
+        (2, 2, 2), (2, 2, 2)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_batches_averaged_by_engine"] == 2
 
 
 def test_a_strategy_the_engine_does_not_have_still_works(tmp_path: Path) -> None:
@@ -255,6 +278,40 @@ def test_the_engine_averages_the_apps_replies_as_flowers_fedavg_does(
             engine.add(str(k), frame, added[-1])
         assert engine.average([added[0].content], "num-examples") is None
         assert engine.flower_rounds == 1
+    finally:
+        engine.close()
+
+
+def _added(engine: EagerTrain, replies: list[dict[str, np.ndarray]]) -> list[RecordDict]:
+    """Replies with these arrays (weights 1, 2, ...) added to a new batch of ``engine``."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
+    engine.begin(1, len(replies))
+    contents = []
+    for k, arrays in enumerate(replies):
+        content = RecordDict({"arrays": ArrayRecord({n: Array(a) for n, a in arrays.items()}),
+                              "metrics": MetricRecord({"num-examples": k + 1})})
+        frame = encode_message(Message(content, 1 + k, "train"))
+        reply = decode_message(frame)
+        engine.add(str(k), frame, reply)
+        contents.append(reply.content)
+    return contents
+
+
+def test_replies_a_strategy_changed_or_named_otherwise_get_flowers_average() -> None:
+    ones, twos = np.ones(3, np.float32), np.full(3, 2.0, np.float32)
+    engine = EagerTrain()
+    try:
+        # Server-side DP clipping replaces each reply's ArrayRecord before averaging.
+        contents = _added(engine, [{"w": ones}, {"w": twos}])
+        contents[1]["arrays"] = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+        assert engine.average(contents, "num-examples") is None
+        # Flower averages by name: the same shapes under other names are not the same.
+        contents = _added(engine, [{"a": ones, "b": twos}, {"b": ones, "a": twos}])
+        assert engine.average(contents, "num-examples") is None
+        # A NaN: Flower's average carries it; the engine does not answer.
+        contents = _added(engine, [{"w": ones}, {"w": np.full(3, np.nan, np.float32)}])
+        assert engine.average(contents, "num-examples") is None
+        assert (engine.engine_rounds, engine.flower_rounds) == (0, 3)
     finally:
         engine.close()
 

@@ -36,6 +36,8 @@ from strato.errors import ConfigError, StratoError
 from strato.fl.flower_wire import FUNCTION, JOB_TABLE, STATE_TABLE
 from strato.services import FunctionSpec
 
+MESSAGE_TTL_S = 43_200.0  # Flower's default time-to-live of a message: a ClientApp may take it
+
 __all__ = [
     "FlowerApp",
     "FlowerRun",
@@ -232,10 +234,10 @@ def run_flower(opts: FlowerRun) -> dict[str, Any]:
         svc.table.put(JOB_TABLE, "job", {
             "app_dir": str(opts.app.directory), "clientapp": opts.app.clientapp,
             "run_id": run_id, "run_config": opts.run_config, "nodes": nodes,
-            "data_dir": opts.data_dir,
+            "data_dir": str(Path(opts.data_dir).resolve()) if opts.data_dir else None,
         })
         svc.runtime.register(FunctionSpec(
-            FUNCTION, "strato.fl._flower_client:handle", timeout_s=900,
+            FUNCTION, "strato.fl._flower_client:handle", timeout_s=MESSAGE_TTL_S,
             max_concurrency=max(1, opts.concurrency), keep_alive_s=60,
             env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}))
         TaskIdentity.task_id = 1
@@ -262,8 +264,8 @@ def run_flower(opts: FlowerRun) -> dict[str, Any]:
                               f"{_where_raised(exc, opts.app.directory)}") from None
         finally:
             os.chdir(here)
-            grid.drain()
             engine.close()
+        grid.drain()
         summary = grid.summary(time.monotonic() - started)
         summary.update(app=str(opts.app.directory), kind="flower", nodes=opts.nodes,
                        run_config=opts.run_config)

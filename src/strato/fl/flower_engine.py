@@ -42,7 +42,9 @@ class EagerTrain:
         self._cluster: Cluster | None = None
         self._handle: RoundHandle | None = None
         self._layout: Layout | None = None
-        self._added: dict[int, str] = {}  # id(reply content) -> the node it came from
+        # id(reply content) -> its ArrayRecord and Arrays as added: a strategy that
+        # replaces them before it averages (server-side DP clipping) gets Flower's average
+        self._added: dict[int, tuple[Any, tuple[Any, ...]]] = {}
         self._template: Any = None  # the first reply's ArrayRecord: names and shapes
         self._expected = 0
         self._number = 0
@@ -81,14 +83,18 @@ class EagerTrain:
                     or any(spec.dtype != "F32" for spec in params.layout.tensors)):
                 self._eligible = False
                 return
+            if len(self._added) >= self._expected:  # more than the round was planned for
+                self._eligible = False
+                return
             if self._handle is None:
                 self._start(params.layout, records[0])
-            elif params.layout != self._layout:
-                self._eligible = False
+            elif (params.layout != self._layout
+                  or list(records[0].keys()) != list(self._template.keys())):
+                self._eligible = False  # Flower averages by name: so must the engine
                 return
             assert self._handle is not None
             if self._handle.ingest("n0", params.buffer, client=node, weight=float(weight)):
-                self._added[id(content)] = node
+                self._added[id(content)] = (records[0], tuple(records[0].values()))
 
     def _start(self, layout: Layout, template: Any) -> None:
         if self._cluster is None:
@@ -106,14 +112,23 @@ class EagerTrain:
 
         with self._lock:
             if (not self._eligible or self._handle is None or key != WEIGHT_KEY
-                    or sorted(id(r) for r in records) != sorted(self._added)):
+                    or not self._unchanged(records)):
+                self._settle()
+                return None
+            try:
+                self._handle.close()
+                result = self._handle.result(RESULT_TIMEOUT_S)
+            except Exception:  # the engine failed: Flower's own code answers
+                self._settle()
+                return None
+            flat = result.array.copy()
+            bad = result.bad
+            result.release()
+            if bad:  # a NaN or ±Inf update: Flower's average carries it, as Flower's does
+                self._handle = None
                 self._settle()
                 return None
             self._open = False
-            self._handle.close()
-            result = self._handle.result(RESULT_TIMEOUT_S)
-            flat = result.array.copy()
-            result.release()
             assert self._layout is not None
             names = list(self._template.keys())  # the frame names them "<item>.<index>"
             arrays = {}
@@ -124,6 +139,18 @@ class EagerTrain:
             self._handle, self._added = None, {}
             self.engine_rounds += 1
             return ArrayRecord(arrays)
+
+    def _unchanged(self, records: list[Any]) -> bool:
+        """``records`` are the replies added, each with the arrays it had then."""
+        if sorted(id(r) for r in records) != sorted(self._added):
+            return False
+        for content in records:
+            record, arrays = self._added[id(content)]
+            now = list(content.array_records.values())
+            if len(now) != 1 or now[0] is not record or len(now[0]) != len(arrays) or any(
+                    a is not b for a, b in zip(now[0].values(), arrays, strict=True)):
+                return False
+        return True
 
     def _drop(self) -> None:
         if self._handle is not None:

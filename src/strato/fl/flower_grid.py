@@ -12,6 +12,7 @@ each way, failures, function-seconds, and the evaluate replies' metrics (weighte
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import threading
 import time
@@ -59,6 +60,7 @@ class _Pending:
     future: Future[Any]
     round: _Round
     reply: Any = None  # (frame size, decoded reply), once it came in (train replies)
+    abandoned: bool = False  # the ServerApp stopped waiting for it (its timeout)
     # set once the reply is decoded and with the engine (at once where none takes it)
     settled: threading.Event = field(default_factory=threading.Event)
 
@@ -75,6 +77,10 @@ class StratoGrid(Grid):
         self._rounds: dict[str, _Round] = {}
         self._current: _Round | None = None
         self._batch_opened = False
+        self._engine_round = 0  # the round whose train replies the engine takes
+        self._last: dict[int, Future[Any]] = {}  # each node's latest message
+        self._abandoned: set[str] = set()
+        self._lock = threading.RLock()
         self._reported: list[dict[str, Any]] = []
         self._last_stats = svc.runtime.stats(FUNCTION)
 
@@ -95,44 +101,65 @@ class StratoGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
-        train: list[_Pending] = []
-        self._batch_opened = False
-        for msg in messages:
-            if msg.metadata.reply_to_message_id or msg.metadata.delivered_at:
-                raise ValueError(f"not a message to send: {msg.metadata}")
-            mid = uuid.uuid4().hex
-            msg.metadata.__dict__["_message_id"] = mid
-            rnd = self._round(msg)
-            if msg.metadata.dst_node_id not in self.nodes:
-                future: Future[Any] = Future()
-                future.set_exception(LookupError(f"no node {msg.metadata.dst_node_id}"))
-            else:
-                data = encode_message(msg)
-                rnd.down += len(data)
-                self.svc.blobs.put(MESSAGES + mid, data)
-                future = self.svc.runtime.invoke_async(
-                    FUNCTION, {"message": mid, "node": msg.metadata.dst_node_id})
-            self._pending[mid] = pending = _Pending(msg, future, rnd)
-            ids.append(mid)
-            if msg.metadata.message_type.split(".")[0] == "train" and future is not None:
-                train.append(pending)
-            else:
-                pending.settled.set()
-        if train and self.engine is None:
-            for pending in train:
-                pending.settled.set()
-        elif train and self.engine is not None:
-            self.engine.begin(train[0].round.number, len(train))
-            for pending in train:  # each reply goes to the engine as its function returns
-                pending.future.add_done_callback(
-                    lambda _f, p=pending: self._arrived(p))  # type: ignore[misc]
+        with self._lock:  # Flower's compatibility layer pushes from several threads
+            self._batch_opened = False
+            for msg in messages:
+                if msg.metadata.reply_to_message_id or msg.metadata.delivered_at:
+                    raise ValueError(f"not a message to send: {msg.metadata}")
+                mid = uuid.uuid4().hex
+                msg.metadata.__dict__["_message_id"] = mid
+                rnd = self._round(msg)
+                future: Future[Any]
+                if msg.metadata.dst_node_id not in self.nodes:
+                    future = Future()
+                    future.set_exception(LookupError(f"no node {msg.metadata.dst_node_id}"))
+                else:
+                    data = encode_message(msg)
+                    rnd.down += len(data)
+                    self.svc.blobs.put(MESSAGES + mid, data)
+                    future = self._invoke(mid, msg.metadata.dst_node_id)
+                self._pending[mid] = pending = _Pending(msg, future, rnd)
+                ids.append(mid)
+                if self.engine is None or msg.metadata.message_type.split(".")[0] != "train":
+                    pending.settled.set()
+                    continue
+                if self._engine_round != rnd.number:  # the round's first train message
+                    self.engine.begin(rnd.number, len(self.nodes))
+                    self._engine_round = rnd.number
+                # the reply goes to the engine as its function returns
+                future.add_done_callback(functools.partial(self._arrived, pending, mid))
         return ids
 
-    def _arrived(self, pending: _Pending) -> None:
+    def _invoke(self, mid: str, node: int) -> Future[Any]:
+        """Run the node's ClientApp on the message, after the node's earlier messages, as
+        a SuperNode does: one at a time, so that each sees the state the last one left.
+        A message abandoned while it waits is not run."""
+        event = {"message": mid, "node": node}
+        before = self._last.get(node)
+        if before is None or before.done():
+            future = self.svc.runtime.invoke_async(FUNCTION, event)
+        else:
+            future = Future()
+
+            def start(_before: Future[Any]) -> None:
+                if mid in self._abandoned:
+                    future.set_exception(TimeoutError("the ServerApp stopped waiting"))
+                    return
+                try:
+                    inner = self.svc.runtime.invoke_async(FUNCTION, event)
+                except Exception as exc:  # the runtime is closing
+                    future.set_exception(exc)
+                    return
+                inner.add_done_callback(functools.partial(_settle_with, future))
+
+            before.add_done_callback(start)
+        self._last[node] = future
+        return future
+
+    def _arrived(self, pending: _Pending, mid: str, _future: Future[Any]) -> None:
         """A train reply came in: decode it once and have the engine add it now."""
-        mid = pending.message.metadata.message_id
         try:
-            if pending.future.exception() is not None:
+            if pending.future.exception() is not None or pending.abandoned:
                 return
             data = self.svc.blobs.get(REPLIES + mid)
             pending.reply = (len(data), decode_message(data))
@@ -151,30 +178,52 @@ class StratoGrid(Grid):
         ids = set(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
-        rounds = {self._pending[i].round.number for i in ids}
+        with self._lock:
+            rounds = {self._pending[i].round.number for i in ids}
         while ids:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 break
-            out = [self._pending[i].future for i in ids]
+            with self._lock:
+                out = [self._pending[i].future for i in ids]
             if not any(f.done() for f in out):
                 wait(out, timeout=left, return_when=FIRST_COMPLETED)
             for mid, reply in self._pull(ids):
                 ids.discard(mid)
                 replies.append(reply)
-        for number in sorted(rounds):
-            self._maybe_report(number)
+        with self._lock:
+            self._abandon(ids)  # unanswered at the ServerApp's timeout, as in Flower
+            for number in sorted(rounds):
+                self._maybe_report(number)
         return replies
+
+    def _abandon(self, ids: Iterable[str]) -> None:
+        """Messages nobody waits for any more: counted as failed; their blobs go once
+        their functions return, and their replies reach no engine."""
+        for mid in ids:
+            pending = self._pending.pop(mid, None)
+            if pending is None:
+                continue
+            pending.abandoned = True
+            self._abandoned.add(mid)
+            pending.round.failed += 1
+            pending.future.add_done_callback(functools.partial(self._forget, mid))
+
+    def _forget(self, mid: str, _future: Future[Any] | None = None) -> None:
+        for key in (MESSAGES + mid, REPLIES + mid):
+            with contextlib.suppress(Exception):
+                self.svc.blobs.delete(key)
 
     def _pull(self, message_ids: Iterable[str]) -> list[tuple[str, Message]]:
         replies = []
-        for mid in list(message_ids):
-            pending = self._pending.get(mid)
-            if pending is None or not pending.future.done():
-                continue
-            pending.settled.wait()  # the engine has it before the strategy may ask
-            del self._pending[mid]
-            replies.append((mid, self._reply(mid, pending)))
+        with self._lock:
+            for mid in list(message_ids):
+                pending = self._pending.get(mid)
+                if pending is None or not pending.future.done():
+                    continue
+                pending.settled.wait()  # the engine has it before the strategy may ask
+                del self._pending[mid]
+                replies.append((mid, self._reply(mid, pending)))
         return replies
 
     # -- Strato's side ------------------------------------------------------------
@@ -211,9 +260,11 @@ class StratoGrid(Grid):
                 rnd.failed += 1
         except Exception as exc:  # the function failed: the node answers with an Error
             rnd.failed += 1
+            self._forget(mid)
             reply = Message(Error(ErrorCode.CLIENT_APP_CRASHED, f"{type(exc).__name__}: {exc}"),
                             reply_to=pending.message)
-            return reply
+        if not reply.metadata.message_id:  # a reply has an id of its own, as in Flower
+            reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
         if reply.has_error():
             return reply
         kind = pending.message.metadata.message_type.split(".")[0]
@@ -264,13 +315,12 @@ class StratoGrid(Grid):
             self.say(_line(row, self.rounds))
 
     def drain(self) -> None:
-        """At the run's end: wait for messages still out (a ServerApp may stop pulling)."""
-        for pending in list(self._pending.values()):
-            with contextlib.suppress(Exception):  # its node's failure is its reply's
-                pending.future.result(timeout=60)
-        self._pending.clear()
-        for rnd in sorted(self._rounds.values(), key=lambda r: r.number):
-            self._maybe_report(rnd.number, force=True)
+        """At the ServerApp's end: messages it did not pull are abandoned, and every
+        round not reported yet gets its line."""
+        with self._lock:
+            self._abandon(list(self._pending))
+            for rnd in sorted(self._rounds.values(), key=lambda r: r.number):
+                self._maybe_report(rnd.number, force=True)
 
     def summary(self, wall_s: float) -> dict[str, Any]:
         rows = sorted(self._reported, key=lambda r: r["round"])
@@ -287,6 +337,14 @@ class StratoGrid(Grid):
                 "train_batches_averaged_by_engine": engine_rounds,
                 "train_batches_averaged_by_flower": flower_rounds,
                 "per_round": rows}
+
+
+def _settle_with(outer: Future[Any], inner: Future[Any]) -> None:
+    error = inner.exception()
+    if error is not None:
+        outer.set_exception(error)
+    else:
+        outer.set_result(inner.result())
 
 
 def _first(metrics: dict[str, float], names: tuple[str, ...]) -> float | None:
