@@ -102,14 +102,16 @@ import json
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, FedMedian
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
 
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    kind = {"fedavg": FedAvg, "fedmedian": FedMedian}[str(context.run_config["strategy"])]
+    kinds = {"fedavg": FedAvg, "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg,
+             "krum": Krum}
+    kind = kinds[str(context.run_config["strategy"])]
     strategy = kind(min_available_nodes=1, min_train_nodes=1, min_evaluate_nodes=1)
     start = ArrayRecord({"w": Array(np.zeros(4, np.float32)),
                          "b": Array(np.zeros(2, np.float32))})
@@ -194,16 +196,46 @@ def test_a_node_that_misses_the_serverapps_timeout_is_left_out(tmp_path: Path) -
     assert summary["train_batches_averaged_by_engine"] == 2
 
 
-def test_a_strategy_the_engine_does_not_have_still_works(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("strategy", "finals", "by_engine"), [
+    ("fedmedian", {6.0}, 3),  # the median of w+1, w+2, w+3: on the engine's shards
+    # One node's update a round (ties go by the order replies came): Flower's own code.
+    ("krum", {3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0}, 0),
+])
+def test_robust_strategies_on_the_engine_or_flowers_own_code(
+        tmp_path: Path, strategy: str, finals: set[float], by_engine: int) -> None:
     out = tmp_path / "run"
-    done = _strato("run", str(_numpy_app(tmp_path, "npmedian")), "--out", str(out),
-                   "--run-config", "strategy='fedmedian'")
+    done = _strato("run", str(_numpy_app(tmp_path, "np" + strategy)), "--out", str(out),
+                   "--run-config", f"strategy='{strategy}'")
     assert done.returncode == 0, done.stderr
-    # The median of w+1, w+2, w+3 is w+2, three times: Flower's own FedMedian answered.
-    assert json.loads((out / "final.json").read_text())["w"] == pytest.approx([6.0] * 4)
+    w = json.loads((out / "final.json").read_text())["w"]
+    assert len(set(w)) == 1 and w[0] in finals, w
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["train_batches_averaged_by_flower"] == 3
-    assert summary["train_batches_averaged_by_engine"] == 0
+    assert summary["train_batches_averaged_by_engine"] == by_engine
+    assert summary["train_batches_averaged_by_flower"] == 3 - by_engine
+
+
+def test_the_engines_shards_give_flowers_median_and_trimmed_mean(tmp_path: Path) -> None:
+    from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
+
+    svc = embedded(tmp_path / "services")
+    engine = EagerTrain(svc.runtime)
+    rng = np.random.default_rng(3)
+    replies = [{"w": rng.normal(size=(5, 7)).astype(np.float32),
+                "b": rng.normal(size=7).astype(np.float32)} for _ in range(5)]
+    try:
+        for rule, options, reference in (
+                ("fedmedian", {}, lambda x: np.median(x, axis=0)),
+                ("trimmedmean", {"beta": 0.2}, lambda x: trim_mean(x, 0.2))):
+            engine.expect(rule, options)
+            contents = _added(engine, replies)
+            ours = engine.robust(contents)
+            for name in ("w", "b"):
+                want = reference(np.stack([r[name] for r in replies]))
+                assert np.abs(ours[name].numpy() - want).max() <= 1e-6, (rule, name)
+        assert engine.engine_rounds == 2
+    finally:
+        engine.close()
+        svc.close()
 
 
 @pytest.mark.slow

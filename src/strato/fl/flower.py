@@ -244,7 +244,8 @@ def run_flower(opts: FlowerRun) -> dict[str, Any]:
         TaskIdentity.run_id = run_id
         TaskIdentity.node_id = 1  # the SuperLink's: where a ServerApp's messages come from
         (out / "metrics.jsonl").write_text("")
-        engine = EagerTrain()
+        # robust rules' shards read replies from this machine's shared memory
+        engine = EagerTrain(svc.runtime if svc.backend == "embedded" else None)
         grid = StratoGrid(svc, nodes, run_id, rounds=opts.run_config.get("num-server-rounds"),
                           say=None if opts.quiet else _printer, out=out, engine=engine)
         context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),

@@ -1,5 +1,12 @@
 """A Flower strategy's train replies, aggregated eagerly by Strato's engine.
 
+FedMedian and FedTrimmedAvg run on the engine's coordinate-sharded aggregators
+(``strato.aggregation.ShardedRound``): each reply's values go to every shard as they
+arrive, each shard holds its slice of every reply, and the result is the rule's
+(``np.median`` exactly; the trimmed mean to float32 rounding). They need a Runtime whose
+functions share this machine's memory (the embedded backend); elsewhere their own code
+answers.
+
 Flower's FedAvg and the strategies built on it (FedAvgM, FedProx, FedAdam, FedYogi,
 FedAdagrad) average the train replies' arrays with ``aggregate_arrayrecords`` once a
 round's replies are all in, and then apply their server step. In a Strato run each
@@ -23,10 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from strato.aggregation import Cluster, RoundHandle
+from strato.aggregation import Cluster, RoundHandle, ShardedRound
 from strato.codec import decode
 from strato.control.autoscaler import TreeShape
 from strato.params import Layout
+from strato.services import Runtime
+from strato.services.shm import ShmPool
 
 __all__ = ["EagerTrain", "patched_strategies"]
 
@@ -37,10 +46,16 @@ RESULT_TIMEOUT_S = 120.0
 class EagerTrain:
     """One train batch at a time: its replies added as they come, its average on ask."""
 
-    def __init__(self) -> None:
+    def __init__(self, runtime: Runtime | None = None) -> None:
         self._lock = threading.Lock()
+        self._runtime = runtime  # where coordinate shards run (None: no robust rules)
         self._cluster: Cluster | None = None
         self._handle: RoundHandle | None = None
+        self._rule: tuple[str, dict[str, Any]] | None = None  # a robust rule, next batch
+        self._batch_rule: tuple[str, dict[str, Any]] | None = None
+        self._sharded: ShardedRound | None = None
+        self._pool: ShmPool | None = None
+        self._leases: list[Any] = []  # robust: each reply's values, until the result
         self._layout: Layout | None = None
         # id(reply content) -> its ArrayRecord and Arrays as added: a strategy that
         # replaces them before it averages (server-side DP clipping) gets Flower's average
@@ -59,6 +74,12 @@ class EagerTrain:
             self._settle()
             self._number, self._expected, self._eligible = number, expected, True
             self._open = True
+            self._batch_rule, self._rule = self._rule, None
+
+    def expect(self, rule: str, options: dict[str, Any]) -> None:
+        """The next batch is aggregated by a robust rule (``fedmedian``, ``trimmedmean``)."""
+        with self._lock:
+            self._rule = (rule, options) if self._runtime is not None else None
 
     def _settle(self) -> None:
         """The batch before: one the strategy did not ask the engine about (FedMedian,
@@ -86,59 +107,96 @@ class EagerTrain:
             if len(self._added) >= self._expected:  # more than the round was planned for
                 self._eligible = False
                 return
-            if self._handle is None:
+            if self._layout is None:
                 self._start(params.layout, records[0])
             elif (params.layout != self._layout
                   or list(records[0].keys()) != list(self._template.keys())):
                 self._eligible = False  # Flower averages by name: so must the engine
                 return
-            assert self._handle is not None
-            if self._handle.ingest("n0", params.buffer, client=node, weight=float(weight)):
+            if self._sharded is not None:  # robust: every shard copies its slice of it
+                assert self._pool is not None
+                lease = self._pool.lease(params.layout.nbytes)
+                np.frombuffer(lease.buffer, np.uint8)[:] = params.buffer
+                added = self._sharded.add(node, lease, float(weight))
+                self._leases.append(lease)
+            else:
+                assert self._handle is not None
+                added = self._handle.ingest("n0", params.buffer, client=node,
+                                            weight=float(weight))
+            if added:
                 self._added[id(content)] = (records[0], tuple(records[0].values()))
 
     def _start(self, layout: Layout, template: Any) -> None:
+        self._layout, self._template = layout, template
+        if self._batch_rule is not None:
+            assert self._runtime is not None
+            if self._pool is None:
+                self._pool = ShmPool(max_idle_bytes=0)
+            rule, options = self._batch_rule
+            self._sharded = ShardedRound(self._runtime, rule, options, layout.nbytes // 4,
+                                         max(1, self._expected), prefix="flower-shard")
+            return
         if self._cluster is None:
             self._cluster = Cluster.local(1, cores=float(os.cpu_count() or 1),
                                           executor="threads")
         plan = self._cluster.plan(TreeShape.of(1), {"n0": max(1, self._expected)})
         self._handle = self._cluster.begin_round(self._number, plan, nbytes=layout.nbytes,
                                                  acc_dtype="F64")
-        self._layout, self._template = layout, template
 
     def average(self, records: list[Any], key: str) -> Any:
         """The engine's average of ``records`` (an ArrayRecord), or None when it has not
         added exactly these replies weighted by ``key``."""
+        with self._lock:
+            if self._handle is None or key != WEIGHT_KEY:
+                self._settle()
+                return None
+            return self._take(records, self._mean)
+
+    def robust(self, records: list[Any]) -> Any:
+        """The robust rule's result over ``records`` (an ArrayRecord), or None when the
+        engine did not add exactly these replies by that rule."""
+        with self._lock:
+            if self._sharded is None:
+                self._settle()
+                return None
+            sharded = self._sharded
+            return self._take(records, lambda: sharded.result(RESULT_TIMEOUT_S))
+
+    def _mean(self) -> Any:
+        assert self._handle is not None
+        self._handle.close()
+        result = self._handle.result(RESULT_TIMEOUT_S)
+        try:
+            if result.bad:  # a NaN or ±Inf update: Flower's average carries it
+                return None
+            return result.array.copy()
+        finally:
+            result.release()
+
+    def _take(self, records: list[Any], reduce: Callable[[], Any]) -> Any:
+        # caller holds the lock
         from flwr.app import Array, ArrayRecord
 
-        with self._lock:
-            if (not self._eligible or self._handle is None or key != WEIGHT_KEY
-                    or not self._unchanged(records)):
-                self._settle()
-                return None
-            try:
-                self._handle.close()
-                result = self._handle.result(RESULT_TIMEOUT_S)
-            except Exception:  # the engine failed: Flower's own code answers
-                self._settle()
-                return None
-            flat = result.array.copy()
-            bad = result.bad
-            result.release()
-            if bad:  # a NaN or ±Inf update: Flower's average carries it, as Flower's does
-                self._handle = None
-                self._settle()
-                return None
-            self._open = False
-            assert self._layout is not None
-            names = list(self._template.keys())  # the frame names them "<item>.<index>"
-            arrays = {}
-            for spec in sorted(self._layout.tensors,
-                               key=lambda t: int(t.name.partition(".")[2])):
-                values = flat[spec.offset // 4: spec.end // 4].reshape(spec.shape)
-                arrays[names[int(spec.name.partition(".")[2])]] = Array(np.asarray(values))
-            self._handle, self._added = None, {}
-            self.engine_rounds += 1
-            return ArrayRecord(arrays)
+        if not self._eligible or not self._unchanged(records):
+            self._settle()
+            return None
+        try:
+            flat = reduce()
+        except Exception:  # the engine failed (or too few replies): Flower's code answers
+            flat = None
+        if flat is None or not np.isfinite(flat).all():
+            self._settle()
+            return None
+        assert self._layout is not None
+        names = list(self._template.keys())  # the frame names them "<item>.<index>"
+        arrays = {}
+        for spec in sorted(self._layout.tensors, key=lambda t: int(t.name.partition(".")[2])):
+            values = flat[spec.offset // 4: spec.end // 4].reshape(spec.shape)
+            arrays[names[int(spec.name.partition(".")[2])]] = Array(np.asarray(values))
+        self._open = False
+        self._drop()
+        self.engine_rounds += 1
+        return ArrayRecord(arrays)
 
     def _unchanged(self, records: list[Any]) -> bool:
         """``records`` are the replies added, each with the arrays it had then."""
@@ -158,7 +216,13 @@ class EagerTrain:
             handle.close()
             with contextlib.suppress(Exception):
                 handle.result(RESULT_TIMEOUT_S).release()
-        self._added = {}
+        if self._sharded is not None:
+            sharded, self._sharded = self._sharded, None
+            with contextlib.suppress(Exception):
+                sharded.close()
+        for lease in self._leases:
+            lease.release()
+        self._leases, self._added, self._layout, self._template = [], {}, None, None
 
     def close(self) -> None:
         with self._lock:
@@ -166,12 +230,16 @@ class EagerTrain:
             if self._cluster is not None:
                 self._cluster.close()
                 self._cluster = None
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
 
 
 @contextlib.contextmanager
 def patched_strategies(engine: EagerTrain) -> Iterator[None]:
-    """While the ServerApp runs: Flower's FedAvg family asks ``engine`` for its average."""
-    from flwr.serverapp.strategy import fedavg
+    """While the ServerApp runs: Flower's FedAvg family asks ``engine`` for its average,
+    and FedMedian and FedTrimmedAvg for their rule's result (their own code otherwise)."""
+    from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, fedavg
 
     name = "aggregate_arrayrecords"  # what FedAvg.aggregate_train calls, by this name
     original: Callable[[list[Any], str], Any] = getattr(fedavg, name)
@@ -180,8 +248,45 @@ def patched_strategies(engine: EagerTrain) -> Iterator[None]:
         averaged = engine.average(list(records), weighting_metric_name)
         return original(records, weighting_metric_name) if averaged is None else averaged
 
+    rules: dict[type, Callable[[Any], tuple[str, dict[str, Any]]]] = {
+        FedMedian: lambda s: ("fedmedian", {}),
+        FedTrimmedAvg: lambda s: ("trimmedmean", {"beta": float(s.beta)}),
+    }
+    saved = [(cls, attr, cls.__dict__.get(attr)) for cls in rules
+             for attr in ("configure_train", "aggregate_train")]
+    for cls, rule in rules.items():
+        _robust(cls, rule, engine)
     setattr(fedavg, name, aggregate_arrayrecords)
     try:
         yield
     finally:
         setattr(fedavg, name, original)
+        for cls, attr, value in saved:
+            if value is None:
+                delattr(cls, attr)
+            else:
+                setattr(cls, attr, value)
+
+
+def _robust(cls: type, rule: Callable[[Any], tuple[str, dict[str, Any]]],
+            engine: EagerTrain) -> None:
+    """``cls`` tells the engine its rule before a round's train messages go out, and
+    takes the engine's result for the replies it validated."""
+    configure, aggregate = cls.configure_train, cls.aggregate_train  # type: ignore[attr-defined]
+
+    def configure_train(self: Any, server_round: int, arrays: Any, config: Any,
+                        grid: Any) -> Any:
+        engine.expect(*rule(self))
+        return configure(self, server_round, arrays, config, grid)
+
+    def aggregate_train(self: Any, server_round: int, replies: Any) -> Any:
+        replies = list(replies)
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        arrays = engine.robust([m.content for m in valid]) if valid else None
+        if arrays is None:
+            return aggregate(self, server_round, replies)
+        contents = [m.content for m in valid]
+        return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+    setattr(cls, "configure_train", configure_train)  # noqa: B010
+    setattr(cls, "aggregate_train", aggregate_train)  # noqa: B010
