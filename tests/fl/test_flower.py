@@ -198,8 +198,8 @@ def test_a_node_that_misses_the_serverapps_timeout_is_left_out(tmp_path: Path) -
 
 @pytest.mark.parametrize(("strategy", "finals", "by_engine"), [
     ("fedmedian", {6.0}, 3),  # the median of w+1, w+2, w+3: on the engine's shards
-    # One node's update a round (ties go by the order replies came): Flower's own code.
-    ("krum", {3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0}, 0),
+    # One node's update a round (here every score ties: the pick goes by arrival order).
+    ("krum", {3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0}, 3),
 ])
 def test_robust_strategies_on_the_engine_or_flowers_own_code(
         tmp_path: Path, strategy: str, finals: set[float], by_engine: int) -> None:
@@ -214,25 +214,43 @@ def test_robust_strategies_on_the_engine_or_flowers_own_code(
     assert summary["train_batches_averaged_by_flower"] == 3 - by_engine
 
 
-def test_the_engines_shards_give_flowers_median_and_trimmed_mean(tmp_path: Path) -> None:
+def test_the_engines_shards_give_flowers_median_trimmed_mean_and_krum(tmp_path: Path) -> None:
     from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
+    from flwr.serverapp.strategy.multikrum import select_multikrum
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    def krum(contents: list[RecordDict], m: int) -> tuple[ArrayRecord, list[int]]:
+        picked = select_multikrum(contents, num_malicious_nodes=1, num_nodes_to_select=m)
+        ids = [id(c) for c in picked]
+        return aggregate_arrayrecords(picked, "num-examples"), sorted(
+            i for i, c in enumerate(contents) if id(c) in ids)
 
     svc = embedded(tmp_path / "services")
     engine = EagerTrain(svc.runtime)
     rng = np.random.default_rng(3)
     replies = [{"w": rng.normal(size=(5, 7)).astype(np.float32),
-                "b": rng.normal(size=7).astype(np.float32)} for _ in range(5)]
+                "b": rng.normal(size=7).astype(np.float32)} for _ in range(6)]
+    replies[4] = {k: v * 50 for k, v in replies[4].items()}  # an attacker, for Krum
     try:
-        for rule, options, reference in (
-                ("fedmedian", {}, lambda x: np.median(x, axis=0)),
-                ("trimmedmean", {"beta": 0.2}, lambda x: trim_mean(x, 0.2))):
+        for rule, options in (("fedmedian", {}), ("trimmedmean", {"beta": 0.2}),
+                              ("krum", {"f": 1, "m": 1}), ("krum", {"f": 1, "m": 3})):
             engine.expect(rule, options)
             contents = _added(engine, replies)
-            ours = engine.robust(contents)
+            stack = {n: np.stack([r[n] for r in replies]) for n in ("w", "b")}
+            if rule == "krum":
+                want, chosen = krum(contents, options["m"])
+            else:
+                chosen = list(range(len(replies)))
+                reduce = (lambda x: np.median(x, axis=0)) if rule == "fedmedian" else (
+                    lambda x: trim_mean(x, 0.2))
+                want = ArrayRecord({n: Array(reduce(stack[n])) for n in stack})
+            ours, ours_chosen = engine.robust(contents)
+            assert [contents.index(c) for c in ours_chosen] == chosen, rule
+            assert 4 not in chosen or rule != "krum"
             for name in ("w", "b"):
-                want = reference(np.stack([r[name] for r in replies]))
-                assert np.abs(ours[name].numpy() - want).max() <= 1e-6, (rule, name)
-        assert engine.engine_rounds == 2
+                diff = np.abs(ours[name].numpy() - want[name].numpy()).max()
+                assert diff <= 1e-6, (rule, options, name)
+        assert engine.engine_rounds == 4
     finally:
         engine.close()
         svc.close()

@@ -1,23 +1,27 @@
 """A Flower strategy's train replies, aggregated eagerly by Strato's engine.
 
-FedMedian and FedTrimmedAvg run on the engine's coordinate-sharded aggregators
-(``strato.aggregation.ShardedRound``): each reply's values go to every shard as they
-arrive, each shard holds its slice of every reply, and the result is the rule's
-(``np.median`` exactly; the trimmed mean to float32 rounding). They need a Runtime whose
-functions share this machine's memory (the embedded backend); elsewhere their own code
-answers.
-
 Flower's FedAvg and the strategies built on it (FedAvgM, FedProx, FedAdam, FedYogi,
 FedAdagrad) average the train replies' arrays with ``aggregate_arrayrecords`` once a
 round's replies are all in, and then apply their server step. In a Strato run each
 train reply is instead added by the aggregation engine (``strato.aggregation``) the
 moment its function returns: its frame's tensor section, float32 arrays in the dense
 codec, is the engine's input as it is, weighted by the reply's ``num-examples``.
-When the strategy asks for the average, it gets the engine's (float64 sums), as long
-as it asks for exactly the replies the engine added, weighted by ``num-examples``.
-Otherwise (a strategy that picks some replies, as Krum does; another weighting key;
-arrays that are not all float32; more than one ArrayRecord) Flower's own function
-answers, on the same replies: the strategy works either way.
+When the strategy asks for the average, it gets the engine's (float64 sums).
+
+FedMedian, FedTrimmedAvg, MultiKrum and Krum run on the engine's coordinate-sharded
+aggregators (``strato.aggregation.ShardedRound``): each reply's values go to every shard
+as they arrive, each shard holds its slice of every reply, and the result is the rule's
+(``np.median`` exactly; the trimmed mean and Krum's average to float32 rounding; Krum's
+distances are summed over the shards, so an exact tie may pick another reply). They
+need a Runtime whose functions share this machine's memory (the embedded backend);
+elsewhere their own code answers.
+
+The engine answers only for exactly the replies it added, each with the very arrays it
+had then, weighted by ``num-examples``. Otherwise (a strategy that picks some replies
+and averages those; replies changed first, as server-side DP clipping does; another
+weighting key; arrays that are not all float32, or named otherwise; more than one
+ArrayRecord; a NaN or ±Inf) Flower's own code answers, on the same replies: the
+strategy works either way.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class EagerTrain:
         self._sharded: ShardedRound | None = None
         self._pool: ShmPool | None = None
         self._leases: list[Any] = []  # robust: each reply's values, until the result
+        self._order: list[Any] = []  # the replies' contents, in the order added
         self._layout: Layout | None = None
         # id(reply content) -> its ArrayRecord and Arrays as added: a strategy that
         # replaces them before it averages (server-side DP clipping) gets Flower's average
@@ -108,7 +113,9 @@ class EagerTrain:
                 self._eligible = False
                 return
             if self._layout is None:
-                self._start(params.layout, records[0])
+                if not self._start(params.layout, records[0]):
+                    self._eligible = False
+                    return
             elif (params.layout != self._layout
                   or list(records[0].keys()) != list(self._template.keys())):
                 self._eligible = False  # Flower averages by name: so must the engine
@@ -125,23 +132,29 @@ class EagerTrain:
                                             weight=float(weight))
             if added:
                 self._added[id(content)] = (records[0], tuple(records[0].values()))
+                self._order.append(content)
 
-    def _start(self, layout: Layout, template: Any) -> None:
+    def _start(self, layout: Layout, template: Any) -> bool:
+        """The batch's aggregation, for updates of ``layout``; False if it cannot be."""
         self._layout, self._template = layout, template
         if self._batch_rule is not None:
             assert self._runtime is not None
             if self._pool is None:
                 self._pool = ShmPool(max_idle_bytes=0)
             rule, options = self._batch_rule
-            self._sharded = ShardedRound(self._runtime, rule, options, layout.nbytes // 4,
-                                         max(1, self._expected), prefix="flower-shard")
-            return
+            try:
+                self._sharded = ShardedRound(self._runtime, rule, options, layout.nbytes // 4,
+                                             max(1, self._expected), prefix="flower-shard")
+            except Exception:  # e.g. too few nodes for Krum's f: the strategy's own code
+                return False
+            return True
         if self._cluster is None:
             self._cluster = Cluster.local(1, cores=float(os.cpu_count() or 1),
                                           executor="threads")
         plan = self._cluster.plan(TreeShape.of(1), {"n0": max(1, self._expected)})
         self._handle = self._cluster.begin_round(self._number, plan, nbytes=layout.nbytes,
                                                  acc_dtype="F64")
+        return True
 
     def average(self, records: list[Any], key: str) -> Any:
         """The engine's average of ``records`` (an ArrayRecord), or None when it has not
@@ -152,15 +165,21 @@ class EagerTrain:
                 return None
             return self._take(records, self._mean)
 
-    def robust(self, records: list[Any]) -> Any:
-        """The robust rule's result over ``records`` (an ArrayRecord), or None when the
-        engine did not add exactly these replies by that rule."""
+    def robust(self, records: list[Any]) -> tuple[Any, list[Any]] | None:
+        """The robust rule's result over ``records`` (an ArrayRecord) and the replies it
+        chose (Krum: those it picked; else all), or None when the engine did not add
+        exactly these replies by that rule."""
         with self._lock:
             if self._sharded is None:
                 self._settle()
                 return None
-            sharded = self._sharded
-            return self._take(records, lambda: sharded.result(RESULT_TIMEOUT_S))
+            sharded, order = self._sharded, list(self._order)
+            arrays = self._take(records, lambda: sharded.result(RESULT_TIMEOUT_S))
+            if arrays is None:
+                return None
+            chosen = (order if sharded.selected is None
+                      else [order[i] for i in sorted(sharded.selected)])
+            return arrays, chosen
 
     def _mean(self) -> Any:
         assert self._handle is not None
@@ -223,6 +242,7 @@ class EagerTrain:
         for lease in self._leases:
             lease.release()
         self._leases, self._added, self._layout, self._template = [], {}, None, None
+        self._order = []
 
     def close(self) -> None:
         with self._lock:
@@ -239,7 +259,7 @@ class EagerTrain:
 def patched_strategies(engine: EagerTrain) -> Iterator[None]:
     """While the ServerApp runs: Flower's FedAvg family asks ``engine`` for its average,
     and FedMedian and FedTrimmedAvg for their rule's result (their own code otherwise)."""
-    from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, fedavg
+    from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, MultiKrum, fedavg
 
     name = "aggregate_arrayrecords"  # what FedAvg.aggregate_train calls, by this name
     original: Callable[[list[Any], str], Any] = getattr(fedavg, name)
@@ -251,6 +271,8 @@ def patched_strategies(engine: EagerTrain) -> Iterator[None]:
     rules: dict[type, Callable[[Any], tuple[str, dict[str, Any]]]] = {
         FedMedian: lambda s: ("fedmedian", {}),
         FedTrimmedAvg: lambda s: ("trimmedmean", {"beta": float(s.beta)}),
+        MultiKrum: lambda s: ("krum", {"f": int(s.num_malicious_nodes),  # and Krum: m = 1
+                                       "m": int(s.num_nodes_to_select)}),
     }
     saved = [(cls, attr, cls.__dict__.get(attr)) for cls in rules
              for attr in ("configure_train", "aggregate_train")]
@@ -282,11 +304,11 @@ def _robust(cls: type, rule: Callable[[Any], tuple[str, dict[str, Any]]],
     def aggregate_train(self: Any, server_round: int, replies: Any) -> Any:
         replies = list(replies)
         valid, _ = self._check_and_log_replies(replies, is_train=True)
-        arrays = engine.robust([m.content for m in valid]) if valid else None
-        if arrays is None:
+        done = engine.robust([m.content for m in valid]) if valid else None
+        if done is None:
             return aggregate(self, server_round, replies)
-        contents = [m.content for m in valid]
-        return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        arrays, chosen = done
+        return arrays, self.train_metrics_aggr_fn(chosen, self.weighted_by_key)
 
     setattr(cls, "configure_train", configure_train)  # noqa: B010
     setattr(cls, "aggregate_train", aggregate_train)  # noqa: B010
