@@ -212,6 +212,12 @@ def _serve(args: argparse.Namespace) -> int:
     )
 
     limit_malloc_arenas()  # the gateway's threads: bounded memory on a long-lived server
+    if args.app_dir and not args.resume and not (Path(args.app_dir) / "app.py").is_file():
+        from strato.fl.flower import flower_app
+
+        if flower_app(args.app_dir) is not None:
+            raise StratoError(f"{args.app_dir} is a Flower app: `strato run` runs it "
+                              "(strato serve's remote clients run Strato apps)")
 
     clients_file = Path(args.clients_file) if args.clients_file else None
     if clients_file is not None and (args.token or args.tokens_file):
@@ -397,7 +403,8 @@ def _number(text: str) -> int | float:
 
 
 def _job_arguments(cmd: argparse.ArgumentParser) -> None:
-    cmd.add_argument("app_dir", nargs="?", help="directory holding app.py (and strato.toml)")
+    cmd.add_argument("app_dir", nargs="?", help="the app: a directory holding app.py (and "
+                     "strato.toml), or a Flower app (pyproject.toml, for strato run)")
     cmd.add_argument("--rounds", type=int)
     cmd.add_argument("--clients", type=int)
     cmd.add_argument("--clients-per-round", type=int)

@@ -428,14 +428,16 @@ def test_the_quickstart_app_is_found_with_its_config() -> None:
     assert app.config["num-server-rounds"] == 3
 
 
-@pytest.mark.parametrize("case", ["neither", "bad-toml", "no-import", "bad-key", "strato-flag"])
+@pytest.mark.parametrize("case", ["neither", "bad-toml", "no-import", "bad-key", "strato-flag",
+                                  "serve"])
 def test_a_bad_app_or_option_is_one_line_and_exit_2(
         tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]) -> None:
     app = _numpy_app(tmp_path, "npbad" + case.replace("-", ""))
     extra: list[str] = []
     expect = {"neither": "neither a Strato app", "bad-toml": "does not parse",
               "no-import": "does not import", "bad-key": "has no 'epochs'",
-              "strato-flag": "--strategy: not for a Flower app"}[case]
+              "strato-flag": "--strategy: not for a Flower app",
+              "serve": "is a Flower app: `strato run` runs it"}[case]
     if case == "neither":
         (app / "pyproject.toml").write_text("[project]\nname = 'x'\n")
     elif case == "bad-toml":
@@ -445,9 +447,10 @@ def test_a_bad_app_or_option_is_one_line_and_exit_2(
         server.write_text("import no_such_module_here\n" + server.read_text())
     elif case == "bad-key":
         extra = ["--run-config", "epochs=2"]
-    else:
+    elif case == "strato-flag":
         extra = ["--strategy", "fedadam"]
-    code = main(["run", str(app), "--out", str(tmp_path / "out"), *extra])
+    command = "serve" if case == "serve" else "run"
+    code = main([command, str(app), "--out", str(tmp_path / "out"), *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and expect in err[0], err
     assert not (tmp_path / "out").exists()  # a refused command leaves nothing behind
