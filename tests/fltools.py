@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +109,42 @@ def strato_workers(root: Path) -> list[int]:
         if b"strato.services._worker" in cmd and str(root).encode() in env:
             pids.append(int(proc.name))
     return pids
+
+
+@contextlib.contextmanager
+def run_pids(root: Path, every_s: float = 0.05) -> Iterator[set[int]]:
+    """While the block runs: the pids of the processes of the run rooted at ``root`` (its
+    command line or environment names it), sampled every ``every_s``. Segments another
+    test's processes left (a test that kills a run on purpose) are not this run's."""
+    pids: set[int] = set()
+    stop = threading.Event()
+    mark = str(root).encode()
+
+    def sample() -> None:
+        while True:
+            for proc in Path("/proc").iterdir():
+                if proc.name.isdigit() and int(proc.name) not in pids:
+                    try:
+                        if mark in (proc / "cmdline").read_bytes() or mark in (
+                                proc / "environ").read_bytes():
+                            pids.add(int(proc.name))
+                    except OSError:
+                        continue
+            if stop.wait(every_s):
+                return
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield pids
+    finally:
+        stop.set()
+        thread.join()
+
+
+def leaked_by(pids: set[int]) -> set[str]:
+    """Strato segments in /dev/shm left by these (exited) processes."""
+    return {s for s in shm_segments() if int(s.split("-")[1]) in pids}
 
 
 def shm_segments() -> set[str]:

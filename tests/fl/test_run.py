@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from fltools import TINY_TOML, cli_env, make_tiny_app, shm_segments, strato, strato_workers
+from fltools import (
+    TINY_TOML,
+    cli_env,
+    leaked_by,
+    make_tiny_app,
+    run_pids,
+    strato,
+    strato_workers,
+)
 from strato.fl import state
 from strato.services import embedded
 
@@ -22,9 +30,9 @@ def test_run_writes_summary_metrics_and_curves(tmp_path: Path) -> None:
     # [dataset.digits] shapes the job for the data it has (here: the digits), and says so
     toml = TINY_TOML.replace("clients = 6", "clients = 12") + "\n[dataset.digits]\nclients = 6\n"
     app = make_tiny_app(tmp_path, toml)
-    before = shm_segments()
     out = tmp_path / "out"
-    res = strato("run", str(app), "--out", str(out), "--keep-rounds", "1")
+    with run_pids(out) as pids:
+        res = strato("run", str(app), "--out", str(out), "--keep-rounds", "1")
     assert res.returncode == 0, res.stderr
     first = res.stdout.splitlines()[:2]
     assert first[0].startswith("data: scikit-learn digits")  # says which data it used
@@ -57,7 +65,7 @@ def test_run_writes_summary_metrics_and_curves(tmp_path: Path) -> None:
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert (out / "curves.png").stat().st_size > 1000
     assert strato_workers(out) == []
-    assert shm_segments() <= before
+    assert pids and not leaked_by(pids)
     # --keep-rounds 1: once a round's model is written, the round before it has no
     # update blobs left, nor records of its updates (its metrics sum them up)
     kept = sorted(p.parent.name for p in (out / "services/blobs/updates").rglob("*-*"))
@@ -81,31 +89,31 @@ def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-
 
 
 def test_ctrl_c_leaves_no_workers_and_no_shared_memory(tiny_app: Path, tmp_path: Path) -> None:
-    before = shm_segments()
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "strato.cli",
-            "run",
-            str(tiny_app),
-            "--out",
-            str(out),
-            "--rounds",
-            "50",
-        ],
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
-    _wait_for(lambda: (out / "metrics.jsonl").exists(), 120, "the first round")
-    assert strato_workers(out), "the run should have live workers mid-run"
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err and "interrupted" in err
-    _wait_for(lambda: strato_workers(out) == [], 10, "workers to exit")
-    assert shm_segments() <= before
+    with run_pids(out) as pids:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "strato.cli",
+                "run",
+                str(tiny_app),
+                "--out",
+                str(out),
+                "--rounds",
+                "50",
+            ],
+            env=cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        _wait_for(lambda: (out / "metrics.jsonl").exists(), 120, "the first round")
+        assert strato_workers(out), "the run should have live workers mid-run"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err and "interrupted" in err
+        _wait_for(lambda: strato_workers(out) == [], 10, "workers to exit")
+    assert pids and not leaked_by(pids)
