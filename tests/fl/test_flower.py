@@ -179,6 +179,10 @@ def test_a_node_whose_clientapp_raises_answers_with_an_error(tmp_path: Path) -> 
     assert json.loads((out / "final.json").read_text())["w"] == pytest.approx([10 / 3] * 4)
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["train_replies"], r["failed"]) for r in rows] == [(2, 1), (2, 1)]
+    # the user is told why, once: the ClientApp's own words
+    told = [ln for ln in done.stdout.splitlines() if "failed:" in ln]
+    assert told == ["round 1: partition 2 (train) failed: RuntimeError: this node's data is "
+                    "gone"], done.stdout
 
 
 def test_a_node_that_misses_the_serverapps_timeout_is_left_out(tmp_path: Path) -> None:

@@ -80,6 +80,7 @@ class StratoGrid(Grid):
         self._engine_round = 0  # the round whose train replies the engine takes
         self._last: dict[int, Future[Any]] = {}  # each node's latest message
         self._abandoned: set[str] = set()
+        self._told: set[str] = set()  # failure reasons said already
         self._lock = threading.RLock()
         self._reported: list[dict[str, Any]] = []
         self._last_stats = svc.runtime.stats(FUNCTION)
@@ -266,6 +267,7 @@ class StratoGrid(Grid):
         if not reply.metadata.message_id:  # a reply has an id of its own, as in Flower
             reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
         if reply.has_error():
+            self._tell(pending, str(reply.error.reason))
             return reply
         kind = pending.message.metadata.message_type.split(".")[0]
         if kind == "train":
@@ -273,6 +275,16 @@ class StratoGrid(Grid):
         elif kind == "evaluate":
             self._count_metrics(rnd, reply.content)
         return reply
+
+    def _tell(self, pending: _Pending, reason: str) -> None:
+        """A node's failure, once per distinct reason: what the user needs to mend it."""
+        if self.say is None or reason in self._told:
+            return
+        self._told.add(reason)
+        node = pending.message.metadata.dst_node_id
+        where = f"partition {self.nodes.index(node)}" if node in self.nodes else f"node {node}"
+        self.say(f"round {pending.round.number}: {where} "
+                 f"({pending.message.metadata.message_type}) failed: {reason}")
 
     @staticmethod
     def _count_metrics(rnd: _Round, content: RecordDict) -> None:
