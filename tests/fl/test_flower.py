@@ -196,6 +196,9 @@ def test_a_node_that_misses_the_serverapps_timeout_is_left_out(tmp_path: Path) -
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["train_replies"], r["evaluate_replies"], r["failed"]) for r in rows] == [
         (2, 2, 2), (2, 2, 2)]
+    told = [ln for ln in done.stdout.splitlines() if "failed:" in ln]
+    assert told == ["round 1: partition 2 (train) failed: no reply before the ServerApp's "
+                    "timeout"], done.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train_batches_averaged_by_engine"] == 2
 

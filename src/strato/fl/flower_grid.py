@@ -198,7 +198,8 @@ class StratoGrid(Grid):
                 self._maybe_report(number)
         return replies
 
-    def _abandon(self, ids: Iterable[str]) -> None:
+    def _abandon(self, ids: Iterable[str],
+                 why: str = "no reply before the ServerApp's timeout") -> None:
         """Messages nobody waits for any more: counted as failed; their blobs go once
         their functions return, and their replies reach no engine."""
         for mid in ids:
@@ -208,6 +209,7 @@ class StratoGrid(Grid):
             pending.abandoned = True
             self._abandoned.add(mid)
             pending.round.failed += 1
+            self._tell(pending, why)
             pending.future.add_done_callback(functools.partial(self._forget, mid))
 
     def _forget(self, mid: str, _future: Future[Any] | None = None) -> None:
@@ -330,7 +332,7 @@ class StratoGrid(Grid):
         """At the ServerApp's end: messages it did not pull are abandoned, and every
         round not reported yet gets its line."""
         with self._lock:
-            self._abandon(list(self._pending))
+            self._abandon(list(self._pending), "the ServerApp ended before its reply")
             for rnd in sorted(self._rounds.values(), key=lambda r: r.number):
                 self._maybe_report(rnd.number, force=True)
 
