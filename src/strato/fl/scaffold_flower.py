@@ -225,7 +225,8 @@ The second runs the app's tests (`test_app.py`).
 - `{package}/client_app.py`, `{package}/server_app.py`, `{package}/task.py`: the app.
 - `pyproject.toml`: its components and its config (`[tool.flwr.app.config]`).
 - `strato run . --run-config 'num-server-rounds=3 lr=0.05'`: values over the config.
-- `flwr run .` runs the same directory on Flower's own simulation.
+- Flower's own runtime takes the same directory: `.venv/bin/pip install 'flwr[simulation]'`,
+  then `PATH=.venv/bin:$PATH flwr run . --stream`.
 """
 
 
