@@ -72,7 +72,7 @@ class StratoGrid(Grid):
         self.svc, self.nodes, self.say, self.engine = svc, list(nodes), say, engine
         self.rounds = rounds if isinstance(rounds, int) else None
         self.out = out
-        self._run = Run.create_empty(run_id) if hasattr(Run, "create_empty") else None
+        self._run = Run.create_empty(run_id)
         self._pending: dict[str, _Pending] = {}
         self._rounds: dict[str, _Round] = {}
         self._current: _Round | None = None
@@ -91,7 +91,7 @@ class StratoGrid(Grid):
 
     @property
     def run(self) -> Run:
-        return self._run  # type: ignore[return-value]
+        return self._run
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
                        group_id: str, ttl: float | None = None) -> Message:
@@ -257,15 +257,13 @@ class StratoGrid(Grid):
                 pending.reply = (len(data), decode_message(data))
             rnd.up += pending.reply[0]
             reply: Message = pending.reply[1]
-            for key in (MESSAGES + mid, REPLIES + mid):
-                self.svc.blobs.delete(key)
             if event.get("error"):
                 rnd.failed += 1
         except Exception as exc:  # the function failed: the node answers with an Error
             rnd.failed += 1
-            self._forget(mid)
             reply = Message(Error(ErrorCode.CLIENT_APP_CRASHED, f"{type(exc).__name__}: {exc}"),
                             reply_to=pending.message)
+        self._forget(mid)  # the message and its reply: read, not needed any more
         if not reply.metadata.message_id:  # a reply has an id of its own, as in Flower
             reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
         if reply.has_error():
@@ -290,15 +288,18 @@ class StratoGrid(Grid):
 
     @staticmethod
     def _count_metrics(rnd: _Round, content: RecordDict) -> None:
+        """An evaluate reply's first MetricRecord, weighted by its ``num-examples`` (as
+        Flower's strategies weight them)."""
         rnd.evaluated += 1
-        for record in content.metric_records.values():
-            count = record.get("num-examples", 1)
-            weight = float(count) if isinstance(count, (int, float)) and count > 0 else 1.0
-            rnd.weight += weight
-            for key, value in record.items():
-                if key != "num-examples" and isinstance(value, (int, float)):
-                    rnd.sums[key] = rnd.sums.get(key, 0.0) + weight * float(value)
+        records = list(content.metric_records.values())
+        if not records:
             return
+        count = records[0].get("num-examples", 1)
+        weight = float(count) if isinstance(count, (int, float)) and count > 0 else 1.0
+        rnd.weight += weight
+        for key, value in records[0].items():
+            if key != "num-examples" and isinstance(value, (int, float)):
+                rnd.sums[key] = rnd.sums.get(key, 0.0) + weight * float(value)
 
     def _maybe_report(self, number: int, *, force: bool = False) -> None:
         """A round's line once its evaluate replies are in; a round the ServerApp does
