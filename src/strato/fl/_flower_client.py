@@ -1,9 +1,11 @@
 """The ``flower_client`` function: one node's ClientApp answering one message.
 
-A Runtime handler ``handle(event, ctx)`` with ``event = {"message": id, "node": id}``.
-It reads the message from the BlobStore, rebuilds the node's ``Context`` (its
-``state`` from the Table, where the previous invocation for this node left it), runs
-the ClientApp as a SuperNode would, and writes the reply and the new state back.
+A Runtime handler ``handle(event, ctx)`` with ``event = {"message": id, "node": id,
+"content": key, "metadata": text}``. It reads the message's content from the BlobStore
+(shared by the messages of a push) and its metadata from the event, rebuilds the node's
+``Context`` (its ``state`` from the Table, where the previous invocation for this node
+left it), runs the ClientApp as a SuperNode would, and writes the reply and the new
+state back.
 The ClientApp is imported once per warm worker. A ClientApp that raises answers with
 Flower's ``Error`` (``CLIENT_APP_RAISED_EXCEPTION``), as Flower's runtime does.
 """
@@ -85,8 +87,8 @@ def handle(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     TaskIdentity.task_id = 1
     TaskIdentity.run_id = int(job["run_id"])
     TaskIdentity.node_id = node
-    message = decode_message(svc.blobs.get(MESSAGES + mid))
-    message.metadata.__dict__["_message_id"] = mid
+    message = decode_message(svc.blobs.get(MESSAGES + str(event["content"])),
+                             str(event["metadata"]))
     node_config: dict[str, Any] = {"partition-id": nodes.index(node),
                                    "num-partitions": len(nodes)}
     if job.get("data_dir"):

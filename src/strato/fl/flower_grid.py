@@ -29,7 +29,14 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from strato.fl.flower_engine import EagerTrain
-from strato.fl.flower_wire import FUNCTION, MESSAGES, REPLIES, decode_message, encode_message
+from strato.fl.flower_wire import (
+    FUNCTION,
+    MESSAGES,
+    REPLIES,
+    decode_message,
+    encode_message,
+    metadata_text,
+)
 from strato.services import Services
 
 __all__ = ["StratoGrid"]
@@ -81,6 +88,9 @@ class StratoGrid(Grid):
         self._last: dict[int, Future[Any]] = {}  # each node's latest message
         self._abandoned: set[str] = set()
         self._told: set[str] = set()  # failure reasons said already
+        self._refs: dict[str, int] = {}  # a content blob: messages that still need it
+        self._content_of: dict[str, str] = {}  # message id -> its content blob
+        self._refs_lock = threading.Lock()  # also taken in the runtime's callbacks
         self._lock = threading.RLock()
         self._reported: list[dict[str, Any]] = []
         self._last_stats = svc.runtime.stats(FUNCTION)
@@ -102,6 +112,7 @@ class StratoGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
+        contents: dict[int, tuple[str, int]] = {}  # id(RecordDict) -> its blob, its size
         with self._lock:  # Flower's compatibility layer pushes from several threads
             self._batch_opened = False
             for msg in messages:
@@ -115,10 +126,20 @@ class StratoGrid(Grid):
                     future = Future()
                     future.set_exception(LookupError(f"no node {msg.metadata.dst_node_id}"))
                 else:
-                    data = encode_message(msg)
-                    rnd.down += len(data)
-                    self.svc.blobs.put(MESSAGES + mid, data)
-                    future = self._invoke(mid, msg.metadata.dst_node_id)
+                    # Flower's strategies send one RecordDict to every node: its frame
+                    # is made and written once, each message's metadata goes apart
+                    if id(msg.content) not in contents:
+                        data = encode_message(msg, with_metadata=False)
+                        key = uuid.uuid4().hex
+                        self.svc.blobs.put(MESSAGES + key, data)
+                        contents[id(msg.content)] = (key, len(data))
+                    key, size = contents[id(msg.content)]
+                    rnd.down += size
+                    with self._refs_lock:
+                        self._refs[key] = self._refs.get(key, 0) + 1
+                        self._content_of[mid] = key
+                    future = self._invoke(mid, msg.metadata.dst_node_id,
+                                          {"content": key, "metadata": metadata_text(msg)})
                 self._pending[mid] = pending = _Pending(msg, future, rnd)
                 ids.append(mid)
                 if self.engine is None or msg.metadata.message_type.split(".")[0] != "train":
@@ -131,11 +152,11 @@ class StratoGrid(Grid):
                 future.add_done_callback(functools.partial(self._arrived, pending, mid))
         return ids
 
-    def _invoke(self, mid: str, node: int) -> Future[Any]:
+    def _invoke(self, mid: str, node: int, where: dict[str, str]) -> Future[Any]:
         """Run the node's ClientApp on the message, after the node's earlier messages, as
         a SuperNode does: one at a time, so that each sees the state the last one left.
         A message abandoned while it waits is not run."""
-        event = {"message": mid, "node": node}
+        event = {"message": mid, "node": node, **where}
         before = self._last.get(node)
         if before is None or before.done():
             future = self.svc.runtime.invoke_async(FUNCTION, event)
@@ -213,7 +234,16 @@ class StratoGrid(Grid):
             pending.future.add_done_callback(functools.partial(self._forget, mid))
 
     def _forget(self, mid: str, _future: Future[Any] | None = None) -> None:
-        for key in (MESSAGES + mid, REPLIES + mid):
+        """The message's reply, and its content once no message waits on it, deleted."""
+        keys = [REPLIES + mid]
+        with self._refs_lock:
+            content = self._content_of.pop(mid, None)
+            if content is not None:
+                self._refs[content] -= 1
+                if not self._refs[content]:
+                    del self._refs[content]
+                    keys.append(MESSAGES + content)
+        for key in keys:
             with contextlib.suppress(Exception):
                 self.svc.blobs.delete(key)
 
