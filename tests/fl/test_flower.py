@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -140,6 +141,15 @@ def _strato(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
                           text=True, timeout=600, cwd=cwd, env=env, stdin=subprocess.DEVNULL)
 
 
+def _json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def _rows(out: Path) -> list[dict[str, Any]]:
+    """The run's metrics.jsonl, a dict per round."""
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def _node_rounds(out: Path) -> list[int]:
     svc = embedded(out / "services")
     try:
@@ -157,14 +167,14 @@ def test_a_flower_app_runs_with_its_state_kept_per_node(tmp_path: Path) -> None:
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("round")]
     assert len(lines) == 3 and lines[0].startswith("round   1/3  acc 0.6000"), done.stdout
     # FedAvg weighted by num-examples 1, 2, 3: each round adds (1·1 + 2·2 + 3·3) / 6.
-    assert json.loads((out / "final.json").read_text())["w"] == pytest.approx([14 / 6 * 3] * 4)
+    assert _json(out / "final.json")["w"] == pytest.approx([14 / 6 * 3] * 4)
     assert _node_rounds(out) == [3, 3, 3]  # Context.state survived between rounds
-    summary = json.loads((out / "summary.json").read_text())
+    summary = _json(out / "summary.json")
     assert summary["rounds"] == 3 and summary["final_accuracy"] == pytest.approx(0.6)
     assert summary["failed_replies"] == 0 and summary["invocations"] == 18
     assert summary["train_batches_averaged_by_engine"] == 3  # eagerly, by Strato's engine
     assert summary["train_batches_averaged_by_flower"] == 0
-    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = _rows(out)
     assert [r["train_replies"] for r in rows] == [3, 3, 3]
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rows)
     assert not list((out / "services").rglob("flower/messages/*"))  # nothing left behind
@@ -176,8 +186,8 @@ def test_a_node_whose_clientapp_raises_answers_with_an_error(tmp_path: Path) -> 
                    "--run-config", "fail-node=2 num-server-rounds=2")
     assert done.returncode == 0, done.stderr
     # Nodes 0 and 1 train (weights 1 and 2); node 2's error is left out by FedAvg.
-    assert json.loads((out / "final.json").read_text())["w"] == pytest.approx([10 / 3] * 4)
-    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert _json(out / "final.json")["w"] == pytest.approx([10 / 3] * 4)
+    rows = _rows(out)
     assert [(r["train_replies"], r["failed"]) for r in rows] == [(2, 1), (2, 1)]
     # the user is told why, once: the ClientApp's own words
     told = [ln for ln in done.stdout.splitlines() if "failed:" in ln]
@@ -192,14 +202,14 @@ def test_a_node_that_misses_the_serverapps_timeout_is_left_out(tmp_path: Path) -
     assert done.returncode == 0, done.stderr
     # Nodes 0 and 1 answer in time (weights 1, 2). Node 2 is still on its first message:
     # its next ones wait behind it, as on a SuperNode, and are left out at the timeout.
-    assert json.loads((out / "final.json").read_text())["w"] == pytest.approx([10 / 3] * 4)
-    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert _json(out / "final.json")["w"] == pytest.approx([10 / 3] * 4)
+    rows = _rows(out)
     assert [(r["train_replies"], r["evaluate_replies"], r["failed"]) for r in rows] == [
         (2, 2, 2), (2, 2, 2)]
     told = [ln for ln in done.stdout.splitlines() if "failed:" in ln]
     assert told == ["round 1: partition 2 (train) failed: no reply before the ServerApp's "
                     "timeout"], done.stdout
-    summary = json.loads((out / "summary.json").read_text())
+    summary = _json(out / "summary.json")
     assert summary["train_batches_averaged_by_engine"] == 2
 
 
@@ -214,9 +224,9 @@ def test_robust_strategies_on_the_engine_or_flowers_own_code(
     done = _strato("run", str(_numpy_app(tmp_path, "np" + strategy)), "--out", str(out),
                    "--run-config", f"strategy='{strategy}'")
     assert done.returncode == 0, done.stderr
-    w = json.loads((out / "final.json").read_text())["w"]
+    w = _json(out / "final.json")["w"]
     assert len(set(w)) == 1 and w[0] in finals, w
-    summary = json.loads((out / "summary.json").read_text())
+    summary = _json(out / "summary.json")
     assert summary["train_batches_averaged_by_engine"] == by_engine
     assert summary["train_batches_averaged_by_flower"] == 3 - by_engine
 
@@ -272,7 +282,7 @@ def test_the_quickstart_style_app_learns_mnist(tmp_path: Path) -> None:
     done = _strato("run", str(QUICKSTART), "--data-dir", data, "--out", str(out),
                    "--run-config", "examples-per-node=2000")
     assert done.returncode == 0, done.stderr
-    summary = json.loads((out / "summary.json").read_text())
+    summary = _json(out / "summary.json")
     assert summary["rounds"] == 3 and summary["final_accuracy"] >= 0.85, summary
     assert summary["train_batches_averaged_by_engine"] == 3
     assert _node_rounds(out) == [3, 3, 3, 3]

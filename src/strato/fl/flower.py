@@ -247,7 +247,7 @@ def run_flower(opts: FlowerRun) -> dict[str, Any]:
         # robust rules' shards read replies from this machine's shared memory
         engine = EagerTrain(svc.runtime if svc.backend == "embedded" else None)
         grid = StratoGrid(svc, nodes, run_id, rounds=opts.run_config.get("num-server-rounds"),
-                          say=None if opts.quiet else _printer, out=out, engine=engine)
+                          say=None if opts.quiet else _print, out=out, engine=engine)
         context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
                           run_config=dict(opts.run_config))
         _say(opts, f"Flower app {opts.app.directory.name}: ServerApp {opts.app.serverapp}, "
@@ -280,10 +280,10 @@ def run_flower(opts: FlowerRun) -> dict[str, Any]:
         svc.close()
 
 
-def _printer(line: str) -> None:
+def _print(line: str) -> None:
     print(line, flush=True)
 
 
 def _say(opts: FlowerRun, text: str) -> None:
     if not opts.quiet:
-        print(text, flush=True)
+        _print(text)

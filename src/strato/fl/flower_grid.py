@@ -81,7 +81,7 @@ class StratoGrid(Grid):
         self.out = out
         self._run = Run.create_empty(run_id)
         self._pending: dict[str, _Pending] = {}
-        self._rounds: dict[str, _Round] = {}
+        self._rounds: dict[int, _Round] = {}  # by number
         self._current: _Round | None = None
         self._batch_opened = False
         self._engine_round = 0  # the round whose train replies the engine takes
@@ -273,9 +273,9 @@ class StratoGrid(Grid):
         else:
             number = self._current.number if self._current else 1
         if self._current is None or self._current.number != number:
-            for earlier in [r for r in self._rounds.values() if r.number < number]:
-                self._maybe_report(earlier.number, force=True)
-            self._current = self._rounds.setdefault(str(number), _Round(number))
+            for earlier in [n for n in self._rounds if n < number]:
+                self._maybe_report(earlier, force=True)
+            self._current = self._rounds.setdefault(number, _Round(number))
         return self._current
 
     def _reply(self, mid: str, pending: _Pending) -> Message:
@@ -334,7 +334,7 @@ class StratoGrid(Grid):
     def _maybe_report(self, number: int, *, force: bool = False) -> None:
         """A round's line once its evaluate replies are in; a round the ServerApp does
         not evaluate on the nodes gets its line when the next round starts (``force``)."""
-        rnd = next(r for r in self._rounds.values() if r.number == number)
+        rnd = self._rounds[number]
         if any(p.round is rnd for p in self._pending.values()):
             return
         if number in {r["round"] for r in self._reported}:
@@ -364,8 +364,8 @@ class StratoGrid(Grid):
         round not reported yet gets its line."""
         with self._lock:
             self._abandon(list(self._pending), "the ServerApp ended before its reply")
-            for rnd in sorted(self._rounds.values(), key=lambda r: r.number):
-                self._maybe_report(rnd.number, force=True)
+            for number in sorted(self._rounds):
+                self._maybe_report(number, force=True)
 
     def summary(self, wall_s: float) -> dict[str, Any]:
         rows = sorted(self._reported, key=lambda r: r["round"])
