@@ -281,6 +281,10 @@ def headline(main: dict[str, Any], rss: dict[str, Any] | None,
             median([r["cpu_s_per_update"] for r in server["records"]]) / saxpy
             if saxpy else None),
         "saxpy_one_update_s": saxpy,
+        # context: an unchecked float64 ``acc += w·x`` over one update ÷ the saxpy, the
+        # floor of the float64 accumulator's add alone (one update per pass)
+        "float64_add_ratio": (run["float64_add"]["cpu_s"] / saxpy
+                              if saxpy and "float64_add" in run else None),
         # context: every CPU second of the path over the whole run (warm-up round and
         # teardown included) per accepted update, ÷ the saxpy
         "cpu_per_update_ratio_whole_run": (
@@ -348,6 +352,8 @@ def table(out: dict[str, Any]) -> str:
                  f"| {fmt(out['completion_s_eager_server'], '.4f')} | | |")
     lines.append(f"| CPU per update ÷ saxpy, eager server (context) "
                  f"| {fmt(out['cpu_per_update_ratio_eager_server'])} | | |")
+    lines.append(f"| unchecked float64 add of one update ÷ saxpy (context: the add's floor) "
+                 f"| {fmt(out['float64_add_ratio'])} | | |")
     lines.append(f"| saxpy over one update (s, 1 thread) "
                  f"| {fmt(out['saxpy_one_update_s'], '.5f')} | | |")
     return "\n".join(lines)
@@ -451,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": run["path"]["threads"],
             "cpu_s_by_label_whole_run": run["cpu_s_by_label"],
             "saxpy": run["saxpy"],
+            "float64_add": run.get("float64_add"),
         },
         "targets": targets(keys, sharded),
         "notes": notes,
