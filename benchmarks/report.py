@@ -179,6 +179,8 @@ def round_path() -> str:
         ("`cpu_per_update_ratio`", "cpu_per_update_ratio", ratio),
         ("`cpu_per_update_ratio_eager_server` (context)", "cpu_per_update_ratio_eager_server",
          ratio),
+        ("`float64_add_ratio` (context: an unchecked float64 add of one update alone)",
+         "float64_add_ratio", ratio),
         ("`peak_rss_ratio_1000_vs_100`", "peak_rss_ratio_1000_vs_100", ratio),
     ]
     lines = [
