@@ -32,19 +32,21 @@ _METHODS = {
 
 
 def serve(part: Any, kind: str, method: str, call: Mapping[str, Any],
-          data: bytes | None) -> tuple[str, bytes | None]:
-    """Run one proxied call on the host's ``part``; returns ``(json, bytes | None)``."""
+          data: Any) -> tuple[str, Any]:
+    """Run one proxied call on the host's ``part``; returns ``(json, bytes-like | None)``."""
     if method not in _METHODS[kind]:
         raise ValueError(f"{kind} has no method {method!r}")
     args, kwargs = list(call.get("args", ())), dict(call.get("kwargs", {}))
     out_bytes: bytes | None = None
     if kind == "bus" and method == "create_topic" and kwargs.get("schema") is not None:
         kwargs["schema"] = TopicSchema.from_dict(kwargs["schema"])
-    if data is not None:
-        kwargs["data" if kind == "blobs" else "body"] = data
+    if data is not None:  # an array for a large payload (``wire_bytes``): read in place
+        kwargs["data" if kind == "blobs" else "body"] = data if kind == "blobs" else bytes(data)
     result = getattr(part, method)(*args, **kwargs)
     if kind == "blobs" and method == "get":
-        out_bytes, result = bytes(result), None
+        from strato.backends.ray._cluster import wire_bytes
+
+        out_bytes, result = wire_bytes(result), None
     elif isinstance(result, Item):
         result = asdict(result)
     elif isinstance(result, list) and result and isinstance(result[0], (Item, Change)):
@@ -52,6 +54,10 @@ def serve(part: Any, kind: str, method: str, call: Mapping[str, Any],
     elif isinstance(result, list) and result and isinstance(result[0], Message):
         result = [{**asdict(m), "body": base64.b64encode(m.body).decode()} for m in result]
     return json.dumps({"result": result}), out_bytes
+
+
+def _nbytes(data: Any) -> int:
+    return 0 if data is None else memoryview(data).nbytes
 
 
 class StateHost:
@@ -83,14 +89,14 @@ class StateHost:
     def ping(self) -> int:
         return os.getpid()
 
-    def call(self, part: str, method: str, args: str, data: bytes | None,
+    def call(self, part: str, method: str, args: str, data: Any,
              caller: str = "", function: str = "") -> tuple[str, Any]:
         try:
             text, out = serve(self.parts[part], part, method, json.loads(args), data)
         except Exception as exc:  # reported to the caller, raised there as its own type
             text = json.dumps({"error": {"type": type(exc).__name__, "message": str(exc)}})
             out = None
-        moved = len(args) + len(data or b"") + len(text) + len(out or b"")
+        moved = len(args) + _nbytes(data) + len(text) + _nbytes(out)
         self._count("state", caller, function, moved)
         return text, out
 

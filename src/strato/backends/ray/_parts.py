@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from strato.backends.ray._cluster import StateClient, ensure_ray
+from strato.backends.ray._cluster import StateClient, ensure_ray, wire_bytes
 from strato.errors import NotFound, StratoError
 from strato.services._blobs_local import LocalBlobStore
 from strato.services.blobs import CONTENT_PREFIX
@@ -317,10 +317,9 @@ def _node_blob(directory: str, op: str, key: str, verify: bool) -> bytes | str:
         return str(exc)
 
 
-def _bytes(data: Any) -> bytes:
-    if isinstance(data, bytes):
-        return data
+def _bytes(data: Any) -> Any:
+    """Blob data as the state host takes it (``_cluster.wire_bytes``: no copy here)."""
     try:
-        return bytes(memoryview(data).cast("B"))
+        return wire_bytes(data)
     except TypeError:
         raise TypeError(f"blob data must be bytes-like, got {type(data).__name__}") from None
