@@ -101,7 +101,8 @@ def one_run(kind: str, app: Path, out: Path, config: Any,
         shutil.rmtree(out, ignore_errors=True)
     rows = [{"round": r["round"], "completion_s": r["aggregation_latency_s"],
              "round_s": r["round_s"], "accepted": r["accepted"], "rejected": r["rejected"],
-             "nodes": r.get("nodes")} for r in summary["per_round"]]
+             "nodes": r.get("nodes"), "close_parts_s": r.get("close_parts_s", {})}
+            for r in summary["per_round"]]
     return {"kind": kind, "wall_s": wall, "rounds": rows,
             "placement": summary.get("placement"),
             "summary": {k: summary[k] for k in ("rounds", "updates_accepted", "updates_rejected",
@@ -109,6 +110,20 @@ def one_run(kind: str, app: Path, out: Path, config: Any,
 
 
 # ---- the figures --------------------------------------------------------------------------
+
+
+def parts(rounds: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Medians over ``rounds`` of each part of the close (``close_parts_s`` of the
+    run's records) and of the rest of the completion."""
+    out: dict[str, float | None] = {}
+    for key in ("partials_s", "result_s", "model_write_s"):
+        values = [float(r["close_parts_s"].get(key, 0.0)) for r in rounds
+                  if r.get("close_parts_s")]
+        out[key] = median(values) if values else None
+    rest = [r["completion_s"] - sum(float(v) for v in r["close_parts_s"].values())
+            for r in rounds if r.get("close_parts_s")]
+    out["rest_s"] = median(rest) if rest else None
+    return out
 
 
 def aggregation_cross_bytes(run: dict[str, Any]) -> int:
@@ -200,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
     }
     record["ray_overhead_ratio"] = record["completion_s_ray"] / record["completion_s_embedded"]
+    # where each run's completion went (medians of rounds 2+, from the runs' own records):
+    # the leaves' partials reaching the root, the root's result, the model's write, and
+    # the rest (the last update's trip to its leaf and its add, the trigger)
+    record["completion_parts_s"] = {kind: parts(runs[kind]["rounds"][1:]) for kind in RUNS}
     record["cross_node_prediction_error"] = (abs(measured - predicted) / predicted
                                              if predicted else None)
     record["best_fit_vs_round_robin_cross_node_ratio"] = (robin_measured / measured
@@ -217,6 +236,13 @@ def main(argv: list[str] | None = None) -> int:
         cross = aggregation_cross_bytes(r) if kind != "embedded" else 0
         print(f"| {kind} | {completion(kind):.3f} | {cross / 1e6:.1f} MB "
               f"| {predicted_cross_bytes(r) / 1e6:.1f} MB |")
+    print("\n| run | partials to the root s | root's result s | model write s | rest s |")
+    print("|---|---:|---:|---:|---:|")
+    for kind in RUNS:
+        p = record["completion_parts_s"][kind]
+        print(f"| {kind} | " + " | ".join(
+            "—" if p.get(k) is None else f"{p[k]:.3f}"
+            for k in ("partials_s", "result_s", "model_write_s", "rest_s")) + " |")
     print("\n| key | value | target | met |\n|---|---:|---|---|")
     for key, t in record["targets"].items():
         value = "—" if t["value"] is None else f"{t['value']:.3f}"

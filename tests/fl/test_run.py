@@ -63,6 +63,12 @@ def test_run_writes_summary_metrics_and_curves(tmp_path: Path) -> None:
     assert summary["function_seconds"] > 0 and summary["cold_starts"] >= 5
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3]
+    for r in rows:  # where each close's time went: one node, so no partials to collect
+        parts = r["close_parts_s"]
+        assert set(parts) == {"result_s", "model_write_s"}, parts
+        assert all(v >= 0 for v in parts.values())
+        if r["closed_by"] == "quorum":  # the close starts after the last update came in
+            assert sum(parts.values()) <= r["aggregation_latency_s"], r
     assert (out / "curves.png").stat().st_size > 1000
     assert strato_workers(out) == []
     assert pids and not leaked_by(pids)

@@ -751,8 +751,11 @@ class _Agent:
                 **opened.decision["nodes"], "landing": landing,
                 "predicted_cross_node_bytes": leaf_per_node_cross_bytes(
                     landing, opened.targets, opened.decision["nodes"]["root"], nbytes, nbytes)}
+        parts: dict[str, float] = {}  # where the close's time went, for the records
         if any(opened.at_leaf.values()):
+            started = time.perf_counter()
             lost = self._collect(opened)
+            parts["partials_s"] = time.perf_counter() - started
             if lost:
                 self._lose(opened, lost)
                 if cause == "quorum" and len(opened.rules.admitted) < opened.rules.quorum:
@@ -763,18 +766,20 @@ class _Agent:
         self.open = None
         self.closed.add(r)
         try:
-            return self._write_close(opened, r, cause, closing_at)
+            return self._write_close(opened, r, cause, closing_at, parts)
         except BaseException:
             # Nothing of it is final (the table still says open): a later close, or an
             # update arriving meanwhile, rebuilds the round from its accepted items.
             self.closed.discard(r)
             raise
 
-    def _write_close(self, opened: _Open, r: int, cause: str, closing_at: float
-                     ) -> dict[str, Any]:
+    def _write_close(self, opened: _Open, r: int, cause: str, closing_at: float,
+                     parts: dict[str, float]) -> dict[str, Any]:
+        started = time.perf_counter()
         previous = self._previous_model(r)
         strategy_state = _load_strategy_state(self.svc, r - 1)
         (out, payload), new_state, bad = self._result(opened, previous, strategy_state)
+        parts["result_s"] = time.perf_counter() - started
         left_out = {c: NONFINITE for c in bad[opened.found_bad :]} | opened.leaf_bad
         for client, why in left_out.items():
             opened.rules, actions = rules.step(opened.rules, rules.Invalid(client, why))
@@ -785,7 +790,9 @@ class _Agent:
         download = opened.strategy.download_payload(out)  # CS: what the clients fetch
         if download is not None:
             self.svc.blobs.put(download_key(state.model_key(r)), download)
+        started = time.perf_counter()
         self.svc.blobs.put(state.model_key(r), payload)
+        parts["model_write_s"] = time.perf_counter() - started
         self._last_model = r
         for key in opened.partials:  # added into the model: not needed any more
             with contextlib.suppress(StratoError):
@@ -799,7 +806,8 @@ class _Agent:
                 return None
             return {**value, "status": "closed", "closed_at": value.get("closed_at", closing_at),
                     "closed_by": cause, "accepted_count": accepted, **opened.decision,
-                    "model": state.model_key(r), "model_ready_at": time.time()}
+                    "model": state.model_key(r), "model_ready_at": time.time(),
+                    "close_parts_s": parts}
 
         state.cas_update(self.svc.table, state.ROUNDS, state.round_key(r), done)
         if self.asynchronous and r < int(self.job["config"]["rounds"]):

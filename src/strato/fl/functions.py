@@ -243,6 +243,10 @@ def evaluate(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
         # the aggregation tree the autoscaler chose for this round, and its inputs
         "tree": rnd.get("tree", {}),
         "autoscaler": rnd.get("autoscaler", {}),
+        # where the close's time went: the leaves' partials reaching the root (several
+        # nodes), the root's result (its adds, the server step, the encoding), the
+        # model's write
+        "close_parts_s": rnd.get("close_parts_s", {}),
     }
     if buffered.is_async(job):  # how stale the buffer's updates were: {versions: count}
         stale: dict[str, int] = {}

@@ -98,6 +98,10 @@ def test_the_example_runs_unchanged_on_three_nodes(cluster: LocalCluster, tmp_pa
     assert placement["cross_node_bytes"] > 0  # models down, partials up
     assert placement["remote_read_bytes_by_node"] == {}  # no update was read across
     assert placement["head_node"] in placement["state_bytes_by_node"]
+    # each round's record says how long the leaves' partials took to reach the root
+    for r in on_ray["per_round"]:
+        assert set(r["close_parts_s"]) == {"partials_s", "result_s", "model_write_s"}, r
+        assert r["close_parts_s"]["partials_s"] > 0
 
 
 def test_losing_a_worker_node_mid_round_loses_no_update(cluster: LocalCluster, tmp_path: Path,
