@@ -510,6 +510,13 @@ def ray_scale() -> str:
             f"{d[f'cross_node_bytes_{kind}{suffix}'] / 1e6:,.0f} MB"
             for kind in ("measured", "predicted")]
         lines.append(_row([label, f"{d[f'completion_s_{completion}']:.3f}", *cells]))
+    parts = d.get("completion_parts_s")
+    if parts:  # where each run's completion went (its own records, medians)
+        lines += ["", "| run | partials to the root s | root's result s | model write s "
+                  "| rest (last update to its leaf, its add) s |", "|---|---:|---:|---:|---:|"]
+        for kind, p in parts.items():
+            lines.append(_row([kind, *("—" if p.get(k) is None else f"{p[k]:.3f}" for k in (
+                "partials_s", "result_s", "model_write_s", "rest_s"))]))
     lines += ["", "| key | value | target | met |", "|---|---:|---|---|"]
     for key, t in d["targets"].items():
         value = "—" if t["value"] is None else f"{t['value']:.3f}"
