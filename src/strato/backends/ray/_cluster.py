@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from strato import errors
+from strato.backends.ray._host import wire_bytes
 
 __all__ = ["NAMESPACE", "StateClient", "ensure_ray", "node_id", "raise_remote", "state_client"]
 
@@ -166,24 +167,6 @@ class StateClient:
             if ray.is_initialized():
                 with contextlib.suppress(Exception):
                     ray.kill(actor)
-
-
-OUT_OF_BAND_FROM = 1 << 20  # bytes: larger payloads cross as arrays, read in place
-
-
-def wire_bytes(data: Any) -> Any:
-    """Bytes for a call to (or a reply from) the state host. A large payload goes as a
-    uint8 array over the very same memory: Ray copies an array's buffer once into the
-    object store and the receiver reads it there in place, where ``bytes`` would be
-    copied in and out of its serialised form (a 40 MB partial crossed nodes of a local
-    cluster in ~40 ms as an array, ~90 ms as bytes). Either way the receiver sees a
-    bytes-like object; small payloads stay ``bytes``."""
-    view = memoryview(data).cast("B")
-    if view.nbytes < OUT_OF_BAND_FROM:
-        return bytes(view)
-    import numpy as np
-
-    return np.frombuffer(view, dtype=np.uint8)
 
 
 def _function() -> str:

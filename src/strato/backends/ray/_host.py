@@ -20,7 +20,7 @@ from typing import Any
 from strato.services.bus import Message, TopicSchema
 from strato.services.table import Change, Item
 
-__all__ = ["StateHost", "serve"]
+__all__ = ["StateHost", "serve", "wire_bytes"]
 
 
 _METHODS = {
@@ -44,8 +44,6 @@ def serve(part: Any, kind: str, method: str, call: Mapping[str, Any],
         kwargs["data" if kind == "blobs" else "body"] = data if kind == "blobs" else bytes(data)
     result = getattr(part, method)(*args, **kwargs)
     if kind == "blobs" and method == "get":
-        from strato.backends.ray._cluster import wire_bytes
-
         out_bytes, result = wire_bytes(result), None
     elif isinstance(result, Item):
         result = asdict(result)
@@ -54,6 +52,24 @@ def serve(part: Any, kind: str, method: str, call: Mapping[str, Any],
     elif isinstance(result, list) and result and isinstance(result[0], Message):
         result = [{**asdict(m), "body": base64.b64encode(m.body).decode()} for m in result]
     return json.dumps({"result": result}), out_bytes
+
+
+OUT_OF_BAND_FROM = 1 << 20  # bytes: larger payloads cross as arrays, read in place
+
+
+def wire_bytes(data: Any) -> Any:
+    """Bytes for a call to (or a reply from) the state host. A large payload goes as a
+    uint8 array over the very same memory: Ray copies an array's buffer once into the
+    object store and the receiver reads it there in place, where ``bytes`` would be
+    copied in and out of its serialised form (a 40 MB partial crossed nodes of a local
+    cluster in ~40 ms as an array, ~90 ms as bytes). Either way the receiver sees a
+    bytes-like object; small payloads stay ``bytes``."""
+    view = memoryview(data).cast("B")
+    if view.nbytes < OUT_OF_BAND_FROM:
+        return bytes(view)
+    import numpy as np
+
+    return np.frombuffer(view, dtype=np.uint8)
 
 
 def _nbytes(data: Any) -> int:

@@ -17,7 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from strato.backends.ray._cluster import StateClient, ensure_ray, wire_bytes
+from strato.backends.ray._cluster import StateClient, ensure_ray
+from strato.backends.ray._host import wire_bytes
 from strato.errors import NotFound, StratoError
 from strato.services._blobs_local import LocalBlobStore
 from strato.services.blobs import CONTENT_PREFIX
@@ -318,7 +319,7 @@ def _node_blob(directory: str, op: str, key: str, verify: bool) -> bytes | str:
 
 
 def _bytes(data: Any) -> Any:
-    """Blob data as the state host takes it (``_cluster.wire_bytes``: no copy here)."""
+    """Blob data as the state host takes it (``_host.wire_bytes``: no copy here)."""
     try:
         return wire_bytes(data)
     except TypeError:
