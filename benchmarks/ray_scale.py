@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     record["ray_overhead_ratio"] = record["completion_s_ray"] / record["completion_s_embedded"]
     # where each run's completion went (medians of rounds 2+, from the runs' own records):
     # the leaves' partials reaching the root, the root's result, the model's write, and
-    # the rest (the last update's trip to its leaf and its add, the trigger)
+    # the rest (the trigger, the last update's admission, its trip to its leaf and its
+    # add; the close's bookkeeping after the model's write)
     record["completion_parts_s"] = {kind: parts(runs[kind]["rounds"][1:]) for kind in RUNS}
     record["cross_node_prediction_error"] = (abs(measured - predicted) / predicted
                                              if predicted else None)

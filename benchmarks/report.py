@@ -513,7 +513,8 @@ def ray_scale() -> str:
     parts = d.get("completion_parts_s")
     if parts:  # where each run's completion went (its own records, medians)
         lines += ["", "| run | partials to the root s | root's result s | model write s "
-                  "| rest (last update to its leaf, its add) s |", "|---|---:|---:|---:|---:|"]
+                  "| rest (last update in, to its leaf, added; bookkeeping) s |",
+                  "|---|---:|---:|---:|---:|"]
         for kind, p in parts.items():
             lines.append(_row([kind, *("—" if p.get(k) is None else f"{p[k]:.3f}" for k in (
                 "partials_s", "result_s", "model_write_s", "rest_s"))]))

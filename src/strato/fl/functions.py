@@ -244,8 +244,8 @@ def evaluate(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
         "tree": rnd.get("tree", {}),
         "autoscaler": rnd.get("autoscaler", {}),
         # where the close's time went: the leaves' partials reaching the root (several
-        # nodes), the root's result (its adds, the server step, the encoding), the
-        # model's write
+        # nodes), the root's result (reading the previous model, its adds, the server
+        # step, the encoding), the model's write
         "close_parts_s": rnd.get("close_parts_s", {}),
     }
     if buffered.is_async(job):  # how stale the buffer's updates were: {versions: count}
