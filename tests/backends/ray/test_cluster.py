@@ -104,6 +104,48 @@ def test_the_example_runs_unchanged_on_three_nodes(cluster: LocalCluster, tmp_pa
         assert r["close_parts_s"]["partials_s"] > 0
 
 
+def test_a_large_blob_read_on_a_worker_node_comes_whole_and_from_its_cache(
+        cluster: LocalCluster, tmp_path: Path) -> None:
+    import hashlib
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    def read_twice(config: dict[str, Any], key: str) -> tuple[str, str, bool, str]:
+        # on a worker node: the blob read twice (the second time from the node's cache);
+        # the digests, and whether a view lies in Ray's object store. (A local function:
+        # Ray ships it by value, the test module not being importable on the workers.)
+        import hashlib
+
+        import numpy as np
+
+        from strato.services import connect
+
+        with connect(config) as svc:
+            first, second = svc.blobs.get(key), svc.blobs.get(key)
+            in_ray = any(isinstance(v.obj, np.ndarray) for v in (first, second))
+            return (hashlib.sha256(first).hexdigest(), hashlib.sha256(second).hexdigest(),
+                    in_ray, svc.blobs.node_id)  # type: ignore[attr-defined]
+
+    config = {"backend": "ray", "address": cluster.address,
+              "root": str((tmp_path / "services").resolve())}
+    data = os.urandom(3 << 20)  # over 1 MiB: it crosses as an array, and is cached
+    with connect(config) as svc:
+        svc.blobs.put("models/big", data)
+        worker = cluster.workers[0].node_id
+        task = ray.remote(read_twice).options(
+            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(worker, soft=False))
+        try:
+            first, second, in_ray, node = ray.get(task.remote(config, "models/big"),
+                                                  timeout=120)
+        finally:  # the worker node's cache (a run removes its nodes' directories itself)
+            from strato.backends.ray._parts import node_dir
+
+            shutil.rmtree(node_dir(config["root"], worker).parent, ignore_errors=True)
+    assert node == worker
+    assert first == second == hashlib.sha256(data).hexdigest()
+    assert not in_ray  # read from the node's own file, not pinned in Ray's object store
+
+
 def test_losing_a_worker_node_mid_round_loses_no_update(cluster: LocalCluster, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("STRATO_DATA_DIR", raising=False)

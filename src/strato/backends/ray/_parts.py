@@ -235,9 +235,11 @@ class RayBlobStore(_Proxy):
         except NotFound:
             pass
         _, blob = self._client.call("blobs", "get", key, verify=verify)
-        data = blob if blob is not None else b""
-        local.put_content(data)
-        return memoryview(data)
+        stored = local.put_content(blob if blob is not None else b"")
+        # read back from this node's file: the reply lies in Ray's object store (read in
+        # place, ``_host.wire_bytes``), which a caller holding it would keep pinned
+        del blob
+        return local.get(stored, verify=False)
 
     def _on_node(self, node: str, op: str, key: str, verify: bool = True) -> bytes:
         """``op`` on a blob of another node, by a task there."""
