@@ -25,22 +25,16 @@ from strato.fl.flower_wire import (
     decode_message,
     encode_message,
 )
-from strato.services import Context, Services, connect_from_env
+from strato.services import Context, worker_services
 
 __all__ = ["handle"]
 
 _warm: dict[str, Any] = {}
 
 
-def _svc() -> Services:
-    if "svc" not in _warm:
-        _warm["svc"] = connect_from_env()
-    return _warm["svc"]  # type: ignore[no-any-return]
-
-
 def _job() -> dict[str, Any]:
     if "job" not in _warm:
-        item = _svc().table.get(JOB_TABLE, "job")
+        item = worker_services().table.get(JOB_TABLE, "job")
         if item is None:
             raise NotFound("the run has no Flower job record")
         _warm["job"] = item.value
@@ -61,7 +55,7 @@ def _state(node: int) -> Any:
     from flwr.common.serde import recorddict_from_proto
     from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-    item = _svc().table.get(STATE_TABLE, str(node))
+    item = worker_services().table.get(STATE_TABLE, str(node))
     if item is None:
         return RecordDict()
     return recorddict_from_proto(ProtoRecordDict.FromString(base64.b64decode(item.value["state"])))
@@ -71,7 +65,7 @@ def _keep_state(node: int, state: Any) -> None:
     from flwr.common.serde import recorddict_to_proto
 
     text = base64.b64encode(recorddict_to_proto(state).SerializeToString()).decode("ascii")
-    _svc().table.put(STATE_TABLE, str(node), {"state": text})
+    worker_services().table.put(STATE_TABLE, str(node), {"state": text})
 
 
 def handle(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
@@ -81,7 +75,7 @@ def handle(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     from flwr.supercore.task_identity import TaskIdentity
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    svc, job = _svc(), _job()
+    svc, job = worker_services(), _job()
     mid, node = str(event["message"]), int(event["node"])
     nodes = [int(n) for n in job["nodes"]]
     TaskIdentity.task_id = 1

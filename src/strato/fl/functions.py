@@ -18,22 +18,16 @@ from strato.fl import aggregator, buffered, state
 from strato.fl.app import App, Dataset, load_app
 from strato.fl.client import SimClient
 from strato.fl.data import load_job_data
-from strato.services import Context, Services, connect_from_env
+from strato.services import Context, Services, worker_services
 
 __all__ = ["aggregate", "client", "close_round", "evaluate", "leaf", "start_round"]
 
 _warm: dict[str, Any] = {}
 
 
-def _svc() -> Services:
-    if "svc" not in _warm:
-        _warm["svc"] = connect_from_env()
-    return _warm["svc"]  # type: ignore[no-any-return]
-
-
 def _job() -> dict[str, Any]:
     if "job" not in _warm:
-        item = _svc().table.get(state.JOB, "config")
+        item = worker_services().table.get(state.JOB, "config")
         if item is None:
             raise NotFound("the run has no job record")
         _warm["job"] = item.value
@@ -53,7 +47,7 @@ def select_clients(seed: int, r: int, clients: list[str], k: int) -> list[str]:
 
 def start_round(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """Open round r: select clients, record the token, notify the selected clients."""
-    svc, job = _svc(), _job()
+    svc, job = worker_services(), _job()
     r, token = int(event["round"]), str(event["token"])
     if buffered.is_async(job):
         return _start_version(svc, job, r, token, ctx)
@@ -108,13 +102,13 @@ def _client_data(client_id: str) -> Dataset:
     cache = _warm.setdefault("data", {})
     if client_id not in cache:
         job = _job()
-        cache[client_id] = load_job_data(_svc(), job, client_id)
+        cache[client_id] = load_job_data(worker_services(), job, client_id)
     return cache[client_id]  # type: ignore[no-any-return]
 
 
 def client(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """A simulated client: take the next round notice from its queue and train on it."""
-    svc, job, cid = _svc(), _job(), str(event["client"])
+    svc, job, cid = worker_services(), _job(), str(event["client"])
     sim = SimClient(svc, cid, _app(), _client_data(cid), job)
     deadline = time.monotonic() + float(event.get("wait_s", 30.0))
     while (remaining := deadline - time.monotonic()) > 0:
@@ -137,7 +131,7 @@ def client(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
 def aggregate(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """Triggered by the updates table's stream: eager, idempotent aggregation (and the
     round's warm-up and deadline close, so one worker serialises everything a round sees)."""
-    svc = _svc()
+    svc = worker_services()
     try:
         if "warm_round" in event:
             return aggregator.warm_up(svc, int(event["warm_round"]), ctx.invoke_async)
@@ -167,13 +161,13 @@ def _round_of(event: dict[str, Any]) -> int:
 def leaf(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """The aggregation engine on one node, for the updates that lie there (a backend
     with several nodes): the root ("aggregate") hands them over and collects partials."""
-    return aggregator.leaf(_svc(), event)
+    return aggregator.leaf(worker_services(), event)
 
 
 def close_round(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """The round deadline passed: have the aggregator close it with the updates admitted
     so far, and return once its model is written."""
-    svc, r = _svc(), int(event["round"])
+    svc, r = worker_services(), int(event["round"])
     asked = time.time()
     ctx.invoke_async("aggregate", {"close": r})
     wait = 0.01
@@ -207,7 +201,7 @@ def evaluate(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """Evaluate round r's global model on the test set and record the round's metrics."""
     from strato.fl.torch import load_params
 
-    svc, job, r = _svc(), _job(), int(event["round"])
+    svc, job, r = worker_services(), _job(), int(event["round"])
     done = {"round": r, "next_round": r + 1, "done": r >= int(job["config"]["rounds"])}
     existing = svc.table.get(state.METRICS, state.round_key(r))
     if existing is not None:

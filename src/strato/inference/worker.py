@@ -30,11 +30,10 @@ from strato.inference._wire import assemble_rows, decode_rows, encode_rows
 from strato.inference.channels import BlobChannel, BusChannel
 from strato.inference.kernel import apply_layer, release_scratch
 from strato.inference.plan import WorkerPlan
-from strato.services import Context, Services, connect_from_env
+from strato.services import Context, Services, worker_services
 
 __all__ = ["children", "control_queue", "control_topic", "handler"]
 
-_services: Services | None = None  # survives warm invocations, as in Lambda
 
 
 def control_topic(run: str) -> str:
@@ -53,16 +52,9 @@ def children(worker: int, workers: int, branching: int) -> list[int]:
     return [c for c in range(first, first + branching) if c < workers]
 
 
-def _get_services() -> Services:
-    global _services
-    if _services is None:
-        _services = connect_from_env()
-    return _services
-
-
 def handler(event: Mapping[str, Any], ctx: Context) -> dict[str, Any]:
     t_start = time.time()
-    services = _get_services()
+    services = worker_services()  # kept across warm invocations, as in Lambda
     run, p = str(event["run"]), int(event["worker"])
     launched = 0
     for c in children(p, int(event["workers"]), int(event.get("branching", 0))):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,7 @@ __all__ = [
     "embedded",
     "open_run",
     "register_backend",
+    "worker_services",
 ]
 
 ENV_VAR = "STRATO_SERVICES"
@@ -321,3 +323,17 @@ def connect_from_env() -> Services:
     if not raw:
         raise ConfigError(f"{ENV_VAR} is not set: this code must run inside a Strato function")
     return Services(json.loads(raw))
+
+
+_FROM_ENV: dict[str, Services] = {}
+_FROM_ENV_LOCK = threading.Lock()
+
+
+def worker_services() -> Services:
+    """``connect_from_env()`` opened once per process and kept across warm invocations
+    (one bundle per run configuration the environment names)."""
+    raw = os.environ.get(ENV_VAR, "")
+    with _FROM_ENV_LOCK:
+        if raw not in _FROM_ENV:
+            _FROM_ENV[raw] = connect_from_env()
+        return _FROM_ENV[raw]
