@@ -280,6 +280,9 @@ class _Accounting:
             "invocations": prev.get("invocations", 0) + s.invocations,
         }
 
+    def invocations_this_segment(self) -> int:
+        return self._stats().invocations
+
     def cold_since_last(self) -> int:
         cold = self._stats().cold_starts
         delta, self.last_cold = cold - self.last_cold, cold
@@ -454,6 +457,7 @@ def _finish(
         "function_seconds": round(totals["function_seconds"], 3),
         "gb_seconds": round(totals["gb_seconds"], 3),
         "invocations": totals["invocations"],
+        "invocations_this_segment": accounting.invocations_this_segment(),
         "cold_starts": totals["cold_starts"],
         "updates_accepted": sum(r["accepted"] for r in rows),
         "updates_rejected": len(svc.table.query(state.REJECTIONS)),
