@@ -448,7 +448,11 @@ class _Agent:
                 for node, key in list(waiting.items()):
                     if blobs.exists(key):
                         del waiting[node]
-                        self._land_partial(opened, node, key)
+                        try:
+                            self._land_partial(opened, node, key)
+                        except NotFound:  # lost with the leaf's worker (a handed-off
+                            with contextlib.suppress(StratoError):  # blob): its updates
+                                blobs.delete(key)  # go to a leaf again, below
                     elif not blobs.alive(node):  # type: ignore[attr-defined]
                         del waiting[node]
                         lost += [(c, _lost_on(node)) for c in opened.at_leaf.pop(node, {})]
@@ -492,6 +496,7 @@ class _Agent:
         opened.leaf_bad.update(bad)
         opened.leaf_dist.update(json.loads(meta.get("dist", "{}")))
         weight = float(meta.get("weight", 0.0))
+        opened.partials.append(key)  # deleted once the round's model is out
         if not covered or weight <= 0:
             if ref is not None:
                 release_input(ref)
@@ -511,7 +516,6 @@ class _Agent:
             lease.buffer[:] = view[start : start + self.layout.nbytes]
             landed = _Landed({**lease.ref.to_dict()}, lease.buffer, done, lease)
         opened.added.append(done)
-        opened.partials.append(key)
         opened.handle.arrive("n0", landed, client=f"leaf:{key}", weight=weight)  # type: ignore[arg-type]
 
     def _lose(self, opened: _Open, lost: list[tuple[str, str]]) -> None:
@@ -794,9 +798,6 @@ class _Agent:
         self.svc.blobs.put(state.model_key(r), payload)
         parts["model_write_s"] = time.perf_counter() - started
         self._last_model = r
-        for key in opened.partials:  # added into the model: not needed any more
-            with contextlib.suppress(StratoError):
-                self.svc.blobs.delete(key)
         if new_state:
             self.svc.blobs.put(_strategy_key(r), encode(Params.from_arrays(new_state)).payload)
         accepted = len(opened.rules.admitted)
@@ -810,6 +811,9 @@ class _Agent:
                     "close_parts_s": parts}
 
         state.cas_update(self.svc.table, state.ROUNDS, state.round_key(r), done)
+        for key in opened.partials:  # added into the model: not needed any more
+            with contextlib.suppress(StratoError):
+                self.svc.blobs.delete(key)
         if self.asynchronous and r < int(self.job["config"]["rounds"]):
             buffered.open_version(self.svc, self.job, r + 1)  # no client waits for the loop
         final = self.svc.table.get(state.ROUNDS, state.round_key(r))

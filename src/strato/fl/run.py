@@ -85,6 +85,9 @@ def app_resources(cfg: JobConfig) -> AppResources:
         invoked=("client", "aggregate", "leaf"),
         # a simulated client's update: it can train again if the node holding it goes
         node_local_blobs=("updates/",),
+        # a leaf's partial of such updates, read once by the root: its updates go to a
+        # leaf again if it is lost
+        handoff_blobs=("partials/",),
     )
 
 

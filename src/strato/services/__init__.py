@@ -94,6 +94,11 @@ class AppResources:
     # them (Ray), where that node's functions map them in place; one lost with its
     # node is gone (``BlobStore.home`` names the node, ``alive`` says whether it is).
     node_local_blobs: tuple[str, ...] = ()
+    # Prefixes of blobs written once and read once soon after, which the application
+    # can make again (a leaf's partial: the root hands its updates over again). A backend
+    # with several nodes may hand them from writer to reader in memory (Ray: an object
+    # in the writer's object store, pulled once by the reader), lost with the writer.
+    handoff_blobs: tuple[str, ...] = ()
 
 
 class Trigger(Protocol):

@@ -96,7 +96,12 @@ def test_the_example_runs_unchanged_on_three_nodes(cluster: LocalCluster, tmp_pa
     for node, fns in ran.items():
         assert bool(fns.get("leaf")) == (node != head and bool(fns.get("client"))), node
     assert placement["cross_node_bytes"] > 0  # models down, partials up
-    assert placement["remote_read_bytes_by_node"] == {}  # no update was read across
+    # what the root read from other nodes is the leaves' partials (each handed off in
+    # its leaf's node), as placement predicted: no update was read across
+    reads = placement["remote_read_bytes_by_node"]
+    assert set(reads) == {head}
+    predicted = sum(r["nodes"]["predicted_cross_node_bytes"] for r in on_ray["per_round"])
+    assert sum(reads.values()) == pytest.approx(predicted, rel=0.02)
     assert placement["head_node"] in placement["state_bytes_by_node"]
     # each round's record says how long the leaves' partials took to reach the root
     for r in on_ray["per_round"]:
@@ -288,6 +293,56 @@ def test_node_local_blobs_and_functions_pinned_to_a_node(cluster: LocalCluster,
     while node_dir(root, worker).parent.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not node_dir(root, worker).parent.exists()
+
+
+def test_a_handed_off_blob_is_pulled_once_and_lost_with_its_writer(cluster: LocalCluster,
+                                                                    tmp_path: Path) -> None:
+    """A leaf's partial is handed off: an object in its writer's node's object store
+    (no file, no copy on the head) that the reader pulls once, counted as crossing; one
+    whose writer has gone is ``NotFound`` (the root hands its updates over again)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from strato.errors import NotFound, StratoError
+
+    class Writer:  # (a local class: Ray ships it by value)
+        def put(self, config: dict[str, Any], key: str, data: bytes) -> str:
+            from strato.services import connect
+
+            self.svc = connect(config)  # kept open: the blob lives while its writer does
+            self.svc.blobs.put(key, data)
+            return str(self.svc.blobs.node_id)  # type: ignore[attr-defined]
+
+    root = tmp_path / "svc"
+    config = {"backend": "ray", "address": cluster.address, "root": str(root),
+              "handoff_blobs": ["hand/"]}
+    worker = cluster.workers[0].node_id
+    data = os.urandom(2 << 20)
+    with connect(config) as svc:
+        head = svc.runtime.placement()["head_node"]  # type: ignore[attr-defined]
+        writer = ray.remote(Writer).options(
+            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(worker, soft=False)
+        ).remote()
+        assert ray.get(writer.put.remote(config, "hand/a", data), timeout=120) == worker
+        ray.get(writer.put.remote(config, "hand/b", b"hi"), timeout=120)
+        assert svc.blobs.exists("hand/a") and not svc.blobs.exists("hand/c")
+        assert svc.blobs.list("hand/") == ["hand/a", "hand/b"]
+        with pytest.raises(StratoError, match="object store"):
+            svc.blobs.locate("hand/a")  # type: ignore[attr-defined]
+        assert bytes(svc.blobs.get("hand/a")) == data
+        assert bytes(svc.blobs.get("hand/b")) == b"hi"
+        placement = svc.runtime.placement()  # type: ignore[attr-defined]
+        assert placement["remote_read_bytes_by_node"] == {head: len(data) + 2}
+        assert not list(root.rglob("hand")), "a handed-off blob is no file"
+        svc.blobs.delete("hand/b")
+        assert not svc.blobs.exists("hand/b") and svc.blobs.list("hand/") == ["hand/a"]
+        with pytest.raises(NotFound):
+            svc.blobs.get("hand/b")
+        ray.kill(writer)  # its owner gone, the object is gone too
+        with pytest.raises(NotFound, match="lost with the process that wrote it"):
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # (the kill takes a moment)
+                svc.blobs.get("hand/a")
+                time.sleep(0.1)
 
 
 def test_the_scale_benchmark_runs_on_the_cluster(cluster: LocalCluster, tmp_path: Path) -> None:

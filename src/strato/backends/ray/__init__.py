@@ -6,7 +6,8 @@ primitive    on Ray                                                      module
 Table        the embedded SQLite table, in the state host on the head    ``_parts``
 Bus          the embedded SQLite bus, in the state host                  ``_parts``
 BlobStore    the embedded blob directory, in the state host; blobs the   ``_parts``
-             app can make again on the node that wrote them
+             app can make again on the node that wrote them, or (read
+             once) in its object store
 Runtime      a pool of Ray actors per function (warm reuse, keep-alive)  ``_runtime``
 Workflow     the embedded ASL interpreter over this Table and Runtime    (services)
 ===========  ==========================================================  ===============
@@ -65,7 +66,8 @@ def open_run(config: Mapping[str, Any], resources: AppResources) -> Services:
     wrote them (it travels to every actor)."""
     from strato.services import Services
 
-    return Services({**config, "node_local_blobs": list(resources.node_local_blobs)})
+    return Services({**config, "node_local_blobs": list(resources.node_local_blobs),
+                     "handoff_blobs": list(resources.handoff_blobs)})
 
 
 # Actors belong to the process that started them and die with it, as local workers do.

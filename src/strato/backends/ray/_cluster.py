@@ -8,8 +8,9 @@ it keeps the embedded backend's SQLite table, SQLite bus and blob directory unde
 run's ``root`` on the head's disk. Worker nodes hold nothing durable, so losing one
 loses nothing but the work in flight there; a head that restarts reopens the same files.
 
-Calls to the host carry JSON text and raw bytes only: what Ray transports for us is
-our own encoding, never a pickled Python object of ours.
+Calls to the host carry JSON text and raw bytes only (and, for a handed-off blob, the
+ref of a Ray object holding its raw bytes): what Ray transports for us is our own
+encoding, never a pickled Python object of ours.
 """
 
 from __future__ import annotations

@@ -101,6 +101,9 @@ class StateHost:
         # both, per (kind, node, function) of the caller ('' outside functions)
         self.by_function: dict[tuple[str, str, str], int] = {}
         self._counting = threading.Lock()  # calls run on up to 64 threads at once
+        # handed-off blobs (``RayBlobStore``): key -> ([its object's ref], writer's node,
+        # length). Holding the ref keeps the object alive while its writer lives.
+        self.handed: dict[str, tuple[list[Any], str, int]] = {}
 
     def ping(self) -> int:
         return os.getpid()
@@ -122,6 +125,23 @@ class StateHost:
             table[node] = table.get(node, 0) + nbytes
             key = (kind, node, function)
             self.by_function[key] = self.by_function.get(key, 0) + nbytes
+
+    def hand(self, key: str, ref: list[Any], node: str, nbytes: int) -> None:
+        """Keep the ref (in a list: Ray passes it unresolved) of a handed-off blob."""
+        with self._counting:
+            self.handed[key] = (ref, node, nbytes)
+
+    def handed_off(self, key: str) -> tuple[list[Any], str, int] | None:
+        with self._counting:
+            return self.handed.get(key)
+
+    def handed_keys(self, prefix: str) -> list[str]:
+        with self._counting:
+            return [k for k in self.handed if k.startswith(prefix)]
+
+    def drop(self, key: str) -> bool:
+        with self._counting:
+            return self.handed.pop(key, None) is not None
 
     def moved(self, node: str, nbytes: int, function: str = "") -> None:
         self._count("read", node, function, nbytes)

@@ -109,6 +109,12 @@ class RayBlobStore(_Proxy):
     config: blobs the application can make again) written on a worker node: those stay
     in that node's directory, and the state host's table ``HOMES`` records the node.
 
+    Handed-off blobs (``handoff_blobs``: written once, read once soon after, and made
+    again by the application if lost, such as a leaf's partial) are objects in Ray's
+    object store of the writer's node, not files: the state host keeps their refs, the
+    reader pulls one once (its bytes cross, counted), and one is lost with the process
+    that wrote it (``NotFound``).
+
     ``locate`` gives a blob's file, offset and length when it lies on this machine (a
     node-local blob of this node; any other blob on the head), for the aggregation
     engine to map in place; ``home`` names the node of a node-local blob (None: the
@@ -120,6 +126,7 @@ class RayBlobStore(_Proxy):
     def __init__(self, client: StateClient, config: Mapping[str, Any]) -> None:
         super().__init__(client)
         self._prefixes = tuple(str(p) for p in config.get("node_local_blobs") or ())
+        self._handoffs = tuple(str(p) for p in config.get("handoff_blobs") or ())
         self._root = str(config["root"])
         self.node_id = client.node_id()
         self._on_head = client.on_host_node()
@@ -135,6 +142,15 @@ class RayBlobStore(_Proxy):
 
     def _node_local(self, key: str) -> bool:
         return bool(self._prefixes) and key.startswith(self._prefixes)
+
+    def _handoff(self, key: str) -> bool:
+        return bool(self._handoffs) and key.startswith(self._handoffs)
+
+    def _handed(self, key: str) -> tuple[list[Any], str, int] | None:
+        """A handed-off blob's ([ref], writer's node, length), if the host keeps it."""
+        ray = ensure_ray(self._client.config)
+        got = ray.get(self._client.actor().handed_off.remote(key))
+        return None if got is None else (list(got[0]), str(got[1]), int(got[2]))
 
     def home(self, key: str) -> str | None:
         """The node a node-local blob lies on; None for the state host's blobs."""
@@ -182,6 +198,10 @@ class RayBlobStore(_Proxy):
         return self._shared is not None and self._shared.exists(key)
 
     def locate(self, key: str) -> tuple[str, int, int]:
+        if self._handoff(key):
+            if self._handed(key) is None:
+                raise NotFound(f"blob {key} not found")
+            raise StratoError(f"blob {key} is in Ray's object store, not in a file")
         if self._in_shared(key):
             assert self._shared is not None
             return self._shared.locate(key)
@@ -193,6 +213,13 @@ class RayBlobStore(_Proxy):
         raise StratoError(f"blob {key} is not on this node ({self.node_id[:12]})")
 
     def put(self, key: str, data: Any) -> str:
+        if self._handoff(key):
+            ray = ensure_ray(self._client.config)
+            payload = _bytes(data)
+            ref = ray.put(payload)  # one copy, into this node's object store
+            ray.get(self._client.actor().hand.remote(key, [ref], self.node_id,
+                                                     memoryview(payload).nbytes))
+            return key
         if self._node_local(key) and not self._on_head:
             stored = self._here().put(key, data)
             self._homes()
@@ -208,6 +235,8 @@ class RayBlobStore(_Proxy):
         return str(self._call("put_content", data=_bytes(data)))
 
     def get(self, key: str, *, verify: bool = True) -> memoryview:
+        if self._handoff(key):  # (Ray checks what it moves: no sha256 to verify)
+            return self._pull(key)
         if self._in_shared(key):
             assert self._shared is not None
             return self._shared.get(key, verify=verify)
@@ -224,6 +253,23 @@ class RayBlobStore(_Proxy):
                 return self._cached(key, str(digest), verify)
         _, blob = self._client.call("blobs", "get", key, verify=verify)
         return memoryview(blob if blob is not None else b"")
+
+    def _pull(self, key: str) -> memoryview:
+        """A handed-off blob: read in place from this node's object store, pulled from
+        the writer's node first if it lies there."""
+        got = self._handed(key)
+        if got is None:
+            raise NotFound(f"blob {key} not found")
+        (ref,), node, nbytes = got
+        ray = ensure_ray(self._client.config)
+        try:
+            value = ray.get(ref, timeout=120)
+        except ray.exceptions.RayError as exc:  # its writer (or node) is gone
+            raise NotFound(f"blob {key} was lost with the process that wrote it "
+                           f"({type(exc).__name__})") from None
+        if node != self.node_id:
+            self._client.count_remote(nbytes)
+        return memoryview(value).cast("B")
 
     def _cached(self, key: str, digest: str, verify: bool) -> memoryview:
         """A blob of the state host's, through this node's cache (by content: blobs are
@@ -262,6 +308,8 @@ class RayBlobStore(_Proxy):
         return bytes(got)
 
     def exists(self, key: str) -> bool:
+        if self._handoff(key):
+            return self._handed(key) is not None
         if self._in_shared(key):
             return True
         node = self.home(key)
@@ -275,11 +323,18 @@ class RayBlobStore(_Proxy):
         shared = self._shared.list(prefix) if self._shared is not None else self._call(
             "list", prefix)
         keys = {str(k) for k in shared}
+        if self._handoffs:
+            ray = ensure_ray(self._client.config)
+            keys |= set(ray.get(self._client.actor().handed_keys.remote(prefix)))
         if self._prefixes and self._homes():
             keys |= {str(i["key"]) for i in self._client.call("table", "query", HOMES, prefix)[0]}
         return sorted(keys)
 
     def delete(self, key: str) -> None:
+        if self._handoff(key):  # the host lets go of its ref: the object is freed
+            ray = ensure_ray(self._client.config)
+            ray.get(self._client.actor().drop.remote(key))
+            return
         node = self.home(key)
         self._homes_known.pop(key, None)
         if node is None:
