@@ -811,9 +811,7 @@ class _Agent:
                     "close_parts_s": parts}
 
         state.cas_update(self.svc.table, state.ROUNDS, state.round_key(r), done)
-        for key in opened.partials:  # added into the model: not needed any more
-            with contextlib.suppress(StratoError):
-                self.svc.blobs.delete(key)
+        self._drop_partials(r, opened)
         if self.asynchronous and r < int(self.job["config"]["rounds"]):
             buffered.open_version(self.svc, self.job, r + 1)  # no client waits for the loop
         final = self.svc.table.get(state.ROUNDS, state.round_key(r))
@@ -825,6 +823,18 @@ class _Agent:
                                                     {"round": r, "model": state.model_key(r)})
         self._forget_updates(r)
         return final.value
+
+    def _drop_partials(self, r: int, opened: _Open) -> None:
+        """Round r's model is out: its leaves' partials are not needed any more, nor
+        those of an attempt at it that was given up (a closer replaced, a partial
+        thought lost that came after all): on Ray each holds its leaf node's memory."""
+        keys = set(opened.partials)
+        if opened.partials or opened.gen:  # a round with leaves
+            with contextlib.suppress(StratoError):
+                keys.update(self.svc.blobs.list(f"partials/{state.round_key(r)}/"))
+        for key in sorted(keys):
+            with contextlib.suppress(StratoError):
+                self.svc.blobs.delete(key)
 
     def _forget_updates(self, r: int) -> None:
         """``[job] keep_rounds = K``: once round r's model is written, round r - K's

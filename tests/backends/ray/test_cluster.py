@@ -308,7 +308,8 @@ def test_a_handed_off_blob_is_pulled_once_and_lost_with_its_writer(cluster: Loca
         def put(self, config: dict[str, Any], key: str, data: bytes) -> str:
             from strato.services import connect
 
-            self.svc = connect(config)  # kept open: the blob lives while its writer does
+            # (the object is this actor process's: it lives while the process does)
+            self.svc = connect(config)
             self.svc.blobs.put(key, data)
             return str(self.svc.blobs.node_id)  # type: ignore[attr-defined]
 

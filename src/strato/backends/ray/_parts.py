@@ -198,9 +198,7 @@ class RayBlobStore(_Proxy):
         return self._shared is not None and self._shared.exists(key)
 
     def locate(self, key: str) -> tuple[str, int, int]:
-        if self._handoff(key):
-            if self._handed(key) is None:
-                raise NotFound(f"blob {key} not found")
+        if self._handoff(key):  # (whether it is there at all: ``get`` says)
             raise StratoError(f"blob {key} is in Ray's object store, not in a file")
         if self._in_shared(key):
             assert self._shared is not None
@@ -263,10 +261,13 @@ class RayBlobStore(_Proxy):
         (ref,), node, nbytes = got
         ray = ensure_ray(self._client.config)
         try:
-            value = ray.get(ref, timeout=120)
-        except ray.exceptions.RayError as exc:  # its writer (or node) is gone
+            value = ray.get(ref, timeout=PULL_TIMEOUT_S)
+        except ray.exceptions.ObjectLostError as exc:  # its writer (or node) is gone
             raise NotFound(f"blob {key} was lost with the process that wrote it "
                            f"({type(exc).__name__})") from None
+        except ray.exceptions.RayError as exc:  # (still there: not to be made again)
+            raise StratoError(f"blob {key} could not be pulled from node {node[:12]}: "
+                              f"{type(exc).__name__}: {exc}") from None
         if node != self.node_id:
             self._client.count_remote(nbytes)
         return memoryview(value).cast("B")
@@ -323,7 +324,7 @@ class RayBlobStore(_Proxy):
         shared = self._shared.list(prefix) if self._shared is not None else self._call(
             "list", prefix)
         keys = {str(k) for k in shared}
-        if self._handoffs:
+        if any(p.startswith(prefix) or prefix.startswith(p) for p in self._handoffs):
             ray = ensure_ray(self._client.config)
             keys |= set(ray.get(self._client.actor().handed_keys.remote(prefix)))
         if self._prefixes and self._homes():
@@ -353,6 +354,7 @@ class RayBlobStore(_Proxy):
 HOMES = "strato_blob_homes"  # node-local blob -> {"node": the Ray node it lies on}
 # Blobs of the state host at least this large are read once per node (then from its cache)
 CACHE_FROM = 1 << 20
+PULL_TIMEOUT_S = 120.0  # a handed-off blob's pull from its writer's node
 
 
 def node_dir(root: str, node: str) -> Path:
