@@ -1,0 +1,127 @@
+"""The root's side of a round with leaves on other nodes (a backend with several nodes):
+a leaf's partial that cannot be read because its leaf's worker lost it (a handed-off
+blob on Ray) sends that leaf's updates to it again, in a new generation; one lost every
+time makes its clients train again. The leaves and the blob store are stand-ins here;
+tests/backends/ray runs the same code on a real cluster."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from strato.codec import encode
+from strato.errors import NotFound, StratoError
+from strato.fl import aggregator as agg
+from strato.params import Params
+
+NODE = "b" * 40
+MODEL = Params.from_arrays({"w": np.zeros(4, dtype=np.float32)})
+
+
+class Blobs:
+    """Partials by key; ``lose`` of them read as lost (their writer gone)."""
+
+    def __init__(self, lose: int) -> None:
+        self.partials: dict[str, bytes] = {}
+        self.lose = lose
+        self.deleted: list[str] = []
+
+    def exists(self, key: str) -> bool:
+        return key in self.partials
+
+    def locate(self, key: str) -> tuple[str, int, int]:
+        raise StratoError(f"blob {key} is in Ray's object store, not in a file")
+
+    def get(self, key: str) -> memoryview:
+        if self.lose > 0:
+            self.lose -= 1
+            raise NotFound(f"blob {key} was lost with the process that wrote it")
+        return memoryview(self.partials[key])
+
+    def delete(self, key: str) -> None:
+        self.deleted.append(key)
+        self.partials.pop(key, None)
+
+    def alive(self, node: str) -> bool:
+        return True
+
+
+class Leaf:
+    """A node's leaf: adds what it is handed, per generation; a flush hands off the
+    partial of that generation's updates (each of weight 1, value 1)."""
+
+    def __init__(self, blobs: Blobs) -> None:
+        self.blobs = blobs
+        self.calls: list[tuple[str, int, list[str]]] = []
+        self.added: dict[int, list[str]] = {}
+
+    def __call__(self, name: str, event: dict[str, Any], node: str) -> None:
+        assert name == "leaf" and node == NODE
+        gen = int(event["gen"])
+        if "add" in event:
+            clients = [u["client"] for u in event["updates"]]
+            self.added.setdefault(gen, []).extend(clients)
+            self.calls.append(("add", gen, clients))
+            return
+        clients = self.added.get(gen, [])
+        self.calls.append(("flush", gen, clients))
+        mean = Params.from_arrays({"w": np.ones(4, dtype=np.float32)})
+        meta = {"weight": repr(float(len(clients))), "clients": json.dumps(clients)}
+        key = agg.partial_key(int(event["flush"]), str(event["tag"]), node, gen)
+        self.blobs.partials[key] = bytes(encode(mean, meta).payload)
+
+
+class Lease:
+    def __init__(self, nbytes: int) -> None:
+        self.buffer = memoryview(bytearray(nbytes))
+        self.ref = SimpleNamespace(to_dict=lambda: {"shm": "x", "offset": 0, "nbytes": nbytes})
+        self.released = False
+
+    def release(self) -> None:
+        self.released = True
+
+
+def _round(lose: int) -> tuple[Any, Any, Blobs, Leaf, list[tuple[str, float]]]:
+    blobs = Blobs(lose)
+    leaf = Leaf(blobs)
+    arrived: list[tuple[str, float]] = []
+    agent = agg._Agent.__new__(agg._Agent)  # (its engine and services are stand-ins)
+    agent.svc = SimpleNamespace(blobs=blobs)  # type: ignore[assignment]
+    agent.invoke = leaf
+    agent.layout = MODEL.layout
+    agent.cluster = SimpleNamespace(node=lambda _name: SimpleNamespace(  # type: ignore[assignment]
+        lease_update=lambda nbytes, timeout: Lease(nbytes)))
+    handle = SimpleNamespace(
+        arrive=lambda node, landed, client, weight: arrived.append((client, weight)))
+    opened = agg._Open(rules=SimpleNamespace(round=2, selected=["c1", "c2"], quorum=2),  # type: ignore[arg-type]
+                       strategy=None, handle=handle)  # type: ignore[arg-type]
+    for client in ("c1", "c2"):  # two updates lying on NODE, handed to its leaf
+        opened.landing[NODE] = opened.landing.get(NODE, 0) + 1
+        assert agent._forward(opened, client, f"updates/{client}", 1.0, NODE, NODE) == ""
+    return agent, opened, blobs, leaf, arrived
+
+
+def test_a_partial_lost_with_its_leafs_worker_sends_its_updates_to_the_leaf_again() -> None:
+    agent, opened, blobs, leaf, arrived = _round(lose=1)
+    lost = agent._collect(opened)
+    assert lost == []
+    # generation 0's partial was lost: let go, and both updates went to the leaf again
+    assert leaf.calls == [("add", 0, ["c1", "c2"]), ("flush", 0, ["c1", "c2"]),
+                          ("add", 1, ["c1", "c2"]), ("flush", 1, ["c1", "c2"])]
+    assert blobs.deleted == [agg.partial_key(2, opened.tag, NODE, 0)]
+    # generation 1's partial went into the root's tree once, with both updates' weight
+    assert arrived == [(f"leaf:{agg.partial_key(2, opened.tag, NODE, 1)}", 2.0)]
+    assert opened.partials == [agg.partial_key(2, opened.tag, NODE, 1)]
+    assert opened.at_leaf == {}
+
+
+def test_a_partial_lost_every_time_makes_its_clients_train_again() -> None:
+    agent, opened, blobs, leaf, arrived = _round(lose=agg.LEAF_ATTEMPTS)
+    lost = agent._collect(opened)
+    assert sorted(lost) == [("c1", agg._lost_on(NODE)), ("c2", agg._lost_on(NODE))]
+    assert [c for c in leaf.calls if c[0] == "flush"] == [
+        ("flush", g, ["c1", "c2"]) for g in range(agg.LEAF_ATTEMPTS)]
+    assert arrived == [] and len(blobs.deleted) == agg.LEAF_ATTEMPTS
