@@ -450,9 +450,11 @@ class _Agent:
                         del waiting[node]
                         try:
                             self._land_partial(opened, node, key)
-                        except NotFound:  # lost with the leaf's worker (a handed-off
-                            with contextlib.suppress(StratoError):  # blob): its updates
-                                blobs.delete(key)  # go to a leaf again, below
+                        except NotFound:
+                            # lost with the leaf's worker (a handed-off blob): let go,
+                            # and its updates go to a leaf again (below)
+                            with contextlib.suppress(StratoError):
+                                blobs.delete(key)
                     elif not blobs.alive(node):  # type: ignore[attr-defined]
                         del waiting[node]
                         lost += [(c, _lost_on(node)) for c in opened.at_leaf.pop(node, {})]
@@ -828,10 +830,11 @@ class _Agent:
         """Round r's model is out: its leaves' partials are not needed any more, nor
         those of an attempt at it that was given up (a closer replaced, a partial
         thought lost that came after all): on Ray each holds its leaf node's memory."""
-        keys = set(opened.partials)
-        if opened.partials or opened.gen:  # a round with leaves
-            with contextlib.suppress(StratoError):
-                keys.update(self.svc.blobs.list(f"partials/{state.round_key(r)}/"))
+        if not opened.gen:  # a round without leaves has no partials
+            return
+        keys = set(opened.partials)  # (all of them, should the listing fail)
+        with contextlib.suppress(StratoError):
+            keys.update(self.svc.blobs.list(f"partials/{state.round_key(r)}/"))
         for key in sorted(keys):
             with contextlib.suppress(StratoError):
                 self.svc.blobs.delete(key)

@@ -35,7 +35,6 @@ from strato.services import Context, Services, worker_services
 __all__ = ["children", "control_queue", "control_topic", "handler"]
 
 
-
 def control_topic(run: str) -> str:
     return f"inf-{run}-ctl"
 

@@ -146,11 +146,14 @@ class RayBlobStore(_Proxy):
     def _handoff(self, key: str) -> bool:
         return bool(self._handoffs) and key.startswith(self._handoffs)
 
+    def _ask_host(self, method: str, *args: Any) -> Any:
+        """A call of the state host's own (handed-off blobs), not of one of its parts."""
+        ray = ensure_ray(self._client.config)
+        return ray.get(getattr(self._client.actor(), method).remote(*args))
+
     def _handed(self, key: str) -> tuple[list[Any], str, int] | None:
         """A handed-off blob's ([ref], writer's node, length), if the host keeps it."""
-        ray = ensure_ray(self._client.config)
-        got = ray.get(self._client.actor().handed_off.remote(key))
-        return None if got is None else (list(got[0]), str(got[1]), int(got[2]))
+        return self._ask_host("handed_off", key)  # type: ignore[no-any-return]
 
     def home(self, key: str) -> str | None:
         """The node a node-local blob lies on; None for the state host's blobs."""
@@ -212,11 +215,9 @@ class RayBlobStore(_Proxy):
 
     def put(self, key: str, data: Any) -> str:
         if self._handoff(key):
-            ray = ensure_ray(self._client.config)
             payload = _bytes(data)
-            ref = ray.put(payload)  # one copy, into this node's object store
-            ray.get(self._client.actor().hand.remote(key, [ref], self.node_id,
-                                                     memoryview(payload).nbytes))
+            ref = ensure_ray(self._client.config).put(payload)  # copied once, into Ray
+            self._ask_host("hand", key, [ref], self.node_id, memoryview(payload).nbytes)
             return key
         if self._node_local(key) and not self._on_head:
             stored = self._here().put(key, data)
@@ -325,16 +326,14 @@ class RayBlobStore(_Proxy):
             "list", prefix)
         keys = {str(k) for k in shared}
         if any(p.startswith(prefix) or prefix.startswith(p) for p in self._handoffs):
-            ray = ensure_ray(self._client.config)
-            keys |= set(ray.get(self._client.actor().handed_keys.remote(prefix)))
+            keys |= set(self._ask_host("handed_keys", prefix))
         if self._prefixes and self._homes():
             keys |= {str(i["key"]) for i in self._client.call("table", "query", HOMES, prefix)[0]}
         return sorted(keys)
 
     def delete(self, key: str) -> None:
         if self._handoff(key):  # the host lets go of its ref: the object is freed
-            ray = ensure_ray(self._client.config)
-            ray.get(self._client.actor().drop.remote(key))
+            self._ask_host("drop", key)
             return
         node = self.home(key)
         self._homes_known.pop(key, None)
