@@ -52,23 +52,27 @@ def cluster() -> Iterator[LocalCluster]:
         assert {"gcs_server", "raylet"} <= set(ours.values()), ours
         yield c
         ours |= c.processes()  # with the nodes added meanwhile
+        workers = c.worker_pids()
 
     deadline = time.monotonic() + 10.0  # a killed node's processes take a moment to exit
     while (left := [f"{pid} ({kind})" for pid, kind in ours.items() if _alive(pid)]) and (
             time.monotonic() < deadline):
         time.sleep(0.1)
     assert not left, f"processes outlived the cluster: {left}"
-    left = {n for n in set(os.listdir("/dev/shm")) - shm_before if not _owner_alive(n)}
-    assert not left, "segments outlived the cluster"
+    # the segments of this cluster's workers (another pytest worker's test may SIGKILL a
+    # process of its own and leave its segments for a moment: not this cluster's)
+    left = {n for n in set(os.listdir("/dev/shm")) - shm_before
+            if _owner(n) in workers and not _alive(_owner(n))}
+    assert not left, f"segments outlived the cluster: {sorted(left)}"
     dirs_after = set(node_dirs.iterdir()) if node_dirs.is_dir() else set()
     assert not dirs_after - dirs_before, "node directories outlived their runs"
 
 
-def _owner_alive(name: str) -> bool:
-    """A Strato segment whose owner still runs (another test's, under pytest-xdist)."""
+def _owner(name: str) -> int:
+    """The pid that made a Strato segment (-1 for another file)."""
     parts = name.split("-")
-    return name.startswith("strato-") and len(parts) > 1 and parts[1].isdigit() and (
-        Path("/proc", parts[1]).exists())
+    ours = name.startswith("strato-") and len(parts) > 1 and parts[1].isdigit()
+    return int(parts[1]) if ours else -1
 
 
 def _options(out: Path, address: str, **overrides: Any) -> RunOptions:

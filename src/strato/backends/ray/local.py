@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 __all__ = ["LocalCluster", "main"]
@@ -55,6 +57,15 @@ class LocalCluster:
                     if proc is not None and getattr(proc, "pid", None):
                         found[int(proc.pid)] = str(kind)
         return found
+
+    def worker_pids(self) -> set[int]:
+        """Every worker process the cluster has started, running or gone, by pid (from
+        the workers' log files, which all nodes here write to one directory)."""
+        head: Any = self._cluster.head_node
+        logs = Path(head.get_logs_dir_path())
+        found = (re.fullmatch(r"python-core-worker-[0-9a-f]+_(\d+)\.log", f.name)
+                 for f in logs.iterdir()) if logs.is_dir() else ()
+        return {int(m.group(1)) for m in found if m}
 
     def add_node(self) -> Any:
         """A worker node more, like the others."""
