@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from strato.aggregation import _inputs
-from strato.aggregation._inputs import attach_input, file_ref, release_input
+from strato.aggregation._inputs import attach_input, file_ref, local_ref, release_input
 from strato.errors import LayoutError, NotFound
 from strato.services.shm import ShmError, ShmPool
 
@@ -125,3 +125,29 @@ def test_shm_refs_map_the_segment_writable() -> None:
             attach_input({"shm": "../etc/passwd", "offset": 0, "nbytes": 1})
         del view
         lease.release()
+
+
+def test_a_buffer_of_this_process_is_added_where_it_lies_until_released() -> None:
+    from strato.aggregation._handler import aggregate
+
+    partial = np.arange(6, dtype=np.float32)
+    ref = local_ref(memoryview(partial.data).toreadonly())  # as Ray hands out an object
+    view = attach_input(ref)
+    assert ref["nbytes"] == 24 and view.readonly
+    assert np.shares_memory(np.frombuffer(view, dtype=np.float32), partial)  # not a copy
+    acc = np.ones(6, dtype=np.float64)
+
+    class Ctx:  # a thread of this process: nothing in shared memory but the accumulator
+        def attach(self, ref: dict[str, object]) -> memoryview:
+            assert ref == {"acc": True}
+            return memoryview(acc.data).cast("B")
+
+    reply = aggregate({"acc": {"acc": True}, "acc_dtype": "F64", "fresh": False,
+                       "inputs": [{**ref, "dtype": "F32", "coef": 2.0}]}, Ctx())
+    assert reply["n"] == 1 and acc.tolist() == [1.0 + 2.0 * i for i in range(6)]
+    del view
+    release_input(ref)
+    with pytest.raises(LayoutError, match="no buffer of this process"):
+        attach_input(ref)
+    with pytest.raises(LayoutError, match="no buffer of this process"):
+        attach_input({"local": "1", "nbytes": 24})  # (ids are this process's counters)

@@ -11,9 +11,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import pytest
 
+from strato.aggregation import attach_input
 from strato.codec import encode
-from strato.errors import NotFound, StratoError
+from strato.errors import LayoutError, NotFound, StratoError
 from strato.fl import aggregator as agg
 from strato.params import Params
 
@@ -74,28 +76,16 @@ class Leaf:
         self.blobs.partials[key] = bytes(encode(mean, meta).payload)
 
 
-class Lease:
-    def __init__(self, nbytes: int) -> None:
-        self.buffer = memoryview(bytearray(nbytes))
-        self.ref = SimpleNamespace(to_dict=lambda: {"shm": "x", "offset": 0, "nbytes": nbytes})
-        self.released = False
-
-    def release(self) -> None:
-        self.released = True
-
-
-def _round(lose: int) -> tuple[Any, Any, Blobs, Leaf, list[tuple[str, float]]]:
+def _round(lose: int) -> tuple[Any, Any, Blobs, Leaf, list[tuple[str, float, Any]]]:
     blobs = Blobs(lose)
     leaf = Leaf(blobs)
-    arrived: list[tuple[str, float]] = []
+    arrived: list[tuple[str, float, Any]] = []
     agent = agg._Agent.__new__(agg._Agent)  # (its engine and services are stand-ins)
     agent.svc = SimpleNamespace(blobs=blobs)  # type: ignore[assignment]
     agent.invoke = leaf
     agent.layout = MODEL.layout
-    agent.cluster = SimpleNamespace(node=lambda _name: SimpleNamespace(  # type: ignore[assignment]
-        lease_update=lambda nbytes, timeout: Lease(nbytes)))
     handle = SimpleNamespace(
-        arrive=lambda node, landed, client, weight: arrived.append((client, weight)))
+        arrive=lambda node, landed, client, weight: arrived.append((client, weight, landed)))
     opened = agg._Open(rules=SimpleNamespace(round=2, selected=["c1", "c2"], quorum=2),  # type: ignore[arg-type]
                        strategy=None, handle=handle)  # type: ignore[arg-type]
     for client in ("c1", "c2"):  # two updates lying on NODE, handed to its leaf
@@ -113,9 +103,17 @@ def test_a_partial_lost_with_its_leafs_worker_sends_its_updates_to_the_leaf_agai
                           ("add", 1, ["c1", "c2"]), ("flush", 1, ["c1", "c2"])]
     assert blobs.deleted == [agg.partial_key(2, opened.tag, NODE, 0)]
     # generation 1's partial went into the root's tree once, with both updates' weight
-    assert arrived == [(f"leaf:{agg.partial_key(2, opened.tag, NODE, 1)}", 2.0)]
+    assert [a[:2] for a in arrived] == [(f"leaf:{agg.partial_key(2, opened.tag, NODE, 1)}", 2.0)]
     assert opened.partials == [agg.partial_key(2, opened.tag, NODE, 1)]
     assert opened.at_leaf == {}
+    # the engine adds the partial where it came, and lets it go once added
+    landed = arrived[0][2]
+    view = attach_input(landed.ref.to_dict())
+    assert np.frombuffer(view, dtype=np.float32).tolist() == [1.0] * 4
+    del view
+    landed.release()
+    with pytest.raises(LayoutError, match="no buffer of this process"):
+        attach_input(landed.ref.to_dict())
 
 
 def test_a_partial_lost_every_time_makes_its_clients_train_again() -> None:

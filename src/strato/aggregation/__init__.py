@@ -13,7 +13,7 @@ a function's memory.
 """
 
 from strato.aggregation._executor import RuntimeExecutor, ThreadExecutor
-from strato.aggregation._inputs import attach_input, file_ref, release_input
+from strato.aggregation._inputs import attach_input, file_ref, local_ref, release_input
 from strato.aggregation._kernels import accumulate
 from strato.aggregation._messages import AggregatorStats
 from strato.aggregation._round import RoundPlan, RoundResult, RoundStats
@@ -37,6 +37,7 @@ __all__ = [
     "accumulate",
     "attach_input",
     "file_ref",
+    "local_ref",
     "release_input",
     "shard_ranges",
 ]

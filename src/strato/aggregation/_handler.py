@@ -18,7 +18,8 @@ aggregator and a retried invocation needs nothing restored:
 Each input is mapped where it lies and read in place by the kernel: a shared-memory
 segment (``ctx.attach``: the worker keeps one mapping per segment, so a warm worker
 maps nothing new) or a file, such as a blob the update was written to
-(``{"path", "offset", "nbytes"}``, mapped read-only by ``_inputs.attach_input``).
+(``{"path", "offset", "nbytes"}``, mapped read-only by ``_inputs.attach_input``), or,
+for an aggregator on a thread, a buffer of its own process (``{"local", "nbytes"}``).
 
 A leaf validates its updates in the pass that adds them (``check``): an update holding
 NaN or ±Inf is left out, the reply names it (``"bad": [input indices]``), and when the
@@ -61,7 +62,7 @@ def _vector(ctx: Any, ref: Mapping[str, Any], dtype: str) -> Any:
     kind = DTYPES.get(dtype)
     if kind is None:
         raise LayoutError(f"LIFL aggregates F32 or F64 buffers, not {dtype!r}")
-    if "path" in ref:
+    if "path" in ref or "local" in ref:
         from strato.aggregation._inputs import attach_input
 
         return np.frombuffer(attach_input(ref), dtype=kind)

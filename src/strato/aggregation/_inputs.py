@@ -1,12 +1,15 @@
 """Inputs by reference: a buffer in node shared memory, or a range of a blob file.
 
-An aggregator is told *where* an update lies, never given its bytes. Two kinds of
-reference, both small JSON dicts:
+An aggregator is told *where* an update lies, never given its bytes. Three kinds of
+reference, all small JSON dicts:
 
 - shared memory: ``{"shm": name, "offset": o, "nbytes": n}`` (``services.shm.ShmRef``),
   mapped by ``shm.attach`` (writable view);
 - a file: ``{"path": "/abs/path", "offset": o, "nbytes": n}`` (``file_ref``), e.g. a
-  blob of the local blob store; mapped read-only with ``mmap`` (read-only view).
+  blob of the local blob store; mapped read-only with ``mmap`` (read-only view);
+- a buffer of this process: ``{"local": id, "nbytes": n}`` (``local_ref``), e.g. a
+  partial read from Ray's object store, added where it lies by an aggregator on a
+  thread of the same process (``ThreadExecutor``); another process cannot read it.
 
 ``attach_input(ref)`` maps either one and returns a ``memoryview`` of exactly ``n``
 bytes (no copy: pages are read where they lie). Like ``shm.attach``, a process keeps
@@ -21,6 +24,7 @@ mapped, so their disk space is freed once the last view goes.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import mmap
 import os
 import threading
@@ -31,13 +35,15 @@ from typing import Any
 from strato.errors import LayoutError, NotFound
 from strato.services import shm
 
-__all__ = ["attach_input", "file_ref", "release_input"]
+__all__ = ["attach_input", "file_ref", "local_ref", "release_input"]
 
 _MAX_FILES = 256
 
 _Key = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
 _FILES: OrderedDict[str, tuple[_Key, mmap.mmap | None]] = OrderedDict()
 _LOCK = threading.Lock()
+_LOCAL: dict[int, memoryview] = {}  # local_ref's buffers, until release_input
+_LOCAL_IDS = itertools.count(1)
 
 
 def file_ref(path: str | os.PathLike[str], offset: int, nbytes: int) -> dict[str, Any]:
@@ -48,10 +54,27 @@ def file_ref(path: str | os.PathLike[str], offset: int, nbytes: int) -> dict[str
     return {"path": os.path.abspath(os.fspath(path)), "offset": offset, "nbytes": nbytes}
 
 
+def local_ref(buffer: Any) -> dict[str, Any]:
+    """A reference to a buffer of this process, held (not copied) until
+    ``release_input`` of the reference."""
+    view = memoryview(buffer).cast("B")
+    with _LOCK:
+        ident = next(_LOCAL_IDS)
+        _LOCAL[ident] = view
+    return {"local": ident, "nbytes": view.nbytes}
+
+
 def attach_input(ref: Mapping[str, Any]) -> memoryview:
-    """Map an input by reference (shared memory or file) and return a view of its bytes."""
+    """Map an input by reference (shared memory, file or a buffer of this process) and
+    return a view of its bytes."""
     if "shm" in ref:
         return shm.attach(ref)
+    if "local" in ref:
+        with _LOCK:
+            found = _LOCAL.get(ref["local"]) if isinstance(ref["local"], int) else None
+        if found is None:
+            raise LayoutError(f"{dict(ref)!r} names no buffer of this process")
+        return found
     if "path" not in ref:
         raise LayoutError(f"an input reference names 'shm' or 'path', got {dict(ref)!r}")
     try:
@@ -115,7 +138,12 @@ def _open(path: str) -> mmap.mmap:
 def release_input(ref: Mapping[str, Any]) -> None:
     """Done with a file input: drop this process's mapping of it, so its pages stop
     counting in this process's memory (an aggregator maps each update once, adds it,
-    and never reads it again). Views still held keep the pages until they go."""
+    and never reads it again). Views still held keep the pages until they go. Done
+    with a buffer of this process: let it go."""
+    if "local" in ref:
+        with _LOCK:
+            _LOCAL.pop(ref["local"], None)
+        return
     path = ref.get("path")
     if path is None:
         return

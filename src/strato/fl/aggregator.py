@@ -57,6 +57,7 @@ from strato.aggregation import (
     UpdateLease,
     attach_input,
     file_ref,
+    local_ref,
     release_input,
 )
 from strato.codec import decode, encode, encode_into, encoded_size, read_header
@@ -96,6 +97,8 @@ LOST = "update lost with the node it lay on; its client trains again: node"
 # A stored update found cut short or damaged when read (its upload was checked whole):
 # the storage's fault, not the client's, so the client trains again, as for a lost one.
 CORRUPT = "update blob damaged on disk; its client trains again"
+POLL_S = 0.005  # how often the root looks for the partials it waits for
+OUT_SLACK = 64 * 1024  # a leaf's partial buffer: room for a longer header next time
 LEAF_ATTEMPTS = 4  # times an update goes to a leaf whose worker lost it before it is made again
 
 
@@ -459,7 +462,7 @@ class _Agent:
                         del waiting[node]
                         lost += [(c, _lost_on(node)) for c in opened.at_leaf.pop(node, {})]
                 if waiting:
-                    time.sleep(0.02)
+                    time.sleep(POLL_S)
             for node, entries in opened.at_leaf.items():  # not added: hand them over again
                 for entry in entries.values():
                     entry["gen"] = opened.gen[node]
@@ -512,11 +515,9 @@ class _Agent:
         if ref is not None:
             landed = _Landed(file_ref(path, offset + start, self.layout.nbytes), view[start:],
                              done)
-        else:
-            lease = self.cluster.node("n0").lease_update(self.layout.nbytes,
-                                                         timeout=ROUND_TIMEOUT_S)
-            lease.buffer[:] = view[start : start + self.layout.nbytes]
-            landed = _Landed({**lease.ref.to_dict()}, lease.buffer, done, lease)
+        else:  # added where it came (the root's aggregators are threads of this process)
+            data = view[start : start + self.layout.nbytes]
+            landed = _Landed(local_ref(data), data, done)
         opened.added.append(done)
         opened.handle.arrive("n0", landed, client=f"leaf:{key}", weight=weight)  # type: ignore[arg-type]
 
@@ -1183,6 +1184,7 @@ class _Leaf:
         self.corrupt: list[str] = []
         self.done: list[threading.Event] = []
         self.ref_lease: Any = None  # the round's model in node memory (a norm bound)
+        self.out: npt.NDArray[np.uint8] | None = None  # the partial's encoding, reused
 
     def add(self, r: int, tag: str, gen: int, quota: int, updates: list[dict[str, Any]]) -> int:
         if self.current != (r, tag, gen):
@@ -1266,12 +1268,21 @@ class _Leaf:
                      "dist": json.dumps(handle.distances())}
             flat = (np.ascontiguousarray(result.array, dtype=np.float32) if result.updates
                     else np.zeros(self.layout.numel, dtype=np.float32))
-            model = Params(self.layout, flat.view(np.uint8))
-            self.svc.blobs.put(key, encode(model, meta).payload)
+            self.svc.blobs.put(key, self._encoded(Params(self.layout, flat.view(np.uint8)),
+                                                  meta))
         finally:
             result.release()
             self._release_ref()
         return {"partial": key, "updates": int(result.updates)}
+
+    def _encoded(self, params: Params, meta: dict[str, str]) -> memoryview:
+        """The partial's encoding, in this leaf's own buffer: one pass over warm memory
+        (fresh memory is slow to touch the first time). ``put`` copies it, so the
+        buffer serves the next flush."""
+        size = encoded_size(params, meta)
+        if self.out is None or self.out.nbytes < size:
+            self.out = np.empty(size + OUT_SLACK, dtype=np.uint8)  # room for more clients
+        return memoryview(self.out.data)[: encode_into(params, self.out, meta)]
 
     def _drop(self) -> None:
         handle, self.handle, self.current = self.handle, None, None
