@@ -33,10 +33,10 @@ import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+from strato.aggregation._inputs import Accumulator
 from strato.aggregation._messages import AggregatorStats, Arrived, Input
 from strato.control.placement import AggregatorSpec
 from strato.errors import StratoError
-from strato.services.shm import ShmLease
 
 if TYPE_CHECKING:
     from strato.aggregation._round import RoundSetup
@@ -50,7 +50,7 @@ TAIL_FRACTION = 0.1  # of a leaf's inputs: the last ones are added without waiti
 
 class _Agg:
     def __init__(
-        self, spec: AggregatorSpec, acc: ShmLease, out: ShmLease | None, node: str
+        self, spec: AggregatorSpec, acc: Accumulator, out: Accumulator | None, node: str
     ) -> None:
         self.spec = spec
         self.acc = acc
@@ -137,12 +137,15 @@ class Dispatcher:
         r = self.round = _Round(setup)
         self.history = {setup.round: r}
         me = self.node.name
+        # aggregators on threads of this process add into its private memory
+        private = self.node.executor_for(setup.nbytes).kind == "threads"
         for spec in setup.tree.aggregators:
             if setup.where[spec.name] == me:
-                acc = self.node.accumulator(spec.name, setup.acc_nbytes)
+                acc = self.node.accumulator(spec.name, setup.acc_nbytes, private=private)
                 out = None
                 if spec.is_root and setup.acc_dtype != setup.dtype:
-                    out = self.node.accumulator(f"{spec.name}/out", setup.nbytes)
+                    out = self.node.accumulator(f"{spec.name}/out", setup.nbytes,
+                                                private=private)
                 r.aggs[spec.name] = _Agg(spec, acc, out, me)
             for landing, quota in spec.serves:
                 if landing == me:

@@ -32,10 +32,10 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-from strato.errors import LayoutError, NotFound
+from strato.errors import LayoutError, NotFound, StratoError
 from strato.services import shm
 
-__all__ = ["attach_input", "file_ref", "local_ref", "release_input"]
+__all__ = ["Accumulator", "PrivateBuffer", "attach_input", "file_ref", "local_ref", "release_input"]
 
 _MAX_FILES = 256
 
@@ -166,3 +166,46 @@ def _close(mapping: mmap.mmap | None) -> None:
     if mapping is not None:
         with contextlib.suppress(BufferError):
             mapping.close()
+
+
+class PrivateBuffer:
+    """An accumulator in this process's private memory, for aggregators on threads of
+    this process (``ThreadExecutor``), referred to by ``_inputs.local_ref``. Linux backs
+    private memory with transparent huge pages where it can, a ``/dev/shm`` segment with
+    4 KiB pages: a pass over a float64 accumulator of 10M values runs ~1.4 × faster so
+    (fewer TLB misses; measured on these machines, see docs/lifl.md)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self._map = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        with contextlib.suppress(AttributeError, OSError):  # (where the kernel has it)
+            self._map.madvise(mmap.MADV_HUGEPAGE)
+        self._buffer: memoryview | None = memoryview(self._map)[:nbytes]
+        self.ref = _LocalRef(local_ref(self._buffer))
+
+    @property
+    def buffer(self) -> memoryview:
+        if self._buffer is None:
+            raise StratoError("a private accumulator was used after its release")
+        return self._buffer
+
+    def release(self) -> None:
+        if self._buffer is None:
+            return
+        release_input(self.ref.to_dict())
+        buffer, self._buffer = self._buffer, None
+        with contextlib.suppress(BufferError):  # a view still held: freed when it goes
+            buffer.release()
+            self._map.close()
+
+
+class _LocalRef:
+    def __init__(self, ref: dict[str, Any]) -> None:
+        self._ref = ref
+        self.nbytes = int(ref["nbytes"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._ref)
+
+
+Accumulator = shm.ShmLease | PrivateBuffer

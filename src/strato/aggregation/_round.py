@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy.typing as npt
 
+from strato.aggregation._inputs import Accumulator
 from strato.aggregation._messages import AggregatorStats
 from strato.control.autoscaler import AutoscalerContext, TreeShape
 from strato.control.placement import Placement, Tree
-from strato.services.shm import ShmLease
 
 __all__ = ["RoundPlan", "RoundResult", "RoundSetup", "RoundStats", "peak_arrival_rate"]
 
@@ -71,7 +71,7 @@ class RoundSetup:
     acc_dtype: str  # accumulators' and partials' (F64: the exact path; F32: BLAS saxpy)
     acc_nbytes: int
     batch: int
-    deliver: Callable[[str, ShmLease, float, int, float], None]
+    deliver: Callable[[str, Accumulator, float, int, float], None]
     fail: Callable[[Exception], None]
     # the round's model, for the leaves to measure each update's distance to it in the
     # pass that adds it (a norm bound); None: not measured

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from strato.aggregation._inputs import Accumulator
 from strato.aggregation._kernels import DTYPES
 from strato.aggregation._messages import AggregatorStats, Arrived
 from strato.aggregation._round import RoundPlan, RoundResult, RoundSetup, RoundStats
@@ -35,7 +36,6 @@ from strato.aggregation.node import Node, UpdateLease
 from strato.control.autoscaler import TreeShape
 from strato.control.placement import NodeCapacity, build_tree, place_best_fit, place_round_robin
 from strato.errors import ConfigError, StratoError
-from strato.services.shm import ShmLease
 
 __all__ = ["Cluster", "RoundHandle"]
 
@@ -267,7 +267,8 @@ class RoundHandle:
 
     # ---- called from the nodes' dispatcher threads --------------------------------------
 
-    def _deliver(self, key: str, model: ShmLease, weight: float, updates: int, at: float) -> None:
+    def _deliver(self, key: str, model: Accumulator, weight: float, updates: int,
+                 at: float) -> None:
         node = self.cluster.node(self.plan.placement.node_of(self.plan.tree.root.name))
         array = np.frombuffer(model.buffer, dtype=DTYPES[self.dtype])
         released = threading.Event()

@@ -21,6 +21,7 @@ from typing import Any
 
 from strato.aggregation._dispatcher import Dispatcher
 from strato.aggregation._executor import Executor, RuntimeExecutor, ThreadExecutor
+from strato.aggregation._inputs import Accumulator, PrivateBuffer
 from strato.aggregation._messages import Input
 from strato.aggregation._transport import Endpoint
 from strato.control.placement import NodeCapacity
@@ -28,7 +29,7 @@ from strato.errors import ConfigError
 from strato.services.runtime import Runtime
 from strato.services.shm import ShmLease, ShmPool
 
-__all__ = ["Node", "UpdateLease"]
+__all__ = ["Accumulator", "Node", "PrivateBuffer", "UpdateLease"]
 
 
 # Measured (docs/lifl.md): below this update size a hand-off to a warm node thread
@@ -71,7 +72,7 @@ class Node:
         self._inflight = 0  # bytes of updates landed and not yet aggregated
         self._inflight_count = 0
         self.backpressure_s = 0.0  # total time lease_update waited for room
-        self._accumulators: dict[str, ShmLease] = {}
+        self._accumulators: dict[str, Accumulator] = {}
         self.endpoint = Endpoint(self._received, self.pool.lease, self._transport_failed)
         self.dispatcher = Dispatcher(self)
 
@@ -161,24 +162,28 @@ class Node:
             self._inflight_count -= 1
             self._lock.notify_all()
 
-    def accumulator(self, name: str, nbytes: int) -> ShmLease:
-        """The warm accumulator of aggregator ``name`` (reused round after round)."""
+    def accumulator(self, name: str, nbytes: int, *, private: bool = False) -> Accumulator:
+        """The warm accumulator of aggregator ``name`` (reused round after round): in the
+        node's shared memory, or, for aggregators on threads of this process
+        (``private``), in this process's own memory (``PrivateBuffer``)."""
+        kind = PrivateBuffer if private else ShmLease
         with self._lock:
             lease = self._accumulators.get(name)
-            if lease is not None and lease.nbytes == nbytes:
+            if lease is not None and lease.nbytes == nbytes and isinstance(lease, kind):
                 return lease
             if lease is not None:
                 lease.release()
-            lease = self._accumulators[name] = self.pool.lease(nbytes)
-            return lease
+            made: Accumulator = PrivateBuffer(nbytes) if private else self.pool.lease(nbytes)
+            self._accumulators[name] = made
+            return made
 
-    def hand_over(self, name: str, lease: ShmLease) -> None:
+    def hand_over(self, name: str, lease: Accumulator) -> None:
         """The root's accumulator now belongs to the round's result."""
         with self._lock:
             if self._accumulators.get(name) is lease:
                 del self._accumulators[name]
 
-    def take_back(self, name: str, lease: ShmLease) -> None:
+    def take_back(self, name: str, lease: Accumulator) -> None:
         with self._lock:
             if name not in self._accumulators and not self.pool.closed:
                 self._accumulators[name] = lease
