@@ -96,24 +96,30 @@ def test_bad_updates_are_rejected_with_reasons_and_never_change_the_model(svc: S
     _upload(svc, "c", ones * 3, n=0)  # no weight
     counts = aggregator.admit_batch(svc, _stream(svc))
     assert counts["accepted"] == 1 and counts["rejected"] == 4
-    # NaN: found by the leaf in the pass that adds it, refused before the batch returns;
-    # the client may send again (below), and the model never sees it.
+    # NaN: found by the leaf in the pass that adds it, which may wait for more updates
+    # (a pass adds several), so it may be refused later, but always before the round
+    # closes or the client's next update is judged: the client may send again (below),
+    # and the model never sees it.
     before = len(svc.table.query(state.UPDATES))
     _upload(svc, "b", np.r_[ones[:8], np.nan])
     counts = aggregator.admit_batch(svc, _stream(svc)[before:])
-    assert counts["accepted"] == 0 and counts["rejected"] == 1
-    assert svc.table.get(state.ACCEPTED, state.accepted_key(1, "b")) is None
+    assert counts["accepted"] + counts["rejected"] == 1
+    refused_at_once = counts["rejected"]
     reasons = _reasons(svc)
     assert any("duplicate" in r for r in reasons)
     assert any("not selected" in r for r in reasons)
-    assert any("NaN" in r for r in reasons)
     assert any("wrong layout" in r for r in reasons)
     assert any("num_examples" in r for r in reasons)
     # The good ones close the round: the model is the weighted mean of a, b, c only.
     before = len(svc.table.query(state.UPDATES))
     _upload(svc, "b", ones * 2, n=30, nonce="ok")
     _upload(svc, "c", ones * 4, n=60, nonce="ok")
-    aggregator.admit_batch(svc, _stream(svc)[before:])
+    counts = aggregator.admit_batch(svc, _stream(svc)[before:])
+    # b's NaN update refused first (so its new one is no duplicate), then b and c taken
+    assert counts == {"accepted": 2 - (1 - refused_at_once), "rejected": 1 - refused_at_once,
+                      "ignored": 0}
+    assert svc.table.get(state.ACCEPTED, state.accepted_key(1, "b")) is not None
+    assert any("NaN" in r for r in _reasons(svc))
     rnd = svc.table.get(state.ROUNDS, state.round_key(1))
     assert rnd is not None and rnd.value["status"] == "closed"
     model = decode(svc.blobs.get(state.model_key(1)))
@@ -172,13 +178,16 @@ def test_robust_strategies_reduce_through_the_sharded_aggregators(
     svc.table.put(state.JOB, "config", job)
     aggregator.reset()
     _upload(svc, "a", np.full(9, 1.0), n=10)
-    _upload(svc, "b", np.r_[np.ones(8), np.inf], n=10)  # refused at once: b may send again
+    _upload(svc, "b", np.r_[np.ones(8), np.inf], n=10)  # refused: b may send again
     counts = aggregator.admit_batch(svc, _stream(svc))
-    assert counts == {"accepted": 1, "rejected": 1, "ignored": 0}
+    assert counts["accepted"] + counts["rejected"] == 2 and counts["ignored"] == 0
+    later = 1 - counts["rejected"]  # found now, or before b's next update is judged
     before = len(svc.table.query(state.UPDATES))
     _upload(svc, "b", np.full(9, 2.0), n=20, nonce="ok")
     _upload(svc, "c", np.full(9, 10.0), n=20, nonce="ok")
-    assert aggregator.admit_batch(svc, _stream(svc)[before:])["accepted"] == 2
+    counts = aggregator.admit_batch(svc, _stream(svc)[before:])
+    assert counts == {"accepted": 2 - later, "rejected": later, "ignored": 0}
+    assert [r for r in _reasons(svc) if "NaN or Inf" in r]
     rnd = svc.table.get(state.ROUNDS, state.round_key(1))
     assert rnd is not None and rnd.value["closed_by"] == "quorum"
     assert rnd.value["accepted_count"] == 3 and rnd.value["tree"]["shards"] >= 1
@@ -306,3 +315,45 @@ def test_an_accepted_update_damaged_before_a_cold_worker_rebuilds_the_round_is_m
     _upload(svc, "a", np.full(9, 1.0), nonce="again")
     assert aggregator.admit_batch(svc, _stream(svc)[before:])["accepted"] == 1
     np.testing.assert_allclose(decode(svc.blobs.get(state.model_key(1))).flat(), 2.0, rtol=1e-6)
+
+
+def test_updates_wait_to_be_added_several_at_a_time_and_a_bad_one_is_still_refused(
+        tmp_path: Path) -> None:
+    """Early in a round the leaf waits for a batch (aggregator.BATCH) before a pass over
+    memory: an update held there is admitted (durable) but not yet added. A NaN among
+    them is refused when found: before the same client's next update is judged (so that
+    one is no duplicate), and before the round closes."""
+    clients = [f"k{i:02d}" for i in range(12)]
+    aggregator.reset()
+    with embedded(tmp_path / "svc") as svc:
+        provision(svc, clients)
+        svc.table.put(state.JOB, "config", {
+            "config": {"strategy": "fedavg", "strategy_options": {}, "seed": 0, "rounds": 1},
+            "quorum_count": 12, "layout": LAYOUT.to_json(), "clients": clients})
+        svc.blobs.put(state.model_key(0), encode(Params(LAYOUT)).payload)
+        svc.table.put(state.ROUNDS, state.round_key(1), {
+            "round": 1, "status": "open", "selected": clients, "token": "no-such-token",
+            "quorum": 12, "opened_at": 0.0, "accepted_count": 0})
+        _upload(svc, "k00", np.ones(9))
+        _upload(svc, "k01", np.r_[np.ones(8), np.nan])
+        counts = aggregator.admit_batch(svc, _stream(svc))
+        assert counts == {"accepted": 2, "rejected": 0, "ignored": 0}  # waiting for a batch
+        agent = aggregator._agent(svc)
+        assert agent.open is not None and len(agent.open.added) == 2
+        assert not any(done.is_set() for done in agent.open.added)
+        before = len(svc.table.query(state.UPDATES))
+        _upload(svc, "k01", np.full(9, 2.0), nonce="again")  # k01 sends again
+        counts = aggregator.admit_batch(svc, _stream(svc)[before:])
+        assert counts == {"accepted": 1 - 1, "rejected": 1, "ignored": 0}  # NaN out, new in
+        assert [r for r in _reasons(svc) if "NaN" in r] and not [
+            r for r in _reasons(svc) if "duplicate" in r]
+        before = len(svc.table.query(state.UPDATES))
+        for i, c in enumerate(clients[2:]):
+            _upload(svc, c, np.full(9, 3.0 + i))
+        aggregator.admit_batch(svc, _stream(svc)[before:])
+        rnd = svc.table.get(state.ROUNDS, state.round_key(1))
+        assert rnd is not None and rnd.value["status"] == "closed"
+        expected = (1.0 + 2.0 + sum(3.0 + i for i in range(10))) / 12
+        np.testing.assert_allclose(decode(svc.blobs.get(state.model_key(1))).flat(), expected,
+                                   rtol=1e-6)
+    aggregator.reset()

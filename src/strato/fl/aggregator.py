@@ -645,6 +645,12 @@ class _Agent:
             for k, v in self._refuse_closed(key, r, client, meta).items():
                 counts[k] += v
             return
+        if client in opened.rules.admitted and opened.added:
+            # its admitted update may yet be found bad: know that before calling this
+            # one a duplicate (a client whose update held NaN may send again)
+            refused = self.settle()
+            counts["accepted"] -= refused
+            counts["rejected"] += refused
         new_rules, actions = rules.step(opened.rules, rules.Arrival(client, key, weight))
         for action in actions:
             if isinstance(action, rules.Seen):
@@ -711,21 +717,26 @@ class _Agent:
             opened.bases[act.client] = (int(entry["base"]), act.weight)
         return ""
 
-    def settle(self) -> int:
-        """Wait until every update this invocation handed over has been added, and refuse
-        those the leaves found non-finite (their clients may send again); returns how
-        many were refused."""
+    def settle(self, *, wait: bool = True) -> int:
+        """Refuse the updates the leaves found non-finite (their clients may send again);
+        returns how many were refused. With ``wait``, first have every update handed
+        over added (the round is about to close). Without, updates wait in the engine
+        until a leaf has ``BATCH`` of them, to be added in one pass over memory (each
+        is durable already: its blob and its accepted item); one found bad meanwhile is
+        refused by a later invocation, and always before the round can close."""
         opened = self.open
         if opened is None or opened.handle is None:
             return 0
         if opened.to_send:
             self._send(opened)
-        if opened.added:
+        if wait and opened.added:
             opened.handle.flush()
-        for done in opened.added:
-            if not done.wait(ROUND_TIMEOUT_S):
-                raise StratoError("the aggregation engine did not add an update in time")
-        opened.added.clear()
+            for done in opened.added:
+                if not done.wait(ROUND_TIMEOUT_S):
+                    raise StratoError("the aggregation engine did not add an update in time")
+            opened.added.clear()
+        else:  # forget those added already
+            opened.added = [done for done in opened.added if not done.is_set()]
         bad = opened.handle.bad_clients()
         for client in bad[opened.found_bad :]:
             opened.rules, actions = rules.step(opened.rules, rules.Invalid(client, NONFINITE))
@@ -1128,7 +1139,7 @@ def admit_batch(svc: Services, records: list[dict[str, Any]],
         for rec in records:
             agent.admit(rec, counts)
     finally:
-        refused = agent.settle()
+        refused = agent.settle(wait=False)
     counts["accepted"] -= refused
     counts["rejected"] += refused
     return counts
