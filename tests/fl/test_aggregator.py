@@ -347,8 +347,16 @@ def test_updates_wait_to_be_added_several_at_a_time_and_a_bad_one_is_still_refus
         assert counts == {"accepted": 1 - 1, "rejected": 1, "ignored": 0}  # NaN out, new in
         assert [r for r in _reasons(svc) if "NaN" in r] and not [
             r for r in _reasons(svc) if "duplicate" in r]
+        # 9 of 12 in: the round's last tenth (at least a batch) is added as it comes, so
+        # nothing waits for a batch when the round closes
         before = len(svc.table.query(state.UPDATES))
-        for i, c in enumerate(clients[2:]):
+        for i, c in enumerate(clients[2:9]):
+            _upload(svc, c, np.full(9, 3.0 + i))
+        aggregator.admit_batch(svc, _stream(svc)[before:])
+        assert agent.open is not None and agent.open.added  # 9 handed over, not all added
+        assert all(done.wait(10) for done in agent.open.added)
+        before = len(svc.table.query(state.UPDATES))
+        for i, c in enumerate(clients[9:], start=7):
             _upload(svc, c, np.full(9, 3.0 + i))
         aggregator.admit_batch(svc, _stream(svc)[before:])
         rnd = svc.table.get(state.ROUNDS, state.round_key(1))

@@ -735,7 +735,12 @@ class _Agent:
                 if not done.wait(ROUND_TIMEOUT_S):
                     raise StratoError("the aggregation engine did not add an update in time")
             opened.added.clear()
-        else:  # forget those added already
+        else:
+            if opened.added and _near_quorum(opened):
+                # the last ones are added as they come: at the close, no batch is
+                # still waiting to be added (the engine's quota, with room for
+                # resends, does not tell it the end is near)
+                opened.handle.flush()
             opened.added = [done for done in opened.added if not done.is_set()]
         bad = opened.handle.bad_clients()
         for client in bad[opened.found_bad :]:
@@ -1070,6 +1075,12 @@ def _model_ref(svc: Services, cluster: Cluster, layout: Layout, r: int
 def _expected(opened: _Open) -> int:
     """Updates a round expects: its selection (a sync round) or its buffer (async)."""
     return max(1, len(opened.rules.selected), opened.rules.quorum)
+
+
+def _near_quorum(opened: _Open) -> bool:
+    """The round's last tenth (at least a batch) of the updates it waits for."""
+    quorum = opened.rules.quorum
+    return len(opened.rules.admitted) >= quorum - max(BATCH, quorum // 10)
 
 
 def _quota(opened: _Open) -> int:
