@@ -173,7 +173,7 @@ class PrivateBuffer:
     this process (``ThreadExecutor``), referred to by ``_inputs.local_ref``. Linux backs
     private memory with transparent huge pages where it can, a ``/dev/shm`` segment with
     4 KiB pages: a pass over a float64 accumulator of 10M values runs ~1.4 × faster so
-    (fewer TLB misses; measured on these machines, see docs/lifl.md)."""
+    (fewer TLB misses; measured on these machines, see docs/data-path.md)."""
 
     def __init__(self, nbytes: int) -> None:
         self.nbytes = nbytes
