@@ -347,21 +347,22 @@ def test_updates_wait_to_be_added_several_at_a_time_and_a_bad_one_is_still_refus
         assert counts == {"accepted": 1 - 1, "rejected": 1, "ignored": 0}  # NaN out, new in
         assert [r for r in _reasons(svc) if "NaN" in r] and not [
             r for r in _reasons(svc) if "duplicate" in r]
-        # 9 of 12 in: the round's last tenth (at least a batch) is added as it comes, so
-        # nothing waits for a batch when the round closes
-        before = len(svc.table.query(state.UPDATES))
-        for i, c in enumerate(clients[2:9]):
-            _upload(svc, c, np.full(9, 3.0 + i))
-        aggregator.admit_batch(svc, _stream(svc)[before:])
-        assert agent.open is not None and agent.open.added  # 9 handed over, not all added
-        assert all(done.wait(10) for done in agent.open.added)
-        before = len(svc.table.query(state.UPDATES))
-        for i, c in enumerate(clients[9:], start=7):
-            _upload(svc, c, np.full(9, 3.0 + i))
-        aggregator.admit_batch(svc, _stream(svc)[before:])
+        def send(batch: list[str]) -> None:
+            before = len(svc.table.query(state.UPDATES))
+            for c in batch:
+                _upload(svc, c, np.full(9, 1.0 + int(c[1:])))
+            aggregator.admit_batch(svc, _stream(svc)[before:])
+
+        send(clients[2:5])  # with k01's new one, a batch of 4: added before it returns
+        assert agent.open is not None and agent.open.added == []
+        send(clients[5:7])  # 7 of 12: two wait for more
+        assert len(agent.open.added) == 2 and not any(d.is_set() for d in agent.open.added)
+        send(clients[7:8])  # 8 of 12: the last tenth (at least a batch) is added at once
+        assert agent.open.added == []
+        send(clients[8:])
         rnd = svc.table.get(state.ROUNDS, state.round_key(1))
         assert rnd is not None and rnd.value["status"] == "closed"
-        expected = (1.0 + 2.0 + sum(3.0 + i for i in range(10))) / 12
+        expected = (1.0 + 2.0 + sum(1.0 + i for i in range(2, 12))) / 12
         np.testing.assert_allclose(decode(svc.blobs.get(state.model_key(1))).flat(), expected,
                                    rtol=1e-6)
     aggregator.reset()

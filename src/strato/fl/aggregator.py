@@ -718,30 +718,29 @@ class _Agent:
         return ""
 
     def settle(self, *, wait: bool = True) -> int:
-        """Refuse the updates the leaves found non-finite (their clients may send again);
-        returns how many were refused. With ``wait``, first have every update handed
-        over added (the round is about to close). Without, updates wait in the engine
-        until a leaf has ``BATCH`` of them, to be added in one pass over memory (each
-        is durable already: its blob and its accepted item); one found bad meanwhile is
-        refused by a later invocation, and always before the round can close."""
+        """Have the updates handed over added, and refuse those the leaves found
+        non-finite (their clients may send again); returns how many were refused.
+
+        Without ``wait``, fewer than ``BATCH`` updates not yet added are left waiting
+        for more (each is durable already: its blob and its accepted item), so a leaf
+        adds them in one pass over memory; the invocation that makes a batch waits for
+        it, so every add happens inside an invocation (billed, and where a function's
+        environment is frozen between invocations, done). In the round's last tenth
+        each update is added as it comes: at the close no batch is left waiting. An
+        update found bad is refused by the invocation that added it: before the round
+        can close, and before the same client's next update is judged."""
         opened = self.open
         if opened is None or opened.handle is None:
             return 0
         if opened.to_send:
             self._send(opened)
-        if wait and opened.added:
+        opened.added = [done for done in opened.added if not done.is_set()]
+        if opened.added and (wait or len(opened.added) >= BATCH or _near_quorum(opened)):
             opened.handle.flush()
             for done in opened.added:
                 if not done.wait(ROUND_TIMEOUT_S):
                     raise StratoError("the aggregation engine did not add an update in time")
             opened.added.clear()
-        else:
-            if opened.added and _near_quorum(opened):
-                # the last ones are added as they come: at the close, no batch is
-                # still waiting to be added (the engine's quota, with room for
-                # resends, does not tell it the end is near)
-                opened.handle.flush()
-            opened.added = [done for done in opened.added if not done.is_set()]
         bad = opened.handle.bad_clients()
         for client in bad[opened.found_bad :]:
             opened.rules, actions = rules.step(opened.rules, rules.Invalid(client, NONFINITE))
