@@ -32,10 +32,10 @@ from typing import Any
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy: one thread, like a leaf
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from strato.aggregation import accumulate  # noqa: E402
-from strato.aggregation._inputs import PrivateBuffer  # noqa: E402
+from strato.aggregation import accumulate
+from strato.aggregation._inputs import PrivateBuffer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "aggregation" / "accumulator_memory.json"
 
@@ -93,7 +93,8 @@ def run(n: int, reps: int) -> dict[str, Any]:
             inputs = [(u, 0.5) for u in updates[:k]]
             row: dict[str, Any] = {"updates_per_pass": k}
             for where, acc in (("shm", shm_acc), ("private", private_acc)):
-                ms = _cpu_ms(lambda acc=acc: accumulate(acc, inputs, fresh=False, check=True),
+                ms = _cpu_ms(lambda acc=acc, inputs=inputs: accumulate(acc, inputs, fresh=False,
+                                                                        check=True),
                              reps) / k
                 row[f"{where}_ms_per_update"] = ms
                 row[f"{where}_vs_saxpy"] = ms / saxpy
