@@ -150,4 +150,6 @@ def test_a_buffer_of_this_process_is_added_where_it_lies_until_released() -> Non
     with pytest.raises(LayoutError, match="no buffer of this process"):
         attach_input(ref)
     with pytest.raises(LayoutError, match="no buffer of this process"):
-        attach_input({"local": "1", "nbytes": 24})  # (ids are this process's counters)
+        attach_input({**ref, "local": "1"})  # (ids are this process's counters)
+    with pytest.raises(LayoutError, match="a buffer of another process"):
+        attach_input({**ref, "pid": ref["pid"] + 1})

@@ -7,7 +7,7 @@ reference, all small JSON dicts:
   mapped by ``shm.attach`` (writable view);
 - a file: ``{"path": "/abs/path", "offset": o, "nbytes": n}`` (``file_ref``), e.g. a
   blob of the local blob store; mapped read-only with ``mmap`` (read-only view);
-- a buffer of this process: ``{"local": id, "nbytes": n}`` (``local_ref``), e.g. a
+- a buffer of this process: ``{"local": id, "pid": p, "nbytes": n}`` (``local_ref``), e.g. a
   partial read from Ray's object store, added where it lies by an aggregator on a
   thread of the same process (``ThreadExecutor``); another process cannot read it.
 
@@ -61,7 +61,7 @@ def local_ref(buffer: Any) -> dict[str, Any]:
     with _LOCK:
         ident = next(_LOCAL_IDS)
         _LOCAL[ident] = view
-    return {"local": ident, "nbytes": view.nbytes}
+    return {"local": ident, "pid": os.getpid(), "nbytes": view.nbytes}
 
 
 def attach_input(ref: Mapping[str, Any]) -> memoryview:
@@ -70,6 +70,8 @@ def attach_input(ref: Mapping[str, Any]) -> memoryview:
     if "shm" in ref:
         return shm.attach(ref)
     if "local" in ref:
+        if ref.get("pid") != os.getpid():
+            raise LayoutError(f"{dict(ref)!r} names a buffer of another process")
         with _LOCK:
             found = _LOCAL.get(ref["local"]) if isinstance(ref["local"], int) else None
         if found is None:

@@ -246,6 +246,16 @@ class RoundHandle:
             dist.update(r.dist if r is not None else {})
         return dist
 
+    def waiting(self) -> int:
+        """Inputs its leaves hold without having started to add them (a leaf waiting
+        for a full batch); read from other threads while the round runs."""
+        count = 0
+        for node in self.cluster.nodes.values():
+            r = node.dispatcher.round
+            if r is not None and r.setup.round == self.round:
+                count += sum(len(a.pending) for a in list(r.aggs.values()) if a.spec.is_leaf)
+        return count
+
     def bad_clients(self) -> list[str]:
         """Clients whose update a leaf left out so far (NaN or ±Inf)."""
         bad: list[str] = []

@@ -741,6 +741,16 @@ class _Agent:
                 if not done.wait(ROUND_TIMEOUT_S):
                     raise StratoError("the aggregation engine did not add an update in time")
             opened.added.clear()
+        else:
+            # A leaf may have started on some already (one near the end of its own
+            # quota takes each as it comes, e.g. with a leaf per core): those are
+            # finished here, inside the invocation; the others wait for a batch.
+            deadline = time.monotonic() + ROUND_TIMEOUT_S
+            while len(opened.added) > opened.handle.waiting():
+                if time.monotonic() > deadline:
+                    raise StratoError("the aggregation engine did not add an update in time")
+                opened.added[0].wait(0.005)
+                opened.added = [done for done in opened.added if not done.is_set()]
         bad = opened.handle.bad_clients()
         for client in bad[opened.found_bad :]:
             opened.rules, actions = rules.step(opened.rules, rules.Invalid(client, NONFINITE))

@@ -53,6 +53,7 @@ def cluster() -> Iterator[LocalCluster]:
         yield c
         ours |= c.processes()  # with the nodes added meanwhile
         workers = c.worker_pids()
+        assert workers, "no worker of this cluster found in its logs"
 
     deadline = time.monotonic() + 10.0  # a killed node's processes take a moment to exit
     while (left := [f"{pid} ({kind})" for pid, kind in ours.items() if _alive(pid)]) and (
