@@ -27,8 +27,12 @@ them in place in the same engine; at the close each leaf writes one partial (wei
 mean, total weight) and the root adds the partials into its own tree. Updates lost
 with a node are taken out of the round and their clients train again.
 
-An invocation returns only once every update it admitted has been added, so the
-function's billed time covers the aggregation. Nothing is lost to a crash: an admitted
+Updates are added ``BATCH`` to a pass over memory: an invocation that leaves fewer
+not yet added returns without adding them, the one that completes a batch (and, in
+the round's last tenth, every one) returns once they are added, so every add happens
+inside an invocation and its billed time covers it (``_Agent.settle``). An update
+found non-finite is refused before the round closes and before its client's next
+update is judged. Nothing is lost to a crash: an admitted
 update's blob and item are durable before the engine sees it, and a cold worker (or a
 resumed run) rebuilds the open round from those items before it takes new records.
 Duplicated stream deliveries are recognised by their record key and change nothing.
