@@ -29,7 +29,7 @@ from strato.errors import ConfigError
 from strato.services.runtime import Runtime
 from strato.services.shm import ShmLease, ShmPool
 
-__all__ = ["Accumulator", "Node", "PrivateBuffer", "UpdateLease"]
+__all__ = ["Node", "UpdateLease"]
 
 
 # Measured (docs/lifl.md): below this update size a hand-off to a warm node thread

@@ -739,22 +739,18 @@ class _Agent:
         if opened.to_send:
             self._send(opened)
         opened.added = [done for done in opened.added if not done.is_set()]
-        if opened.added and (wait or len(opened.added) >= BATCH or _near_quorum(opened)):
+        every = wait or _near_quorum(opened)
+        if every and opened.added:
             opened.handle.flush()
-            for done in opened.added:
-                if not done.wait(ROUND_TIMEOUT_S):
-                    raise StratoError("the aggregation engine did not add an update in time")
-            opened.added.clear()
-        else:
-            # A leaf may have started on some already (one near the end of its own
-            # quota takes each as it comes, e.g. with a leaf per core): those are
-            # finished here, inside the invocation; the others wait for a batch.
-            deadline = time.monotonic() + ROUND_TIMEOUT_S
-            while len(opened.added) > opened.handle.waiting():
-                if time.monotonic() > deadline:
-                    raise StratoError("the aggregation engine did not add an update in time")
-                opened.added[0].wait(0.005)
-                opened.added = [done for done in opened.added if not done.is_set()]
+        # Otherwise those a leaf has started on (a full batch, or each as it comes near
+        # the end of the leaf's own quota, e.g. with a leaf per core) are finished here,
+        # inside the invocation; the others wait in the leaf for a batch.
+        deadline = time.monotonic() + ROUND_TIMEOUT_S
+        while len(opened.added) > (0 if every else opened.handle.waiting()):
+            if time.monotonic() > deadline:
+                raise StratoError("the aggregation engine did not add an update in time")
+            opened.added[0].wait(0.005)
+            opened.added = [done for done in opened.added if not done.is_set()]
         bad = opened.handle.bad_clients()
         for client in bad[opened.found_bad :]:
             opened.rules, actions = rules.step(opened.rules, rules.Invalid(client, NONFINITE))
