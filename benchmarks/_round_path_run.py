@@ -24,19 +24,29 @@ from _aggregation_common import log, median
 from _round_path_app import write_app
 from _round_path_proc import AGG_FUNCTIONS, AGG_PREFIXES, THREAD_PREFIXES, PathMonitor
 
+EVICT_BYTES = 2 << 30  # written between cold saxpys: several times any cache here
 
-def time_saxpy(params: int, reps: int = 9) -> dict[str, Any]:
+
+def time_saxpy(params: int, reps: int = 9, *, cold: bool = False) -> dict[str, Any]:
     """One BLAS ``saxpy`` (``acc += a·x``) over one update of ``params`` float32 values,
-    1 BLAS thread, warm buffers: median wall and CPU seconds over ``reps`` calls."""
+    1 BLAS thread, warm buffers: median wall and CPU seconds over ``reps`` calls.
+
+    With ``cold``, ``EVICT_BYTES`` of other memory are written before each call, so
+    ``x`` and ``acc`` come from DRAM, as an update written by another process a while
+    ago does (context: these machines report an L3 of hundreds of MiB, which holds a
+    warm 10M update and its accumulator)."""
     from scipy.linalg import blas
     from threadpoolctl import threadpool_limits
 
     rng = np.random.default_rng(1)
     x = rng.standard_normal(params, dtype=np.float32)
     acc = np.zeros(params, dtype=np.float32)
+    evict = np.ones(EVICT_BYTES // 8, dtype=np.float64) if cold else None
     walls, cpus = [], []
     with threadpool_limits(limits=1, user_api="blas"):
         for rep in range(-2, reps):  # two warm-up calls
+            if evict is not None:
+                evict *= 1.0
             c0, w0 = time.thread_time(), time.perf_counter()
             out = blas.saxpy(x, acc, a=0.5)
             w1, c1 = time.perf_counter(), time.thread_time()
@@ -156,6 +166,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     after_last = {"processes_s": p_end - p_last, "threads_s": t_end - t_last,
                   "window_s": ended - last_end}
     saxpy = time_saxpy(params)
+    saxpy_cold = time_saxpy(params, cold=True)
     float64_add = time_float64_add(params)
     procs, threads = monitor.path_processes(), monitor.path_threads()
     return {
@@ -164,6 +175,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         "rounds": rows,
         "after_last_round": after_last,
         "saxpy": saxpy,
+        "saxpy_cold": saxpy_cold,
         "float64_add": float64_add,
         "summary": {k: summary[k] for k in ("rounds", "wall_s", "bytes_up", "bytes_down",
                                             "function_seconds", "invocations", "cold_starts",

@@ -181,6 +181,8 @@ def round_path() -> str:
          ratio),
         ("`float64_add_ratio` (context: an unchecked float64 add of one update alone)",
          "float64_add_ratio", ratio),
+        ("`cpu_per_update_ratio_vs_cold_saxpy` (context: the `saxpy` with caches flushed)",
+         "cpu_per_update_ratio_vs_cold_saxpy", ratio),
         ("`peak_rss_ratio_1000_vs_100`", "peak_rss_ratio_1000_vs_100", ratio),
     ]
     lines = [

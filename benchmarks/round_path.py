@@ -281,6 +281,12 @@ def headline(main: dict[str, Any], rss: dict[str, Any] | None,
             median([r["cpu_s_per_update"] for r in server["records"]]) / saxpy
             if saxpy else None),
         "saxpy_one_update_s": saxpy,
+        # context: the same saxpy with its buffers evicted from every cache first
+        # (time_saxpy cold), and the path's CPU per update ÷ that
+        "saxpy_one_update_cold_s": run.get("saxpy_cold", {}).get("cpu_s"),
+        "cpu_per_update_ratio_vs_cold_saxpy": (
+            median(per_update) / run["saxpy_cold"]["cpu_s"]
+            if run.get("saxpy_cold", {}).get("cpu_s") else None),
         # context: an unchecked float64 ``acc += w·x`` over one update ÷ the saxpy, the
         # floor of the float64 accumulator's add alone (one update per pass)
         "float64_add_ratio": (run["float64_add"]["cpu_s"] / saxpy
@@ -356,6 +362,10 @@ def table(out: dict[str, Any]) -> str:
                  f"| {fmt(out['float64_add_ratio'])} | | |")
     lines.append(f"| saxpy over one update (s, 1 thread) "
                  f"| {fmt(out['saxpy_one_update_s'], '.5f')} | | |")
+    lines.append(f"| the same saxpy, caches flushed first (s; context) "
+                 f"| {fmt(out.get('saxpy_one_update_cold_s'), '.5f')} | | |")
+    lines.append(f"| CPU per update ÷ that cold saxpy (context) "
+                 f"| {fmt(out.get('cpu_per_update_ratio_vs_cold_saxpy'))} | | |")
     return "\n".join(lines)
 
 
@@ -457,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": run["path"]["threads"],
             "cpu_s_by_label_whole_run": run["cpu_s_by_label"],
             "saxpy": run["saxpy"],
+            "saxpy_cold": run.get("saxpy_cold"),
             "float64_add": run.get("float64_add"),
         },
         "targets": targets(keys, sharded),
