@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             "file write + fsync",
         ),
         (
-            "blob get, sha256 checked (GB/s)",
+            "blob get, checksum checked (GB/s)",
             results["blobs"]["get_verified_gbps"],
             results["blobs"]["baseline_file_read_gbps"],
             "file read",

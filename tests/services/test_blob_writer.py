@@ -16,7 +16,7 @@ def test_a_committed_writer_is_a_blob_like_any_other(tmp_path: Path) -> None:
     writer.buffer[:] = b"abcdef"
     assert not store.exists("updates/00001/a-x")  # nothing visible before the commit
     assert writer.commit() == "updates/00001/a-x"
-    assert bytes(store.get("updates/00001/a-x")) == b"abcdef"  # the sha256 check passes
+    assert bytes(store.get("updates/00001/a-x")) == b"abcdef"  # the checksum passes
     path, offset, length = store.locate("updates/00001/a-x")
     assert Path(path).read_bytes()[offset : offset + length] == b"abcdef"
 

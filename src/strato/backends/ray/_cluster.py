@@ -141,8 +141,15 @@ class StateClient:
         return node_id(ensure_ray(self.config))
 
     def count_remote(self, nbytes: int) -> None:
-        """Tell the host that ``nbytes`` of a node-local blob crossed to this node."""
-        self.actor().moved.remote(self.node_id(), int(nbytes), _function())
+        """Tell the host that ``nbytes`` of a node-local blob crossed to this node, and
+        wait until it has counted them: the host serves calls on many threads, so a
+        reading of the counts made right after would otherwise race the count."""
+        ray = ensure_ray(self.config)
+        try:
+            ray.get(self.actor().moved.remote(self.node_id(), int(nbytes), _function()))
+        except ray.exceptions.RayActorError:  # the host went: the read itself stands
+            with self._making:
+                self._actor, self._host_node = None, None
 
     def release(self) -> None:
         """One user fewer. The process that made the host stops it a few seconds after

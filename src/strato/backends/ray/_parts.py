@@ -21,7 +21,6 @@ from strato.backends.ray._cluster import StateClient, ensure_ray
 from strato.backends.ray._host import wire_bytes
 from strato.errors import NotFound, StratoError
 from strato.services._blobs_local import LocalBlobStore
-from strato.services.blobs import CONTENT_PREFIX
 from strato.services.bus import Filter, Message, TopicSchema
 from strato.services.table import Change, Item
 
@@ -274,20 +273,20 @@ class RayBlobStore(_Proxy):
         return memoryview(value).cast("B")
 
     def _cached(self, key: str, digest: str, verify: bool) -> memoryview:
-        """A blob of the state host's, through this node's cache (by content: blobs are
-        immutable, and one put again under its key has another digest)."""
+        """A blob of the state host's, through this node's cache: under its key and the
+        checksum its header records (one put again under its key has another)."""
         local = self._here()
-        cached = CONTENT_PREFIX + digest
+        cached = f"{NODE_CACHE}/{key}/{digest}"
         try:
             return local.get(cached, verify=verify)
         except NotFound:
             pass
         _, blob = self._client.call("blobs", "get", key, verify=verify)
-        stored = local.put_content(blob if blob is not None else b"")
+        local.put(cached, blob if blob is not None else b"")
         # read back from this node's file: the reply lies in Ray's object store (read in
         # place, ``_host.wire_bytes``), which a caller holding it would keep pinned
         del blob
-        return local.get(stored, verify=False)
+        return local.get(cached, verify=False)
 
     def _on_node(self, node: str, op: str, key: str, verify: bool = True) -> bytes:
         """``op`` on a blob of another node, by a task there."""
@@ -353,6 +352,7 @@ class RayBlobStore(_Proxy):
 HOMES = "strato_blob_homes"  # node-local blob -> {"node": the Ray node it lies on}
 # Blobs of the state host at least this large are read once per node (then from its cache)
 CACHE_FROM = 1 << 20
+NODE_CACHE = "node-cache"  # a node's copies of the state host's large blobs (models)
 PULL_TIMEOUT_S = 120.0  # a handed-off blob's pull from its writer's node
 
 
