@@ -154,6 +154,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             "model_path": str(blobs / rec["model"]) if "model" in rec else None,
             "accepted_from": rec["accepted_source"],
             "tree": metrics.get("tree"),
+            # where the close's time went (result, model write), as the round recorded it
+            "close_parts_s": rec.get("close_parts_s"),
             "path_cpu_s": cpu,
             "path_cpu_s_processes": p1 - p0,
             "path_cpu_s_threads": t1 - t0,
