@@ -11,13 +11,13 @@ is handed to the server (its blob file's path and weight, one JSON line on the
 server's stdin) at ``t0 + (uploaded_at_i − uploaded_at_first)``. On each line the
 server maps the very blob file our aggregator read (64-byte blob header, then the
 safetensors payload: ``strato.services._blobs_local``; mapped read-only, zero copy,
-without the sha256 check our blob read adds) and adds it into its accumulator with
+without the checksum pass a checked blob read adds) and adds it into its accumulator with
 the kernel our aggregation engine uses (``strato.aggregation.accumulate``, float32,
 one update per call; with ``check=True`` where the kernel has it, the NaN/Inf
 validation our leaves ask of it). After the round's last update it scales by 1/Σw (the same
 kernel) and writes the model the way our aggregator does: safetensors
 (``strato.codec.encode``) into a blob store on the same file system
-(``LocalBlobStore.put``: sha256, write, fsync, rename). Its completion is model
+(``LocalBlobStore.put``: checksum, write, fsync, rename). Its completion is model
 written − the moment the last update was handed to it.
 
 Before each replayed round the parent reads the round's blob files once, so they are
@@ -45,7 +45,7 @@ import numpy as np
 from _aggregation_common import log, max_rel_error, sleep_until
 
 HERE = Path(__file__).resolve().parent
-BLOB_HEADER = 64  # strato.services._blobs_local: magic, length, sha256, padding
+BLOB_HEADER = 64  # strato.services._blobs_local: magic, length, checksum, padding
 ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 

@@ -36,7 +36,7 @@ class NotFound(StratoError):
 
 
 class CorruptBlob(StratoError):
-    """A stored blob's content does not match its recorded sha256."""
+    """A stored blob's content does not match its recorded checksum (or its address)."""
 
 
 class ConditionFailed(StratoError):

@@ -8,9 +8,10 @@ import struct
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from strato.errors import CorruptBlob
-from strato.services._blobs_local import LocalBlobStore
+from strato.services._blobs_local import LocalBlobStore, checksum_tag
 
 
 def _flip(path: Path, at: int) -> None:
@@ -25,14 +26,35 @@ def test_a_keyed_blob_records_xxh3_and_damage_is_found(tmp_path: Path) -> None:
     store.put("models/round-00001.safetensors", data)
     path = tmp_path / "models" / "round-00001.safetensors"
     assert path.read_bytes()[:8] == b"STRATOB2"
-    kind, length = store.stat("models/round-00001.safetensors")
-    assert kind.startswith("xxh3-") and length == len(data)
+    checksum, length = store.stat("models/round-00001.safetensors")
+    assert checksum == "xxh3-" + xxhash.xxh3_128_hexdigest(data) == checksum_tag(data, "xxh3")
+    assert length == len(data)
     assert bytes(store.get("models/round-00001.safetensors")) == data
     _flip(path, 64 + 12345)
     with pytest.raises(CorruptBlob, match="checksum"):
         store.get("models/round-00001.safetensors")
-    # unchecked reads (the aggregation engine maps updates in place) still see the bytes
-    assert len(store.get("models/round-00001.safetensors", verify=False)) == len(data)
+
+
+def test_a_blob_written_in_place_records_xxh3_and_damage_is_found(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path)
+    writer = store.open_writer("updates/00001/a-x", 4096)
+    writer.buffer[:] = bytes(range(256)) * 16
+    writer.commit()
+    path = tmp_path / "updates" / "00001" / "a-x"
+    assert path.read_bytes()[:8] == b"STRATOB2"
+    assert store.stat("updates/00001/a-x")[0] == checksum_tag(bytes(range(256)) * 16, "xxh3")
+    _flip(path, 64 + 100)
+    with pytest.raises(CorruptBlob, match="checksum"):
+        store.get("updates/00001/a-x")
+
+
+def test_a_blob_written_in_place_under_a_content_address_keeps_sha256(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path)
+    key = "sha256/" + hashlib.sha256(b"abcd").hexdigest()
+    writer = store.open_writer(key, 4)
+    writer.buffer[:] = b"abcd"
+    writer.commit()
+    assert bytes(store.get(key)) == b"abcd"
 
 
 def test_a_content_address_keeps_its_sha256(tmp_path: Path) -> None:
@@ -64,6 +86,8 @@ def test_a_blob_written_before_xxh3_still_reads_and_is_checked(tmp_path: Path) -
     store = LocalBlobStore(tmp_path)
     assert bytes(store.get("models/round-00003.safetensors")) == data
     assert store.locate("models/round-00003.safetensors")[1:] == (64, len(data))
+    assert store.stat("models/round-00003.safetensors") == (
+        "sha256-" + hashlib.sha256(data).hexdigest(), len(data))
     _flip(path, 64 + 7)
     with pytest.raises(CorruptBlob, match="sha256"):
         store.get("models/round-00003.safetensors")

@@ -2,7 +2,8 @@
 
 Semantics every backend keeps: a put is atomic (a reader sees the old blob, the new
 blob, or none, never a torn one); ``put_content`` stores under ``sha256/<hex>`` of the
-data; every blob's sha256 is checked on ``get`` (``CorruptBlob`` on a mismatch).
+data; every blob's recorded checksum is checked on ``get`` (``CorruptBlob`` on a
+mismatch): sha256 for a content address, the backend's own for the rest.
 """
 
 from __future__ import annotations

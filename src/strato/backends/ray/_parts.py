@@ -20,7 +20,7 @@ from typing import Any
 from strato.backends.ray._cluster import StateClient, ensure_ray
 from strato.backends.ray._host import wire_bytes
 from strato.errors import NotFound, StratoError
-from strato.services._blobs_local import LocalBlobStore
+from strato.services._blobs_local import LocalBlobStore, checksum_tag
 from strato.services.bus import Filter, Message, TopicSchema
 from strato.services.table import Change, Item
 
@@ -233,7 +233,7 @@ class RayBlobStore(_Proxy):
         return str(self._call("put_content", data=_bytes(data)))
 
     def get(self, key: str, *, verify: bool = True) -> memoryview:
-        if self._handoff(key):  # (Ray checks what it moves: no sha256 to verify)
+        if self._handoff(key):  # (Ray checks what it moves: no checksum to verify)
             return self._pull(key)
         if self._in_shared(key):
             assert self._shared is not None
@@ -274,7 +274,9 @@ class RayBlobStore(_Proxy):
 
     def _cached(self, key: str, digest: str, verify: bool) -> memoryview:
         """A blob of the state host's, through this node's cache: under its key and the
-        checksum its header records (one put again under its key has another)."""
+        checksum its header records (one put again under its key has another). Only
+        bytes with that very checksum are cached: not those of an unchecked read that
+        came damaged, nor those of a blob put again between the two calls."""
         local = self._here()
         cached = f"{NODE_CACHE}/{key}/{digest}"
         try:
@@ -282,10 +284,13 @@ class RayBlobStore(_Proxy):
         except NotFound:
             pass
         _, blob = self._client.call("blobs", "get", key, verify=verify)
-        local.put(cached, blob if blob is not None else b"")
+        data = blob if blob is not None else b""
+        if checksum_tag(data, digest.partition("-")[0]) != digest:
+            return memoryview(data)  # as read (the host checked it if asked), not cached
+        local.put(cached, data)
         # read back from this node's file: the reply lies in Ray's object store (read in
         # place, ``_host.wire_bytes``), which a caller holding it would keep pinned
-        del blob
+        del blob, data
         return local.get(cached, verify=False)
 
     def _on_node(self, node: str, op: str, key: str, verify: bool = True) -> bytes:
