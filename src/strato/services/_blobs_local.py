@@ -23,6 +23,7 @@ import mmap
 import os
 import struct
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,27 +40,31 @@ _HEADER = struct.Struct("<8sQ32s16x")  # magic, data length, checksum, padding t
 _TMP_SUFFIX = ".tmp-strato"
 
 
-def _xxh3(data: Any) -> bytes:
-    return xxhash.xxh3_128_digest(data).ljust(32, b"\0")
+# magic -> (the checksum's name, its function: 32 bytes for the header, its length)
+_CHECKSUMS: dict[bytes, tuple[str, Callable[[Any], bytes], int]] = {
+    _SHA256: ("sha256", lambda data: hashlib.sha256(data).digest(), 32),
+    _XXH3: ("xxh3", lambda data: xxhash.xxh3_128_digest(data).ljust(32, b"\0"), 16),
+}
 
 
-def _checksum(magic: bytes, data: Any) -> bytes | None:
-    """The checksum ``magic`` names, of ``data``; None for an unknown magic."""
-    if magic == _XXH3:
-        return _xxh3(data)
-    if magic == _SHA256:
-        return hashlib.sha256(data).digest()
-    return None
+def _sealed(key: str, view: memoryview) -> tuple[bytes, bytes]:
+    """The header's magic and checksum for ``view`` stored under ``key``: sha256 under
+    a content address (checked against it on get), else XXH3-128."""
+    magic = _SHA256 if key.startswith(CONTENT_PREFIX) else _XXH3
+    return magic, _CHECKSUMS[magic][1](view)
+
+
+def _tag(magic: bytes, digest: bytes) -> str:
+    name, _fn, length = _CHECKSUMS[magic]
+    return f"{name}-{digest[:length].hex()}"
 
 
 def checksum_tag(data: Any, kind: str) -> str:
     """``data``'s checksum as ``LocalBlobStore.stat`` gives one (``sha256-…`` or
     ``xxh3-…``), of the kind ``kind`` names (``sha256`` or ``xxh3``)."""
-    view = memoryview(data).cast("B")
-    if kind == "sha256":
-        return "sha256-" + hashlib.sha256(view).hexdigest()
-    if kind == "xxh3":
-        return "xxh3-" + xxhash.xxh3_128_hexdigest(view)
+    for magic, (name, fn, _length) in _CHECKSUMS.items():
+        if name == kind:
+            return _tag(magic, fn(memoryview(data).cast("B")))
     raise ConfigError(f"unknown checksum kind {kind!r}")
 
 
@@ -78,9 +83,7 @@ class LocalBlobStore:
 
     def put(self, key: str, data: Any) -> str:
         view = memoryview(data).cast("B")
-        if key.startswith(CONTENT_PREFIX):  # a content address: its sha256 is checked on get
-            return self._write(key, view, _SHA256, hashlib.sha256(view).digest())
-        return self._write(key, view, _XXH3, _xxh3(view))
+        return self._write(key, view, *_sealed(key, view))
 
     def put_content(self, data: Any) -> str:
         view = memoryview(data).cast("B")
@@ -127,10 +130,10 @@ class LocalBlobStore:
         except FileNotFoundError:
             raise NotFound(f"no blob {key!r}") from None
         magic, length, digest = _HEADER.unpack_from(mapped, 0)
-        if magic not in (_XXH3, _SHA256) or length != size - _HEADER.size:
+        if magic not in _CHECKSUMS or length != size - _HEADER.size:
             raise CorruptBlob(f"blob {key!r} is corrupt: bad header or length")
         data = memoryview(mapped)[_HEADER.size :]
-        if verify and _checksum(magic, data) != digest:
+        if verify and _CHECKSUMS[magic][1](data) != digest:
             name = "sha256" if magic == _SHA256 else "checksum (XXH3-128)"
             raise CorruptBlob(f"blob {key!r} is corrupt: {name} mismatch")
         if verify and key.startswith(CONTENT_PREFIX) and (
@@ -146,9 +149,7 @@ class LocalBlobStore:
         _path, _offset, length = self.locate(key)
         with open(self._path(key), "rb") as f:
             magic, _length, digest = _HEADER.unpack(f.read(_HEADER.size))
-        if magic == _SHA256:
-            return "sha256-" + digest.hex(), int(length)
-        return "xxh3-" + digest[:16].hex(), int(length)
+        return _tag(magic, digest), int(length)
 
     def locate(self, key: str) -> tuple[str, int, int]:
         """Where the blob's data lies on this machine: (file path, offset, length), for a
@@ -164,7 +165,7 @@ class LocalBlobStore:
         if len(head) < _HEADER.size:
             raise CorruptBlob(f"blob {key!r} is truncated ({size} bytes)")
         magic, length, _digest = _HEADER.unpack(head)
-        if magic not in (_XXH3, _SHA256) or length != size - _HEADER.size:
+        if magic not in _CHECKSUMS or length != size - _HEADER.size:
             raise CorruptBlob(f"blob {key!r} is corrupt: bad header or length")
         return str(path.resolve()), _HEADER.size, int(length)
 
@@ -217,11 +218,8 @@ class BlobWriter:
     def commit(self) -> str:
         """Checksum, flush to disk and publish under the key (atomic, like ``put``)."""
         assert self._fd is not None, "the blob was already committed or aborted"
-        if self.key.startswith(CONTENT_PREFIX):  # checked against its address on get
-            header = (_SHA256, self.nbytes, hashlib.sha256(self.buffer).digest())
-        else:
-            header = (_XXH3, self.nbytes, _xxh3(self.buffer))
-        _HEADER.pack_into(self._map, 0, *header)
+        magic, digest = _sealed(self.key, self.buffer)
+        _HEADER.pack_into(self._map, 0, magic, self.nbytes, digest)
         self._release_map()
         try:
             os.fsync(self._fd)
