@@ -46,7 +46,7 @@ def cluster() -> Iterator[LocalCluster]:
         ray.shutdown()
     shm_before = set(os.listdir("/dev/shm"))
     node_dirs = Path(tempfile.gettempdir()) / "strato-ray"
-    dirs_before = set(node_dirs.iterdir()) if node_dirs.is_dir() else set()
+    dirs_before = set(node_dirs.glob("*/*"))
     with LocalCluster(nodes=3, cpus=1) as c:
         ours = c.processes()  # this cluster's GCS, raylets and the rest, by pid
         assert {"gcs_server", "raylet"} <= set(ours.values()), ours
@@ -65,8 +65,10 @@ def cluster() -> Iterator[LocalCluster]:
     left = {n for n in set(os.listdir("/dev/shm")) - shm_before
             if _owner(n) in workers and not _alive(_owner(n))}
     assert not left, f"segments outlived the cluster: {sorted(left)}"
-    dirs_after = set(node_dirs.iterdir()) if node_dirs.is_dir() else set()
-    assert not dirs_after - dirs_before, "node directories outlived their runs"
+    # this cluster's nodes' directories (another pytest worker's runs have theirs)
+    ids = {node[:16] for node in c.node_ids}
+    left_dirs = {d for d in node_dirs.glob("*/*") if d.name in ids} - dirs_before
+    assert not left_dirs, f"node directories outlived their runs: {sorted(left_dirs)}"
 
 
 def _owner(name: str) -> int:

@@ -5,6 +5,7 @@ blob store behind the client's ``call``): no Ray cluster needed."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,14 @@ class FakeHost:
             blob[len(blob) // 2] ^= 0xFF
             self.damage = False
         return None, bytes(blob)
+
+
+@pytest.fixture(autouse=True)
+def _node_dirs_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node's directory (``node_dir``, under the temporary directory) in the test's
+    own: nothing is left in the machine's, where the cluster tests look for leftovers."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
 
 
 def _store(tmp_path: Path) -> tuple[FakeHost, RayBlobStore]:

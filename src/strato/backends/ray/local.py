@@ -38,6 +38,8 @@ class LocalCluster:
         self._cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": cpus, "object_store_memory": self._store, "include_dashboard": False})
         self.workers: list[Any] = []
+        # every node's id, the removed ones' too (``node_dir`` names a node by its id)
+        self.node_ids: set[str] = {str(self._cluster.head_node.node_id)}
         for _ in range(nodes - 1):
             self.add_node()
         self._cluster.wait_for_nodes()
@@ -71,6 +73,7 @@ class LocalCluster:
         """A worker node more, like the others."""
         node = self._cluster.add_node(num_cpus=self._cpus, object_store_memory=self._store)
         self.workers.append(node)
+        self.node_ids.add(str(node.node_id))
         return node
 
     def remove_node(self, node: Any) -> None:
