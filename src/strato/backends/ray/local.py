@@ -39,7 +39,8 @@ class LocalCluster:
             "num_cpus": cpus, "object_store_memory": self._store, "include_dashboard": False})
         self.workers: list[Any] = []
         # every node's id, the removed ones' too (``node_dir`` names a node by its id)
-        self.node_ids: set[str] = {str(self._cluster.head_node.node_id)}
+        head: Any = self._cluster.head_node
+        self.node_ids: set[str] = {str(head.node_id)}
         for _ in range(nodes - 1):
             self.add_node()
         self._cluster.wait_for_nodes()
