@@ -10,7 +10,8 @@ Per round, the parent replays the arrival schedule ``strato run`` recorded: upda
 is handed to the server (its blob file's path and weight, one JSON line on the
 server's stdin) at ``t0 + (uploaded_at_i − uploaded_at_first)``. On each line the
 server maps the very blob file our aggregator read (64-byte blob header, then the
-safetensors payload: ``strato.services._blobs_local``; mapped read-only, zero copy,
+safetensors payload: ``strato.services._blobs_local``; mapped read-only with
+every page at once (``MAP_POPULATE``, as our aggregator maps it), zero copy,
 without the checksum pass a checked blob read adds) and adds it into its accumulator with
 the kernel our aggregation engine uses (``strato.aggregation.accumulate``, float32,
 one update per call; with ``check=True`` where the kernel has it, the NaN/Inf
@@ -46,6 +47,7 @@ from _aggregation_common import log, max_rel_error, sleep_until
 
 HERE = Path(__file__).resolve().parent
 BLOB_HEADER = 64  # strato.services._blobs_local: magic, length, checksum, padding
+POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -56,7 +58,10 @@ class MappedBlob:
         from strato.codec import decode
 
         with open(path, "rb") as f:
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            # mapped as our aggregator maps an update (strato.aggregation._inputs): every
+            # page in one call, not a page fault per page
+            self._map = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | POPULATE,
+                                  prot=mmap.PROT_READ)
         self._view = memoryview(self._map)[BLOB_HEADER:]
         self.params = decode(self._view)
 
