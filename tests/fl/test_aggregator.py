@@ -41,7 +41,7 @@ def svc(tmp_path: Path) -> Iterator[Services]:
             {
                 "round": 1,
                 "status": "open",
-                "selected": ["a", "b", "c"],
+                **state.put_selection(s.table, 1, ["a", "b", "c"]),
                 "token": "no-such-token",
                 "quorum": 3,
                 "opened_at": 0.0,

@@ -92,7 +92,7 @@ class Harness:
         record = {
             "round": r,
             "status": "open",
-            "selected": selected,
+            **state.put_selection(self.svc.table, r, selected),
             "token": "unused",
             "quorum": len(selected),
             "model_in": state.model_key(r - 1),

@@ -83,6 +83,14 @@ def test_run_writes_summary_metrics_and_curves(tmp_path: Path) -> None:
         for table in (state.UPDATES, state.ACCEPTED):
             keys = [i.key for i in svc.table.query(table)]
             assert len(keys) == 3 and {k[:5] for k in keys} == {state.round_key(3)}, keys
+        # a round's record names its selection, kept apart: the record each admitted
+        # update rewrites (its counter) does not grow with the clients a round selects
+        job = svc.table.get(state.JOB, "config")
+        assert job is not None
+        for item in svc.table.query(state.ROUNDS):
+            assert "selected" not in item.value and item.value["selected_count"] == 3
+            chosen = state.selected(svc.table, int(item.value["round"]), item.value)
+            assert len(set(chosen)) == 3 and set(chosen) <= set(job.value["clients"]), chosen
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]

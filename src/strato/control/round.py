@@ -63,7 +63,9 @@ class RoundState:
 
     @classmethod
     def open(cls, r: int, selected: Any, quorum: int, open_to_all: bool = False) -> RoundState:
-        return cls(r, OPEN, frozenset(str(c) for c in selected), max(1, int(quorum)),
+        chosen = selected if isinstance(selected, frozenset) else frozenset(
+            str(c) for c in selected)
+        return cls(r, OPEN, chosen, max(1, int(quorum)),
                    open_to_all=open_to_all)
 
     @property

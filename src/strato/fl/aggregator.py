@@ -222,7 +222,8 @@ class _Agent:
         cfg = self.job["config"]
         strategy = RoundAggregator(cfg["strategy"], cfg["strategy_options"], self.layout, r,
                                    seed=int(cfg.get("seed", 0)))
-        opened = _Open(rules.RoundState.open(r, rec["selected"], int(rec["quorum"]),
+        selected = state.selected(self.svc.table, r, rec)
+        opened = _Open(rules.RoundState.open(r, selected, int(rec["quorum"]),
                                              bool(rec.get("open_to_all", False))), strategy)
         self.open = opened
         if strategy.streaming:

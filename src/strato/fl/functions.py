@@ -53,32 +53,38 @@ def start_round(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
         return _start_version(svc, job, r, token, ctx)
     cfg = job["config"]
     simulate = bool(job.get("simulate", True))
-    pool = job["clients"] if simulate else [i.key for i in svc.table.query(state.CLIENTS)]
-    k = min(int(cfg["clients_per_round"]), len(pool))
-    selected = select_clients(int(cfg["seed"]), r, pool, k) if k else []
-    record = {
-        "round": r,
-        "status": "open",
-        "selected": selected,
-        "token": token,
-        "quorum": min(int(job["quorum_count"]), max(1, k)),
-        "model_in": state.model_key(r - 1),
-        "opened_at": time.time(),
-        "accepted_count": 0,
-    }
-    try:
-        svc.table.put(state.ROUNDS, state.round_key(r), record, if_absent=True)
-    except ConditionFailed:  # a retried start: keep the round, take the new token
+    existing = svc.table.get(state.ROUNDS, state.round_key(r))
+    if existing is None:
+        pool = job["clients"] if simulate else [i.key for i in svc.table.query(state.CLIENTS)]
+        k = min(int(cfg["clients_per_round"]), len(pool))
+        selected = select_clients(int(cfg["seed"]), r, pool, k) if k else []
+        record = {
+            "round": r,
+            "status": "open",
+            **state.put_selection(svc.table, r, selected),
+            "token": token,
+            "quorum": min(int(job["quorum_count"]), max(1, k)),
+            "model_in": state.model_key(r - 1),
+            "opened_at": time.time(),
+            "accepted_count": 0,
+        }
+        try:
+            svc.table.put(state.ROUNDS, state.round_key(r), record, if_absent=True)
+        except ConditionFailed:  # another start of it came first: its selection holds
+            existing = svc.table.get(state.ROUNDS, state.round_key(r))
+            assert existing is not None
+    if existing is not None:  # a retried start: keep the round, take the new token
         state.cas_update(
             svc.table, state.ROUNDS, state.round_key(r), lambda v: {**v, "token": token}
         )
+        selected = state.selected(svc.table, r, existing.value)
     for c in selected:
         state.send_notice(svc.bus, r, c)
     if simulate:
         for c in selected:
             ctx.invoke_async("client", {"client": c})
     ctx.invoke_async("aggregate", {"records": [], "warm_round": r})  # warm before updates land
-    return {"round": r, "selected": selected}
+    return {"round": r, "selected": len(selected)}
 
 
 def _start_version(svc: Services, job: dict[str, Any], r: int, token: str,
@@ -227,7 +233,7 @@ def evaluate(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
         "loss": float(scores.get("loss", float("nan"))),
         "accepted": len(accepted),
         "rejected": len(svc.table.query(state.REJECTIONS, state.round_key(r) + "/")),
-        "selected": len(rnd["selected"]),
+        "selected": state.selected_count(rnd),
         "bytes_up": sum(int(u.get("bytes_up", 0)) for u in uploads),
         "bytes_down": sum(int(u.get("bytes_down", 0)) for u in uploads),
         "aggregation_latency_s": aggregation_latency(rnd, accepted),

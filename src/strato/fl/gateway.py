@@ -175,6 +175,9 @@ class Gateway:
         self.training: dict[str, int] = {}
         self._finished = False
         self._register_lock = threading.Lock()
+        # each round's selection, read once (it never changes): (round, its selection's id)
+        self._selections: dict[tuple[int, str], frozenset[str]] = {}
+        self._selections_lock = threading.Lock()
         self._in_flight: set[tuple[int, str]] = set()  # (round, client) uploads being read
         self.uploads_ended = 0  # authenticated, size-checked uploads that ended: for tests
         self._upload_slots: asyncio.Semaphore | None = None  # made in the server's loop
@@ -417,13 +420,25 @@ class Gateway:
         if buffered.is_async(self.job):
             return self._async_refusal(r, client)
         rnd = item.value
-        view = rules.RoundState.open(r, rnd["selected"], int(rnd["quorum"]))
+        view = rules.RoundState.open(r, self._selection(r, rnd), int(rnd["quorum"]))
         if rnd["status"] != "open" or "model" in rnd:
             view = dataclasses.replace(view, status="closed")
         uploads = self.svc.table.query(state.UPDATES, f"{state.round_key(r)}/{client}/")
         if uploads:
             view = dataclasses.replace(view, admitted={client: uploads[0].key})
         return rules.may_upload(view, r, client)
+
+    def _selection(self, r: int, rnd: dict[str, Any]) -> frozenset[str]:
+        """Round r's selected clients: read once per round, not once per upload."""
+        key = (r, str(rnd.get("selection", "")))
+        found = self._selections.get(key)
+        if found is None:
+            found = frozenset(state.selected(self.svc.table, r, rnd))
+            with self._selections_lock:
+                while len(self._selections) >= 4:  # only the last rounds' are asked for
+                    self._selections.pop(next(iter(self._selections)))
+                self._selections[key] = found
+        return found
 
     def _async_refusal(self, r: int, client: str) -> str | None:
         """Async: an update sent round r's notice goes into the open buffer unless it is

@@ -223,7 +223,7 @@ def _relaunch_missing_clients(svc: Services, job: dict[str, Any]) -> None:
     done = {
         u.value["client"] for u in svc.table.query(state.UPDATES, state.round_key(rnd["round"]))
     }
-    for c in rnd["selected"]:
+    for c in state.selected(svc.table, int(rnd["round"]), rnd):
         if c not in done:
             svc.runtime.invoke_async("client", {"client": c, "wait_s": 60.0})
 

@@ -27,6 +27,7 @@ __all__ = [
     "METRICS",
     "REJECTIONS",
     "ROUNDS",
+    "SELECTION",
     "TOPIC",
     "UPDATES",
     "accepted_key",
@@ -34,13 +35,17 @@ __all__ = [
     "client_queue",
     "failures_since",
     "model_key",
+    "put_selection",
     "record_failure",
     "round_key",
+    "selected",
+    "selected_count",
     "update_key",
 ]
 
 JOB = "job"  # "config": the job, app and data description
-ROUNDS = "rounds"  # one record per round: selection, token, status, counters, tree
+ROUNDS = "rounds"  # one record per round: token, status, counters, tree (a few hundred bytes)
+SELECTION = "selection"  # each round's selected clients, written once as the round opens
 UPDATES = "updates"  # one record per uploaded update: its stream triggers aggregation
 ACCEPTED = "accepted"  # one item per admitted update ("round/client"): what the model sums
 REJECTIONS = "rejections"  # one record per refused update, with the reason
@@ -48,7 +53,8 @@ METRICS = "metrics"  # one record per evaluated round: the checkpoint
 CLIENTS = "clients"  # remote clients registered through the gateway
 FAILURES = "failures"  # one record per failed simulated client: the run reports each
 TOPIC = "global-model-ready"
-TABLES = (JOB, ROUNDS, UPDATES, ACCEPTED, REJECTIONS, METRICS, CLIENTS, FAILURES)
+TABLES = (JOB, ROUNDS, SELECTION, UPDATES, ACCEPTED, REJECTIONS, METRICS, CLIENTS, FAILURES)
+SELECTION_CHUNK = 2048  # client ids per selection item: far under DynamoDB's 400 KB an item
 
 
 def round_key(r: int) -> str:
@@ -70,6 +76,43 @@ def model_key(r: int) -> str:
 
 def client_queue(client: str) -> str:
     return f"client-{client}"
+
+
+def put_selection(table: Table, r: int, clients: list[str]) -> dict[str, Any]:
+    """Store round ``r``'s selection apart from its record, before the record names it:
+    the record stays a few hundred bytes however many clients a round selects, so the
+    counter each admitted update moves costs the same at 10 clients as at 10,000. The
+    ids go in items of ``SELECTION_CHUNK`` under this attempt's own prefix: a retried
+    start that drew another selection (registered clients come and go) never mixes
+    with the one the record names. Returns the record's fields that name it."""
+    attempt = uuid.uuid4().hex[:12]
+    chunks = [clients[i : i + SELECTION_CHUNK] for i in range(0, len(clients), SELECTION_CHUNK)]
+    for k, chunk in enumerate(chunks):
+        table.put(SELECTION, f"{round_key(r)}/{attempt}/{k:05d}", {"clients": chunk})
+    return {"selection": attempt, "selected_count": len(clients)}
+
+
+def selected(table: Table, r: int, record: dict[str, Any]) -> list[str]:
+    """Round ``r``'s selected clients, as its record names them (a record that holds
+    them itself, as a run before the selection had items of its own wrote: those)."""
+    if "selected" in record:
+        return [str(c) for c in record["selected"]]
+    attempt = record.get("selection")
+    if attempt is None:
+        return []
+    items = table.query(SELECTION, f"{round_key(r)}/{attempt}/")
+    found = [str(c) for item in items for c in item.value["clients"]]
+    if len(found) != selected_count(record):
+        raise StratoError(f"round {r}'s selection holds {len(found)} clients, its record "
+                          f"says {selected_count(record)}")
+    return found
+
+
+def selected_count(record: dict[str, Any]) -> int:
+    """How many clients a round record's round selected."""
+    if "selected_count" in record:
+        return int(record["selected_count"])
+    return len(record.get("selected", ()))
 
 
 def send_notice(bus: Bus, r: int, client: str) -> None:

@@ -1,0 +1,87 @@
+"""A round's selection, kept apart from its record (``state.put_selection``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from strato.errors import StratoError
+from strato.fl import state
+from strato.fl.coordinator import provision
+from strato.services import Services, embedded
+
+
+@pytest.fixture
+def svc(tmp_path: Path) -> Iterator[Services]:
+    with embedded(tmp_path / "svc") as s:
+        provision(s, [])
+        yield s
+
+
+def test_a_large_selection_is_stored_in_bounded_items_and_read_back_in_order(
+        svc: Services) -> None:
+    clients = [f"client-{i:05d}" for i in range(5000)]
+    fields = state.put_selection(svc.table, 7, clients)
+    assert fields["selected_count"] == 5000 and "selected" not in fields
+    assert state.selected(svc.table, 7, fields) == clients
+    items = svc.table.query(state.SELECTION, state.round_key(7) + "/")
+    assert len(items) == 3  # 2048 ids an item at most
+    assert max(len(str(i.value)) for i in items) < 64 * 1024
+
+
+def test_a_second_attempt_at_a_selection_does_not_mix_with_the_first(svc: Services) -> None:
+    first = state.put_selection(svc.table, 2, ["a", "b"])
+    second = state.put_selection(svc.table, 2, ["c"])
+    assert state.selected(svc.table, 2, first) == ["a", "b"]
+    assert state.selected(svc.table, 2, second) == ["c"]
+    assert state.selected(svc.table, 3, state.put_selection(svc.table, 3, [])) == []
+
+
+def test_a_record_that_holds_its_selection_itself_is_read_as_it_is(svc: Services) -> None:
+    record = {"round": 4, "selected": ["x", "y"]}  # a run from before the selection items
+    assert state.selected(svc.table, 4, record) == ["x", "y"]
+    assert state.selected_count(record) == 2
+    assert state.selected(svc.table, 4, {"round": 4}) == []
+
+
+def test_a_selection_missing_items_is_an_error_not_a_smaller_round(svc: Services) -> None:
+    fields = state.put_selection(svc.table, 5, [f"c{i}" for i in range(3000)])
+    last = svc.table.query(state.SELECTION, state.round_key(5) + "/")[-1]
+    svc.table.delete(state.SELECTION, last.key)
+    with pytest.raises(StratoError, match="holds 2048 clients, its record says 3000"):
+        state.selected(svc.table, 5, fields)
+
+
+class _Ctx:
+    def __init__(self) -> None:
+        self.invoked: list[tuple[str, dict[str, object]]] = []
+
+    def invoke_async(self, function: str, event: dict[str, object]) -> None:
+        self.invoked.append((function, event))
+
+
+def test_a_retried_start_keeps_the_selection_its_notices_went_to(
+        svc: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    from strato.fl import functions
+
+    job = {"config": {"clients_per_round": 2, "seed": 0, "rounds": 3}, "quorum_count": 2,
+           "simulate": False}
+    monkeypatch.setattr(functions, "worker_services", lambda: svc)
+    monkeypatch.setitem(functions._warm, "job", job)
+    provision(svc, list("abcdefg"))  # a queue for each, registered or not
+    for c in ("a", "b", "c"):
+        svc.table.put(state.CLIENTS, c, {})
+    functions.start_round({"round": 1, "token": "t1"}, _Ctx())  # type: ignore[arg-type]
+    first = svc.table.get(state.ROUNDS, state.round_key(1))
+    assert first is not None and first.value["selected_count"] == 2
+    chosen = state.selected(svc.table, 1, first.value)
+    for c in ("d", "e", "f", "g"):  # more clients register: a new draw would differ
+        svc.table.put(state.CLIENTS, c, {})
+    functions.start_round({"round": 1, "token": "t2"}, _Ctx())  # type: ignore[arg-type]
+    again = svc.table.get(state.ROUNDS, state.round_key(1))
+    assert again is not None and again.value["token"] == "t2"
+    assert state.selected(svc.table, 1, again.value) == chosen
+    notified = {c: len(svc.bus.receive(state.client_queue(c), 10)) for c in "abcdefg"}
+    assert notified == {c: 2 if c in chosen else 0 for c in "abcdefg"}  # each chosen, twice
