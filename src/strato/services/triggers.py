@@ -129,9 +129,14 @@ class StreamTrigger:
                     self.on_error(exc)
                 self._stop.wait(0.5)
                 continue
-            if delivered or self._stop.is_set():
-                continue
-            if listener is not None:  # sleep until a writer rings (or idle_s passes)
+            if self._stop.is_set() or (delivered and (
+                    listener is None or delivered >= self.batch_size)):
+                continue  # a full batch: more may be waiting
+            if listener is not None:
+                # Sleep until a writer rings (or idle_s passes). After a batch that was
+                # not full, too: a commit after that read has rung (rings stay queued
+                # while this thread delivers), so looking again at once would only find
+                # nothing, at the cost of a read.
                 listener.wait(self.idle_s)
             else:
                 self._stop.wait(self.poll_s)
