@@ -204,7 +204,7 @@ def test_the_norm_bound_scales_far_updates_back_to_k_medians(svc: Services) -> N
     svc.table.put(state.JOB, "config", job.value)
     svc.table.put(state.ROUNDS, state.round_key(1), {
         **svc.table.get(state.ROUNDS, state.round_key(1)).value,  # type: ignore[union-attr]
-        "selected": ["a", "b", "c", "d"], "quorum": 4,
+        **state.put_selection(svc.table, 1, ["a", "b", "c", "d"]), "quorum": 4,
     })  # fmt: skip
     rng = np.random.default_rng(0)
     honest = {c: rng.normal(size=9) for c in "abc"}
@@ -251,7 +251,7 @@ def test_an_all_zeros_update_is_clipped_by_the_norm_bound(svc: Services) -> None
     svc.blobs.put(state.model_key(0), encode(Params(LAYOUT, g.view(np.uint8))).payload)
     svc.table.put(state.ROUNDS, state.round_key(1), {
         **svc.table.get(state.ROUNDS, state.round_key(1)).value,  # type: ignore[union-attr]
-        "selected": ["a", "b", "c", "d"], "quorum": 4,
+        **state.put_selection(svc.table, 1, ["a", "b", "c", "d"]), "quorum": 4,
     })  # fmt: skip
     rng = np.random.default_rng(1)
     for c in "abc":
@@ -337,7 +337,8 @@ def test_updates_wait_to_be_added_several_at_a_time_and_a_bad_one_is_still_refus
             "quorum_count": 12, "layout": LAYOUT.to_json(), "clients": clients})
         svc.blobs.put(state.model_key(0), encode(Params(LAYOUT)).payload)
         svc.table.put(state.ROUNDS, state.round_key(1), {
-            "round": 1, "status": "open", "selected": clients, "token": "no-such-token",
+            "round": 1, "status": "open", **state.put_selection(svc.table, 1, clients),
+            "token": "no-such-token",
             "quorum": 12, "opened_at": 0.0, "accepted_count": 0})
         _upload(svc, "k00", np.ones(9))
         _upload(svc, "k01", np.r_[np.ones(8), np.nan])

@@ -43,7 +43,28 @@ def test_a_record_that_holds_its_selection_itself_is_read_as_it_is(svc: Services
     record = {"round": 4, "selected": ["x", "y"]}  # a run from before the selection items
     assert state.selected(svc.table, 4, record) == ["x", "y"]
     assert state.selected_count(record) == 2
-    assert state.selected(svc.table, 4, {"round": 4}) == []
+    with pytest.raises(StratoError, match="round 4's record names no selection"):
+        state.selected(svc.table, 4, {"round": 4})  # not a round open to no one
+
+
+def test_resuming_a_run_made_without_the_selection_table_makes_it(
+        tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from strato.errors import NotFound
+    from strato.fl import run
+
+    with embedded(tmp_path / "old") as old:  # the tables of a run before SELECTION
+        for name in state.TABLES:
+            if name != state.SELECTION:
+                old.table.create_table(name, stream=name == state.UPDATES)
+        old.table.put(state.JOB, "config", {"clients": []})
+        with pytest.raises(NotFound):
+            state.put_selection(old.table, 1, ["a"])
+        opts = SimpleNamespace(quiet=True, out=tmp_path / "old")
+        assert run._resume_job(old, opts, tmp_path / "run.json") == {"clients": []}  # type: ignore[arg-type]
+        fields = state.put_selection(old.table, 1, ["a"])
+        assert state.selected(old.table, 1, fields) == ["a"]
 
 
 def test_a_selection_missing_items_is_an_error_not_a_smaller_round(svc: Services) -> None:

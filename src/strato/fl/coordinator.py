@@ -152,11 +152,17 @@ def notice_schema() -> TopicSchema:
 
 def provision(svc: Services, clients: list[str]) -> None:
     """Tables, the notice topic and one filtered queue per client (idempotent)."""
-    for name in state.TABLES:  # only the updates' changes are read (they wake the aggregator)
-        svc.table.create_table(name, stream=name == state.UPDATES)
+    create_tables(svc)
     svc.bus.create_topic(state.TOPIC, notice_schema())
     for c in clients:
         svc.bus.subscribe(state.TOPIC, state.client_queue(c), {"client": [c]})
+
+
+def create_tables(svc: Services) -> None:
+    """The run's tables (idempotent: a resumed run made by an older Strato gets the
+    tables it lacks)."""
+    for name in state.TABLES:  # only the updates' changes are read (they wake the aggregator)
+        svc.table.create_table(name, stream=name == state.UPDATES)
 
 
 def register_client(svc: Services, client: str, info: dict[str, Any] | None = None) -> None:

@@ -420,9 +420,10 @@ class Gateway:
         if buffered.is_async(self.job):
             return self._async_refusal(r, client)
         rnd = item.value
+        if rnd["status"] != "open" or "model" in rnd:  # its selection need not be read
+            view = rules.RoundState.open(r, (), int(rnd["quorum"]))
+            return rules.may_upload(dataclasses.replace(view, status="closed"), r, client)
         view = rules.RoundState.open(r, self._selection(r, rnd), int(rnd["quorum"]))
-        if rnd["status"] != "open" or "model" in rnd:
-            view = dataclasses.replace(view, status="closed")
         uploads = self.svc.table.query(state.UPDATES, f"{state.round_key(r)}/{client}/")
         if uploads:
             view = dataclasses.replace(view, admitted={client: uploads[0].key})

@@ -196,6 +196,7 @@ def _resume_job(svc: Services, opts: RunOptions, run_file: Path) -> dict[str, An
         item = None
     if item is not None:
         _say(opts, f"resuming {opts.out}")
+        coordinator.create_tables(svc)  # those a run made by an older Strato lacks
         return item.value
     # Killed during its set-up (the job record is the set-up's last write): do it again,
     # with the settings the run started with. Every step of the set-up is idempotent.

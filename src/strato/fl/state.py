@@ -94,12 +94,13 @@ def put_selection(table: Table, r: int, clients: list[str]) -> dict[str, Any]:
 
 def selected(table: Table, r: int, record: dict[str, Any]) -> list[str]:
     """Round ``r``'s selected clients, as its record names them (a record that holds
-    them itself, as a run before the selection had items of its own wrote: those)."""
-    if "selected" in record:
-        return [str(c) for c in record["selected"]]
+    them itself, as a run before the selection had items of its own wrote, or an
+    asynchronous round's, open to all: those)."""
     attempt = record.get("selection")
     if attempt is None:
-        return []
+        if "selected" in record:
+            return [str(c) for c in record["selected"]]
+        raise StratoError(f"round {r}'s record names no selection")
     items = table.query(SELECTION, f"{round_key(r)}/{attempt}/")
     found = [str(c) for item in items for c in item.value["clients"]]
     if len(found) != selected_count(record):

@@ -123,14 +123,14 @@ class StreamTrigger:
         listener = self._listener
         while not self._stop.is_set():
             try:
-                delivered = self.poll_once()
+                consumed = self.poll_once()
             except StratoError as exc:  # the batch stays unconsumed and is retried
                 if self.on_error is not None:
                     self.on_error(exc)
                 self._stop.wait(0.5)
                 continue
-            if self._stop.is_set() or (delivered and (
-                    listener is None or delivered >= self.batch_size)):
+            if self._stop.is_set() or (consumed and (
+                    listener is None or consumed >= self.batch_size)):
                 continue  # a full batch: more may be waiting
             if listener is not None:
                 # Sleep until a writer rings (or idle_s passes). After a batch that was
