@@ -106,3 +106,35 @@ def test_a_retried_start_keeps_the_selection_its_notices_went_to(
     assert state.selected(svc.table, 1, again.value) == chosen
     notified = {c: len(svc.bus.receive(state.client_queue(c), 10)) for c in "abcdefg"}
     assert notified == {c: 2 if c in chosen else 0 for c in "abcdefg"}  # each chosen, twice
+
+
+def test_a_start_that_loses_the_race_removes_its_selection_and_follows_the_winner(
+        svc: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    from strato.fl import functions
+
+    job = {"config": {"clients_per_round": 2, "seed": 0, "rounds": 3}, "quorum_count": 2,
+           "simulate": False}
+    monkeypatch.setattr(functions, "worker_services", lambda: svc)
+    monkeypatch.setitem(functions._warm, "job", job)
+    provision(svc, list("abcd"))
+    for c in "abcd":
+        svc.table.put(state.CLIENTS, c, {})
+    put_selection = state.put_selection
+
+    def racing(table: object, r: int, clients: list[str]) -> dict[str, object]:
+        mine = put_selection(svc.table, r, clients)  # then another start's record lands
+        theirs = put_selection(svc.table, r, ["c", "d"])
+        svc.table.put(state.ROUNDS, state.round_key(r),
+                      {"round": r, "status": "open", "token": "t0", **theirs})
+        return mine
+
+    monkeypatch.setattr(state, "put_selection", racing)
+    assert functions.start_round({"round": 1, "token": "t1"}, _Ctx()) == {  # type: ignore[arg-type]
+        "round": 1, "selected": 2}
+    record = svc.table.get(state.ROUNDS, state.round_key(1))
+    assert record is not None and record.value["token"] == "t1"
+    assert state.selected(svc.table, 1, record.value) == ["c", "d"]
+    left = svc.table.query(state.SELECTION, state.round_key(1) + "/")
+    assert {i.key.split("/")[-2] for i in left} == {record.value["selection"]}
+    notified = {c: len(svc.bus.receive(state.client_queue(c), 10)) for c in "abcd"}
+    assert notified == {"a": 0, "b": 0, "c": 1, "d": 1}

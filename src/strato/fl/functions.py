@@ -58,10 +58,11 @@ def start_round(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
         pool = job["clients"] if simulate else [i.key for i in svc.table.query(state.CLIENTS)]
         k = min(int(cfg["clients_per_round"]), len(pool))
         selected = select_clients(int(cfg["seed"]), r, pool, k) if k else []
+        drawn = state.put_selection(svc.table, r, selected)
         record = {
             "round": r,
             "status": "open",
-            **state.put_selection(svc.table, r, selected),
+            **drawn,
             "token": token,
             "quorum": min(int(job["quorum_count"]), max(1, k)),
             "model_in": state.model_key(r - 1),
@@ -71,6 +72,7 @@ def start_round(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
         try:
             svc.table.put(state.ROUNDS, state.round_key(r), record, if_absent=True)
         except ConditionFailed:  # another start of it came first: its selection holds
+            state.drop_selection(svc.table, r, drawn)
             existing = svc.table.get(state.ROUNDS, state.round_key(r))
             assert existing is not None
     if existing is not None:  # a retried start: keep the round, take the new token

@@ -33,6 +33,7 @@ __all__ = [
     "accepted_key",
     "cas_update",
     "client_queue",
+    "drop_selection",
     "failures_since",
     "model_key",
     "put_selection",
@@ -90,6 +91,14 @@ def put_selection(table: Table, r: int, clients: list[str]) -> dict[str, Any]:
     for k, chunk in enumerate(chunks):
         table.put(SELECTION, f"{round_key(r)}/{attempt}/{k:05d}", {"clients": chunk})
     return {"selection": attempt, "selected_count": len(clients)}
+
+
+def drop_selection(table: Table, r: int, fields: dict[str, Any]) -> None:
+    """Remove the items ``put_selection`` wrote (``fields``: what it returned) when
+    no record came to name them: a start that lost the race to another start of the
+    same round."""
+    for item in table.query(SELECTION, f"{round_key(r)}/{fields['selection']}/"):
+        table.delete(SELECTION, item.key)
 
 
 def selected(table: Table, r: int, record: dict[str, Any]) -> list[str]:
