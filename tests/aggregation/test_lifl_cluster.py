@@ -4,6 +4,7 @@ plane keeps its promises (warm reuse, locality, bounded memory, clean failure)."
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
@@ -246,6 +247,30 @@ def test_a_failed_invocation_fails_the_round_and_frees_its_memory() -> None:
         np.testing.assert_array_equal(model, np.full(100, 3.0, F32))
         names = segments_of(cluster)
     assert names and left_in_dev_shm(names) == []
+
+
+def test_closing_a_node_mid_batch_gives_the_batch_memory_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from strato.aggregation import _handler
+
+    entered, gate = threading.Event(), threading.Event()
+    real = _handler.aggregate
+
+    def held(event: Any, ctx: Any) -> Any:
+        entered.set()
+        gate.wait(10)  # still adding when the node is told to stop
+        return real(event, ctx)
+
+    monkeypatch.setattr(_handler, "aggregate", held)
+    node = Node("n0", executor="threads", max_inflight_updates=1)
+    cluster = Cluster([node])
+    plan = cluster.plan(TreeShape.of(1), {"n0": 2})
+    rnd = cluster.begin_round(0, plan, nbytes=400, batch=1)
+    assert rnd.ingest("n0", np.ones(100, F32), client="a", weight=1.0, timeout=5)
+    assert entered.wait(10) and not node.has_room(400)
+    threading.Timer(0.3, gate.set).start()  # the batch ends while the node closes
+    cluster.close()
+    assert gate.is_set() and node.has_room(400)  # the update's buffer came back
 
 
 def test_memory_does_not_grow_with_the_number_of_clients() -> None:

@@ -113,6 +113,31 @@ class Dispatcher:
         self.post("stop")
         self._thread.join(timeout=30.0)
 
+    def release_left(self) -> None:
+        """After ``stop``, once the executors have finished what they were running: give
+        back the memory that events still queued hold (a batch being added when the
+        node stopped; an update or a partial that came after), or it stays leased for
+        as long as the process lives (a partial held in ``_inputs``' local buffers)."""
+        if self._thread.is_alive():
+            return  # the loop still owns the queue (stop timed out)
+        while True:
+            try:
+                kind, *args = self.events.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "done":
+                held: list[Input] = args[3]
+            elif kind == "input":
+                held = [args[2]]
+            elif kind == "arrive":
+                args[1].release()
+                continue
+            else:
+                continue
+            for item in held:
+                if item.release is not None:
+                    item.release()
+
     # ---- the loop ----------------------------------------------------------------------
 
     def _loop(self) -> None:

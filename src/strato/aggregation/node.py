@@ -220,6 +220,7 @@ class Node:
             executor.close()
         if self._own_runtime is not None:
             self._own_runtime.close()
+        self.dispatcher.release_left()
         with self._lock:
             accumulators = list(self._accumulators.values())
             self._accumulators.clear()
