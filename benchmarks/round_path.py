@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _aggregation_common import (
     cpu_count,
     emit,
+    l3_cache_kib,
     log,
     median,
     mem_available,
@@ -425,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.monotonic()
     machine = {"nproc": os.cpu_count(), "cpus_usable": cpu_count(),
-               "loadavg_at_start": list(os.getloadavg()),
+               "loadavg_at_start": list(os.getloadavg()), "l3_cache_kib": l3_cache_kib(),
                "mem_available_gib_at_start": round(mem_available() / 2**30, 1)}
     runs = plan(args)
     source = source_state(args.label)
