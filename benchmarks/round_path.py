@@ -162,7 +162,8 @@ def rss_run(args: argparse.Namespace, cfg: dict[str, Any], clients: int,
     t0 = time.monotonic()
     res = run_child("run", {"params": cfg["params"], "clients": clients,
                             "rounds": cfg["rounds"], "concurrency": args.concurrency,
-                            "dir": str(where), "interval_s": args.interval})
+                            "dir": str(where), "interval_s": args.interval,
+                            "references": False})
     remove(where, args.keep)
     for r in res["rounds"]:
         r.pop("updates")
