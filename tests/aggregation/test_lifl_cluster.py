@@ -249,6 +249,32 @@ def test_a_failed_invocation_fails_the_round_and_frees_its_memory() -> None:
     assert names and left_in_dev_shm(names) == []
 
 
+@pytest.mark.parametrize("private", [True, False])
+def test_a_new_tree_takes_the_last_trees_warm_buffers_and_gives_back_the_rest(
+        private: bool) -> None:
+    node = Node("n0")
+    try:
+        first = node.accumulators({"leaf0": 800, "leaf1": 800, "top": 800, "top/out": 400},
+                                  private=private)
+        for lease in first.values():  # touched: warm
+            np.frombuffer(lease.buffer, dtype=np.uint8)[:] = 1
+        segments = set(node.pool.segment_names)
+        second = node.accumulators({"leaf0": 800, "leaf0/out": 400}, private=private)
+        assert second["leaf0"] is first["leaf0"]
+        assert second["leaf0/out"] is first["top/out"]  # not fresh memory
+        if private:
+            for gone in ("leaf1", "top"):  # the rest is given back
+                with pytest.raises(StratoError, match="used after its release"):
+                    first[gone].buffer  # noqa: B018
+        else:
+            assert set(node.pool.segment_names) <= segments
+            assert node.pool.created == 4
+        third = node.accumulators({"leaf0": 1600}, private=private)  # another size: fresh
+        assert third["leaf0"] is not first["leaf0"] and third["leaf0"].nbytes == 1600
+    finally:
+        node.close()
+
+
 def test_closing_a_node_mid_batch_gives_the_batch_memory_back(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from strato.aggregation import _handler

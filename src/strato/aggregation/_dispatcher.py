@@ -164,14 +164,15 @@ class Dispatcher:
         me = self.node.name
         # aggregators on threads of this process add into its private memory
         private = self.node.executor_for(setup.nbytes).kind == "threads"
-        for spec in setup.tree.aggregators:
-            if setup.where[spec.name] == me:
-                acc = self.node.accumulator(spec.name, setup.acc_nbytes, private=private)
-                out = None
-                if spec.is_root and setup.acc_dtype != setup.dtype:
-                    out = self.node.accumulator(f"{spec.name}/out", setup.nbytes,
-                                                private=private)
-                r.aggs[spec.name] = _Agg(spec, acc, out, me)
+        mine = [spec for spec in setup.tree.aggregators if setup.where[spec.name] == me]
+        wanted = {spec.name: setup.acc_nbytes for spec in mine}
+        outs = {f"{spec.name}/out": setup.nbytes for spec in mine
+                if spec.is_root and setup.acc_dtype != setup.dtype}
+        buffers = self.node.accumulators({**wanted, **outs}, private=private)
+        for spec in mine:
+            r.aggs[spec.name] = _Agg(spec, buffers[spec.name],
+                                     buffers.get(f"{spec.name}/out"), me)
+        for spec in setup.tree.aggregators:  # the leaves this node's arrivals go to
             for landing, quota in spec.serves:
                 if landing == me:
                     r.quota[spec.name] = quota

@@ -162,20 +162,32 @@ class Node:
             self._inflight_count -= 1
             self._lock.notify_all()
 
-    def accumulator(self, name: str, nbytes: int, *, private: bool = False) -> Accumulator:
-        """The warm accumulator of aggregator ``name`` (reused round after round): in the
-        node's shared memory, or, for aggregators on threads of this process
-        (``private``), in this process's own memory (``PrivateBuffer``)."""
+    def accumulators(self, wanted: dict[str, int], *,
+                     private: bool = False) -> dict[str, Accumulator]:
+        """Warm accumulators for a round's aggregators on this node (``wanted``: name →
+        bytes), reused round after round: in the node's shared memory, or, for
+        aggregators on threads of this process (``private``), in this process's own
+        memory (``PrivateBuffer``). One an aggregator of the last round held goes to an
+        aggregator of this round that needs its size (the tree changes between rounds:
+        fresh memory is slow to touch the first time, ~2 GB/s); those left over are
+        given back."""
         kind = PrivateBuffer if private else ShmLease
         with self._lock:
-            lease = self._accumulators.get(name)
-            if lease is not None and lease.nbytes == nbytes and isinstance(lease, kind):
-                return lease
-            if lease is not None:
-                lease.release()
-            made: Accumulator = PrivateBuffer(nbytes) if private else self.pool.lease(nbytes)
-            self._accumulators[name] = made
-            return made
+            held = self._accumulators
+            spare = [held.pop(n) for n in list(held)
+                     if n not in wanted or held[n].nbytes != wanted[n]
+                     or not isinstance(held[n], kind)]
+            for name, nbytes in wanted.items():
+                if name in held:
+                    continue
+                match = next((i for i, lease in enumerate(spare)
+                              if lease.nbytes == nbytes and isinstance(lease, kind)), None)
+                held[name] = (spare.pop(match) if match is not None
+                              else PrivateBuffer(nbytes) if private else self.pool.lease(nbytes))
+            found = {name: held[name] for name in wanted}
+        for lease in spare:
+            lease.release()
+        return found
 
     def hand_over(self, name: str, lease: Accumulator) -> None:
         """The root's accumulator now belongs to the round's result."""
