@@ -41,8 +41,8 @@ def time_saxpy(params: int, reps: int = 9, *, cold: bool = False) -> dict[str, A
 
     With ``cold``, ``evict_bytes()`` of other memory are written before each call, so
     ``x`` and ``acc`` come from DRAM, as an update written by another process a while
-    ago does (context: these machines report an L3 of hundreds of MiB, which holds a
-    warm 10M update and its accumulator)."""
+    ago does (context: some of these VMs report a 480 MiB L3, which holds a warm 10M
+    update and its accumulator, others 16 MiB, where the warm call reads DRAM too)."""
     from scipy.linalg import blas
     from threadpoolctl import threadpool_limits
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from strato.aggregation import Cluster, Node
 from strato.control import TreeShape, build_tree, cross_node_bytes
 from strato.errors import ConfigError, StratoError
+from strato.services.shm import ShmError
 
 F32 = np.float32
 
@@ -249,6 +251,14 @@ def test_a_failed_invocation_fails_the_round_and_frees_its_memory() -> None:
     assert names and left_in_dev_shm(names) == []
 
 
+def released(lease: Any) -> bool:
+    try:
+        lease.buffer  # noqa: B018
+    except (StratoError, ShmError):
+        return True
+    return False
+
+
 @pytest.mark.parametrize("private", [True, False])
 def test_a_new_tree_takes_the_last_trees_warm_buffers_and_gives_back_the_rest(
         private: bool) -> None:
@@ -256,23 +266,76 @@ def test_a_new_tree_takes_the_last_trees_warm_buffers_and_gives_back_the_rest(
     try:
         first = node.accumulators({"leaf0": 800, "leaf1": 800, "top": 800, "top/out": 400},
                                   private=private)
-        for lease in first.values():  # touched: warm
-            np.frombuffer(lease.buffer, dtype=np.uint8)[:] = 1
-        segments = set(node.pool.segment_names)
         second = node.accumulators({"leaf0": 800, "leaf0/out": 400}, private=private)
         assert second["leaf0"] is first["leaf0"]
-        assert second["leaf0/out"] is first["top/out"]  # not fresh memory
-        if private:
-            for gone in ("leaf1", "top"):  # the rest is given back
-                with pytest.raises(StratoError, match="used after its release"):
-                    first[gone].buffer  # noqa: B018
-        else:
-            assert set(node.pool.segment_names) <= segments
-            assert node.pool.created == 4
+        assert second["leaf0/out"] is first["top/out"]  # warm memory, not fresh
+        assert released(first["leaf1"]) and released(first["top"])  # the rest given back
+        assert not released(second["leaf0"]) and not released(second["leaf0/out"])
         third = node.accumulators({"leaf0": 1600}, private=private)  # another size: fresh
         assert third["leaf0"] is not first["leaf0"] and third["leaf0"].nbytes == 1600
+        assert released(first["leaf0"]) and released(first["top/out"])
     finally:
         node.close()
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_a_buffer_an_invocation_may_still_write_goes_to_no_one_else(private: bool) -> None:
+    node = Node("n0")
+    try:
+        first = node.accumulators({"leaf0": 400, "leaf1": 400, "top": 400}, private=private)
+        # a dropped round's invocation of leaf1 is still out: its buffer is kept aside
+        second = node.accumulators({"leaf0": 400, "leaf0/out": 400}, private=private,
+                                   busy=frozenset({"leaf1"}))
+        assert second["leaf0/out"] is first["top"]
+        assert not released(first["leaf1"])
+        third = node.accumulators({"leaf0": 400, "leaf0/out": 400, "x": 400},
+                                  private=private, busy=frozenset({"leaf1"}))
+        assert third["x"] is not first["leaf1"] and not released(first["leaf1"])
+        # under its own name a busy buffer is reused (its invocations run one at a time)
+        again = node.accumulators({"leaf1": 400}, private=private, busy=frozenset({"leaf1"}))
+        assert again["leaf1"] is first["leaf1"]
+        node.accumulators({"leaf0": 800}, private=private)
+        assert released(first["leaf1"])  # idle now, and no one's size: given back
+    finally:
+        node.close()
+
+
+def test_a_round_begun_after_a_failed_one_tells_the_node_what_is_still_being_added(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from strato.aggregation import _handler
+
+    entered, gate = threading.Event(), threading.Event()
+    real = _handler.aggregate
+
+    def held(event: Any, ctx: Any) -> Any:
+        entered.set()
+        gate.wait(10)
+        return real(event, ctx)
+
+    monkeypatch.setattr(_handler, "aggregate", held)
+    node = Node("n0", executor="threads")
+    seen: list[frozenset[str]] = []
+    accumulators = node.accumulators
+
+    def spy(wanted: dict[str, int], **kw: Any) -> dict[str, Any]:
+        seen.append(kw.get("busy", frozenset()))
+        return accumulators(wanted, **kw)
+
+    monkeypatch.setattr(node, "accumulators", spy)
+    with Cluster([node]) as cluster:
+        rnd = cluster.begin_round(0, cluster.plan(TreeShape.of(1), {"n0": 2}), nbytes=400,
+                                  batch=1)
+        assert rnd.ingest("n0", np.ones(100, F32), client="a", weight=1.0, timeout=5)
+        assert entered.wait(10)
+        node.dispatcher.post("fail", RuntimeError("a node went away"))
+        with pytest.raises(RuntimeError, match="went away"):
+            rnd.result(timeout=10)
+        cluster.begin_round(1, cluster.plan(TreeShape.of(2), {"n0": 2}), nbytes=400)
+        gate.set()
+        deadline = time.monotonic() + 10
+        while len(seen) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert seen == [frozenset(), frozenset({"leaf0", "leaf0/out"})]
 
 
 def test_closing_a_node_mid_batch_gives_the_batch_memory_back(

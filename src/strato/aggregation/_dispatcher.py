@@ -101,6 +101,7 @@ class Dispatcher:
         self.events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.round: _Round | None = None
         self.history: dict[int, _Round] = {}
+        self.busy: dict[str, int] = {}  # aggregator -> invocations out, of any round
         self._thread = threading.Thread(
             target=self._loop, name=f"lifl-dispatch-{node.name}", daemon=True
         )
@@ -168,7 +169,8 @@ class Dispatcher:
         wanted = {spec.name: setup.acc_nbytes for spec in mine}
         outs = {f"{spec.name}/out": setup.nbytes for spec in mine
                 if spec.is_root and setup.acc_dtype != setup.dtype}
-        buffers = self.node.accumulators({**wanted, **outs}, private=private)
+        buffers = self.node.accumulators({**wanted, **outs}, private=private,
+                                         busy=frozenset(self._busy_buffers()))
         for spec in mine:
             r.aggs[spec.name] = _Agg(spec, buffers[spec.name],
                                      buffers.get(f"{spec.name}/out"), me)
@@ -177,6 +179,12 @@ class Dispatcher:
                 if landing == me:
                     r.quota[spec.name] = quota
                     r.sent[spec.name] = 0
+
+    def _busy_buffers(self) -> set[str]:
+        """Buffers an invocation still out may write: its aggregator's accumulator,
+        and the root's output buffer."""
+        names = {n for n, count in self.busy.items() if count > 0}
+        return names | {f"{n}/out" for n in names}
 
     def _on_arrive(self, desc: Arrived, lease: UpdateLease) -> None:
         r = self._current(desc.round)
@@ -229,6 +237,7 @@ class Dispatcher:
         self, round_no: int, name: str, future: Future[dict[str, Any]], batch: list[Input],
         submitted: float, finished: float,
     ) -> None:
+        self.busy[name] = self.busy.get(name, 1) - 1
         r = self._current(round_no)
         if r is None:  # the round failed meanwhile: only give the memory back
             for item in batch:
@@ -397,6 +406,7 @@ class Dispatcher:
             agg.inflight = None  # not started: _drop_round releases them as pending
             agg.pending[:0] = take
             raise
+        self.busy[agg.spec.name] = self.busy.get(agg.spec.name, 0) + 1
 
         def done(f: Future[dict[str, Any]]) -> None:
             self.post("done", round_no, agg.spec.name, f, take, submitted, time.monotonic())

@@ -73,6 +73,7 @@ class Node:
         self._inflight_count = 0
         self.backpressure_s = 0.0  # total time lease_update waited for room
         self._accumulators: dict[str, Accumulator] = {}
+        self._parked: list[tuple[str, Accumulator]] = []  # see ``accumulators``
         self.endpoint = Endpoint(self._received, self.pool.lease, self._transport_failed)
         self.dispatcher = Dispatcher(self)
 
@@ -162,32 +163,45 @@ class Node:
             self._inflight_count -= 1
             self._lock.notify_all()
 
-    def accumulators(self, wanted: dict[str, int], *,
-                     private: bool = False) -> dict[str, Accumulator]:
+    def accumulators(self, wanted: dict[str, int], *, private: bool = False,
+                     busy: frozenset[str] = frozenset()) -> dict[str, Accumulator]:
         """Warm accumulators for a round's aggregators on this node (``wanted``: name →
         bytes), reused round after round: in the node's shared memory, or, for
         aggregators on threads of this process (``private``), in this process's own
         memory (``PrivateBuffer``). One an aggregator of the last round held goes to an
         aggregator of this round that needs its size (the tree changes between rounds:
         fresh memory is slow to touch the first time, ~2 GB/s); those left over are
-        given back."""
+        given back. ``busy``: aggregators with an invocation still out (a dropped
+        round's): their buffers may still be written, so they go to no other
+        aggregator and are not given back until a later round finds them idle (under
+        its own name a buffer is safe: an aggregator's invocations run one at a time)."""
         kind = PrivateBuffer if private else ShmLease
         with self._lock:
             held = self._accumulators
-            spare = [held.pop(n) for n in list(held)
+            loose = [(n, held.pop(n)) for n in list(held)
                      if n not in wanted or held[n].nbytes != wanted[n]
                      or not isinstance(held[n], kind)]
+            for n, lease in self._parked:  # kept aside; wanted again under its own name?
+                if n in wanted and n not in held and lease.nbytes == wanted[n] \
+                        and isinstance(lease, kind):
+                    held[n] = lease
+                else:
+                    loose.append((n, lease))
+            self._parked = [(n, lease) for n, lease in loose if n in busy]
+            spare = [lease for n, lease in loose if n not in busy]
             for name, nbytes in wanted.items():
                 if name in held:
                     continue
                 match = next((i for i, lease in enumerate(spare)
                               if lease.nbytes == nbytes and isinstance(lease, kind)), None)
-                held[name] = (spare.pop(match) if match is not None
-                              else PrivateBuffer(nbytes) if private else self.pool.lease(nbytes))
-            found = {name: held[name] for name in wanted}
-        for lease in spare:
-            lease.release()
-        return found
+                if match is not None:
+                    held[name] = spare.pop(match)
+            for lease in spare:  # before any new lease: the pool may reuse its segment
+                lease.release()
+            for name, nbytes in wanted.items():
+                if name not in held:
+                    held[name] = PrivateBuffer(nbytes) if private else self.pool.lease(nbytes)
+            return {name: held[name] for name in wanted}
 
     def hand_over(self, name: str, lease: Accumulator) -> None:
         """The root's accumulator now belongs to the round's result."""
@@ -234,8 +248,9 @@ class Node:
             self._own_runtime.close()
         self.dispatcher.release_left()
         with self._lock:
-            accumulators = list(self._accumulators.values())
+            accumulators = [*self._accumulators.values(), *(p for _, p in self._parked)]
             self._accumulators.clear()
+            self._parked = []
         for lease in accumulators:
             lease.release()
         self.pool.close()

@@ -72,9 +72,11 @@ def start_round(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
         try:
             svc.table.put(state.ROUNDS, state.round_key(r), record, if_absent=True)
         except ConditionFailed:  # another start of it came first: its selection holds
-            state.drop_selection(svc.table, r, drawn)
             existing = svc.table.get(state.ROUNDS, state.round_key(r))
             assert existing is not None
+            if existing.value.get("selection") != drawn["selection"]:  # (not our own put)
+                with contextlib.suppress(StratoError):  # a leftover, not a failed start
+                    state.drop_selection(svc.table, r, drawn)
     if existing is not None:  # a retried start: keep the round, take the new token
         state.cas_update(
             svc.table, state.ROUNDS, state.round_key(r), lambda v: {**v, "token": token}
