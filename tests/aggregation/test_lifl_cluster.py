@@ -300,8 +300,10 @@ def test_a_buffer_an_invocation_may_still_write_goes_to_no_one_else(private: boo
         node.close()
 
 
-def test_a_round_begun_after_a_failed_one_tells_the_node_what_is_still_being_added(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def held_adds(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Every aggregator invocation sets ``entered`` and waits for ``gate`` (at most 10 s)
+    before it adds."""
     from strato.aggregation import _handler
 
     entered, gate = threading.Event(), threading.Event()
@@ -313,6 +315,13 @@ def test_a_round_begun_after_a_failed_one_tells_the_node_what_is_still_being_add
         return real(event, ctx)
 
     monkeypatch.setattr(_handler, "aggregate", held)
+    return entered, gate
+
+
+def test_a_round_begun_after_a_failed_one_tells_the_node_what_is_still_being_added(
+        monkeypatch: pytest.MonkeyPatch, held_adds: tuple[threading.Event, threading.Event],
+) -> None:
+    entered, gate = held_adds
     node = Node("n0", executor="threads")
     seen: list[frozenset[str]] = []
     accumulators = node.accumulators
@@ -339,18 +348,8 @@ def test_a_round_begun_after_a_failed_one_tells_the_node_what_is_still_being_add
 
 
 def test_closing_a_node_mid_batch_gives_the_batch_memory_back(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    from strato.aggregation import _handler
-
-    entered, gate = threading.Event(), threading.Event()
-    real = _handler.aggregate
-
-    def held(event: Any, ctx: Any) -> Any:
-        entered.set()
-        gate.wait(10)  # still adding when the node is told to stop
-        return real(event, ctx)
-
-    monkeypatch.setattr(_handler, "aggregate", held)
+        held_adds: tuple[threading.Event, threading.Event]) -> None:
+    entered, gate = held_adds  # still adding when the node is told to stop
     node = Node("n0", executor="threads", max_inflight_updates=1)
     cluster = Cluster([node])
     plan = cluster.plan(TreeShape.of(1), {"n0": 2})

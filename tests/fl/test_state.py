@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -83,17 +84,25 @@ class _Ctx:
         self.invoked.append((function, event))
 
 
-def test_a_retried_start_keeps_the_selection_its_notices_went_to(
-        svc: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+def _start_job(svc: Services, monkeypatch: pytest.MonkeyPatch, *, queues: str,
+               registered: str) -> ModuleType:
+    """The coordinator's functions on ``svc``, for a job of two clients a round drawn
+    from those registered (a queue for each of ``queues``, registered or not)."""
     from strato.fl import functions
 
     job = {"config": {"clients_per_round": 2, "seed": 0, "rounds": 3}, "quorum_count": 2,
            "simulate": False}
     monkeypatch.setattr(functions, "worker_services", lambda: svc)
     monkeypatch.setitem(functions._warm, "job", job)
-    provision(svc, list("abcdefg"))  # a queue for each, registered or not
-    for c in ("a", "b", "c"):
+    provision(svc, list(queues))
+    for c in registered:
         svc.table.put(state.CLIENTS, c, {})
+    return functions
+
+
+def test_a_retried_start_keeps_the_selection_its_notices_went_to(
+        svc: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    functions = _start_job(svc, monkeypatch, queues="abcdefg", registered="abc")
     functions.start_round({"round": 1, "token": "t1"}, _Ctx())  # type: ignore[arg-type]
     first = svc.table.get(state.ROUNDS, state.round_key(1))
     assert first is not None and first.value["selected_count"] == 2
@@ -110,15 +119,7 @@ def test_a_retried_start_keeps_the_selection_its_notices_went_to(
 
 def test_a_start_that_loses_the_race_removes_its_selection_and_follows_the_winner(
         svc: Services, monkeypatch: pytest.MonkeyPatch) -> None:
-    from strato.fl import functions
-
-    job = {"config": {"clients_per_round": 2, "seed": 0, "rounds": 3}, "quorum_count": 2,
-           "simulate": False}
-    monkeypatch.setattr(functions, "worker_services", lambda: svc)
-    monkeypatch.setitem(functions._warm, "job", job)
-    provision(svc, list("abcd"))
-    for c in "abcd":
-        svc.table.put(state.CLIENTS, c, {})
+    functions = _start_job(svc, monkeypatch, queues="abcd", registered="abcd")
     put_selection = state.put_selection
 
     def racing(table: object, r: int, clients: list[str]) -> dict[str, object]:

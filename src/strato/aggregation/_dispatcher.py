@@ -30,6 +30,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
@@ -101,7 +102,7 @@ class Dispatcher:
         self.events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.round: _Round | None = None
         self.history: dict[int, _Round] = {}
-        self.busy: dict[str, int] = {}  # aggregator -> invocations out, of any round
+        self.busy: Counter[str] = Counter()  # aggregator -> invocations out, of any round
         self._thread = threading.Thread(
             target=self._loop, name=f"lifl-dispatch-{node.name}", daemon=True
         )
@@ -237,7 +238,7 @@ class Dispatcher:
         self, round_no: int, name: str, future: Future[dict[str, Any]], batch: list[Input],
         submitted: float, finished: float,
     ) -> None:
-        self.busy[name] = self.busy.get(name, 1) - 1
+        self.busy[name] -= 1
         r = self._current(round_no)
         if r is None:  # the round failed meanwhile: only give the memory back
             for item in batch:
@@ -406,7 +407,7 @@ class Dispatcher:
             agg.inflight = None  # not started: _drop_round releases them as pending
             agg.pending[:0] = take
             raise
-        self.busy[agg.spec.name] = self.busy.get(agg.spec.name, 0) + 1
+        self.busy[agg.spec.name] += 1
 
         def done(f: Future[dict[str, Any]]) -> None:
             self.post("done", round_no, agg.spec.name, f, take, submitted, time.monotonic())

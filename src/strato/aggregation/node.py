@@ -176,24 +176,23 @@ class Node:
         aggregator and are not given back until a later round finds them idle (under
         its own name a buffer is safe: an aggregator's invocations run one at a time)."""
         kind = PrivateBuffer if private else ShmLease
+
+        def fits(lease: Accumulator, nbytes: int | None) -> bool:
+            return lease.nbytes == nbytes and isinstance(lease, kind)
+
         with self._lock:
             held = self._accumulators
-            loose = [(n, held.pop(n)) for n in list(held)
-                     if n not in wanted or held[n].nbytes != wanted[n]
-                     or not isinstance(held[n], kind)]
+            loose = [(n, held.pop(n)) for n in list(held) if not fits(held[n], wanted.get(n))]
             for n, lease in self._parked:  # kept aside; wanted again under its own name?
-                if n in wanted and n not in held and lease.nbytes == wanted[n] \
-                        and isinstance(lease, kind):
+                if n not in held and fits(lease, wanted.get(n)):
                     held[n] = lease
                 else:
                     loose.append((n, lease))
             self._parked = [(n, lease) for n, lease in loose if n in busy]
             spare = [lease for n, lease in loose if n not in busy]
             for name, nbytes in wanted.items():
-                if name in held:
-                    continue
-                match = next((i for i, lease in enumerate(spare)
-                              if lease.nbytes == nbytes and isinstance(lease, kind)), None)
+                match = None if name in held else next(
+                    (i for i, lease in enumerate(spare) if fits(lease, nbytes)), None)
                 if match is not None:
                     held[name] = spare.pop(match)
             for lease in spare:  # before any new lease: the pool may reuse its segment

@@ -89,15 +89,19 @@ def put_selection(table: Table, r: int, clients: list[str]) -> dict[str, Any]:
     attempt = uuid.uuid4().hex[:12]
     chunks = [clients[i : i + SELECTION_CHUNK] for i in range(0, len(clients), SELECTION_CHUNK)]
     for k, chunk in enumerate(chunks):
-        table.put(SELECTION, f"{round_key(r)}/{attempt}/{k:05d}", {"clients": chunk})
+        table.put(SELECTION, f"{_selection_prefix(r, attempt)}{k:05d}", {"clients": chunk})
     return {"selection": attempt, "selected_count": len(clients)}
+
+
+def _selection_prefix(r: int, attempt: str) -> str:
+    return f"{round_key(r)}/{attempt}/"
 
 
 def drop_selection(table: Table, r: int, fields: dict[str, Any]) -> None:
     """Remove the items ``put_selection`` wrote (``fields``: what it returned) when
     no record came to name them: a start that lost the race to another start of the
     same round."""
-    for item in table.query(SELECTION, f"{round_key(r)}/{fields['selection']}/"):
+    for item in table.query(SELECTION, _selection_prefix(r, fields["selection"])):
         table.delete(SELECTION, item.key)
 
 
@@ -110,7 +114,7 @@ def selected(table: Table, r: int, record: dict[str, Any]) -> list[str]:
         if "selected" in record:
             return [str(c) for c in record["selected"]]
         raise StratoError(f"round {r}'s record names no selection")
-    items = table.query(SELECTION, f"{round_key(r)}/{attempt}/")
+    items = table.query(SELECTION, _selection_prefix(r, attempt))
     found = [str(c) for item in items for c in item.value["clients"]]
     if len(found) != selected_count(record):
         raise StratoError(f"round {r}'s selection holds {len(found)} clients, its record "
