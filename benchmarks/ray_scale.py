@@ -137,8 +137,11 @@ def predicted_cross_bytes(run: dict[str, Any]) -> int:
 
 
 def ten_nodes(params: int, clients: int) -> dict[str, Any]:
-    """What the cost model predicts per round on 10 nodes, clients spread evenly."""
+    """What the cost model predicts per round on 10 nodes, clients spread evenly: the
+    leaves' early partials, and at most one more partial for each of the round's last
+    updates (``EARLY_SEND_LEFT``), sent when that lands on a worker node."""
     from strato.control.placement import leaf_per_node_cross_bytes
+    from strato.fl.aggregator import EARLY_SEND_LEFT
 
     nbytes = 4 * params
     nodes = [f"n{i}" for i in range(10)]
@@ -151,6 +154,7 @@ def ten_nodes(params: int, clients: int) -> dict[str, Any]:
     return {"nodes": 10, "clients": clients, "update_bytes": nbytes,
             "best_fit_bytes_per_round": best, "round_robin_bytes_per_round": robin,
             "every_update_to_the_head_bytes_per_round": to_head,
+            "late_partial_bytes_per_round_at_most": EARLY_SEND_LEFT * nbytes,
             "round_robin_vs_best_fit": robin / best if best else None}
 
 

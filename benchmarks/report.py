@@ -531,6 +531,10 @@ def ray_scale() -> str:
               f"{ten['round_robin_bytes_per_round'] / 1e6:,.0f} MB with leaves dealt round "
               f"robin, {ten['every_update_to_the_head_bytes_per_round'] / 1e6:,.0f} MB with "
               "every update sent to the head."]
+    late = ten.get("late_partial_bytes_per_round_at_most")
+    if late is not None:
+        lines[-1] += (f" With leaves, partials of the round's last updates add at most "
+                      f"{late / 1e6:,.0f} MB more (when they land on worker nodes).")
     return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ class Blobs:
     def __init__(self, lose: int) -> None:
         self.partials: dict[str, bytes] = {}
         self.lose = lose
+        self.only: str | None = None  # lose only this one's, when set
         self.deleted: list[str] = []
 
     def exists(self, key: str) -> bool:
@@ -38,7 +39,7 @@ class Blobs:
         raise StratoError(f"blob {key} is in Ray's object store, not in a file")
 
     def get(self, key: str) -> memoryview:
-        if self.lose > 0:
+        if self.lose > 0 and self.only in (None, key):
             self.lose -= 1
             raise NotFound(f"blob {key} was lost with the process that wrote it")
         return memoryview(self.partials[key])
@@ -59,14 +60,17 @@ class Leaf:
         self.blobs = blobs
         self.calls: list[tuple[str, int, list[str]]] = []
         self.added: dict[int, list[str]] = {}
+        self.invocations = 0
 
     def __call__(self, name: str, event: dict[str, Any], node: str) -> None:
         assert name == "leaf" and node == NODE
         gen = int(event["gen"])
+        self.invocations += 1
         if "add" in event:
             clients = [u["client"] for u in event["updates"]]
             self.added.setdefault(gen, []).extend(clients)
             self.calls.append(("add", gen, clients))
+        if "flush" not in event:
             return
         clients = self.added.get(gen, [])
         self.calls.append(("flush", gen, clients))
@@ -123,3 +127,64 @@ def test_a_partial_lost_every_time_makes_its_clients_train_again() -> None:
     assert [c for c in leaf.calls if c[0] == "flush"] == [
         ("flush", g, ["c1", "c2"]) for g in range(agg.LEAF_ATTEMPTS)]
     assert arrived == [] and len(blobs.deleted) == agg.LEAF_ATTEMPTS
+
+
+def test_a_round_waiting_for_its_last_update_has_its_leaves_send_their_partials_then() -> None:
+    agent, opened, blobs, leaf, arrived = _round(lose=0)
+    head = "a" * 40
+    opened.rules = SimpleNamespace(round=2, selected=["c1", "c2", "c3"], quorum=3,  # type: ignore[assignment]
+                                   admitted={"c1": "k1", "c2": "k2"})
+    opened.targets = {NODE: NODE, head: head}
+    opened.decision = {"nodes": {"root": head}}
+    agent.open = opened
+    agent.send_partials_early()  # two of three in: the leaf sends what it has
+    early = agg.partial_key(2, opened.tag, NODE, 0)
+    assert leaf.calls == [("add", 0, ["c1", "c2"]), ("flush", 0, ["c1", "c2"])]
+    assert leaf.invocations == 1  # the updates go with the call for their partial
+    assert early in blobs.partials and opened.waiting == {early: NODE}
+    assert arrived == []  # (the root adds it at the close: it does not wait for it now)
+    agent.send_partials_early()  # nothing new at the leaf: nothing sent
+    assert len(leaf.calls) == 2
+    nbytes = MODEL.layout.nbytes
+    # had the last update landed on the head, no partial more would cross
+    opened.landing[head] = 1
+    assert agent._predicted(opened)["predicted_cross_node_bytes"] == nbytes
+    # it lands on the leaf's node: that leaf sends one more partial at the close
+    opened.landing = {NODE: 3}
+    assert agent._forward(opened, "c3", "updates/c3", 1.0, NODE, NODE) == ""
+    assert agent._collect(opened) == []
+    assert leaf.calls[2:] == [("add", 1, ["c3"]), ("flush", 1, ["c3"])]
+    assert leaf.invocations == 2
+    assert sorted(a[:2] for a in arrived) == [
+        (f"leaf:{early}", 2.0), (f"leaf:{agg.partial_key(2, opened.tag, NODE, 1)}", 1.0)]
+    assert opened.at_leaf == {} and opened.waiting == {}
+    predicted = agent._predicted(opened)
+    assert predicted["landing_after_early_send"] == {NODE: 1}
+    assert predicted["predicted_cross_node_bytes"] == 2 * nbytes
+
+
+def test_a_partial_sent_early_and_lost_sends_its_updates_to_the_leaf_again() -> None:
+    agent, opened, blobs, leaf, arrived = _round(lose=1)
+    opened.rules = SimpleNamespace(round=2, selected=["c1", "c2", "c3"], quorum=3,  # type: ignore[assignment]
+                                   admitted={"c1": "k1", "c2": "k2"})
+    agent.open = opened
+    agent.send_partials_early()
+    blobs.only = agg.partial_key(2, opened.tag, NODE, 0)  # the early one is lost
+    assert agent._forward(opened, "c3", "updates/c3", 1.0, NODE, NODE) == ""
+    assert agent._collect(opened) == []
+    # the early partial (generation 0) was lost; generation 1 had c3 only, so c1 and c2
+    # went to the leaf again, in generation 2
+    assert [c for c in leaf.calls if c[0] == "flush"] == [
+        ("flush", 0, ["c1", "c2"]), ("flush", 1, ["c3"]), ("flush", 2, ["c1", "c2"])]
+    assert blobs.deleted == [agg.partial_key(2, opened.tag, NODE, 0)]
+    assert sorted(a[1] for a in arrived) == [1.0, 2.0]
+    assert opened.waiting == {} and not any(opened.at_leaf.values())
+
+
+def test_a_round_not_waiting_for_exactly_one_update_sends_nothing_early() -> None:
+    agent, opened, _blobs, leaf, arrived = _round(lose=0)
+    agent.open = opened
+    for quorum in (2, 5):  # all in (the close sends), or three still to come
+        opened.rules = SimpleNamespace(round=2, quorum=quorum, admitted={"c1": "k1", "c2": "k2"})  # type: ignore[assignment]
+        agent.send_partials_early()
+    assert leaf.calls == [] and arrived == [] and opened.flushed == []

@@ -23,8 +23,10 @@ its client ran on (``BlobStore.home``). This agent is then the root, on the node
 durable state: it still applies the round rules to every upload, and hands each update
 lying elsewhere, as a reference, to the ``leaf`` function on the node that
 ``control.placement`` chose for that node's updates (best fit: that node). A leaf adds
-them in place in the same engine; at the close each leaf writes one partial (weighted
-mean, total weight) and the root adds the partials into its own tree. Updates lost
+them in place in the same engine. When the round waits for its last updates, each leaf
+writes one partial (weighted mean, total weight) of what it holds; at the close the
+leaves of the nodes those last updates landed on write one more, and the root adds the
+partials into its own tree. Updates lost
 with a node are taken out of the round and their clients train again.
 
 Updates are added ``BATCH`` to a pass over memory: an invocation that leaves fewer
@@ -103,6 +105,7 @@ LOST = "update lost with the node it lay on; its client trains again: node"
 CORRUPT = "update blob damaged on disk; its client trains again"
 POLL_S = 0.005  # how often the root looks for the partials it waits for
 OUT_SLACK = 64 * 1024  # a leaf's partial buffer: room for a longer header next time
+EARLY_SEND_LEFT = 2  # the leaves send their partials when the round waits for this many more
 LEAF_ATTEMPTS = 4  # times an update goes to a leaf whose worker lost it before it is made again
 
 
@@ -132,8 +135,9 @@ class _Open:
     handed: int = 0  # updates handed to the engine this round (its quota: the selection)
     found_bad: int = 0  # of the engine's bad clients, how many were already refused
     # updates lying on other nodes (a backend with several nodes): each node's leaf adds
-    # them there and sends its partial up at the close; per node, the leaf's current
-    # generation, the updates handed to it in that generation, and those still to send
+    # them there and sends its partial up (early, and at the close); per node, the leaf's
+    # current generation, the updates handed to it and not yet in a partial the root
+    # added, and those still to send
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     gen: dict[str, int] = field(default_factory=dict)
     at_leaf: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
@@ -142,6 +146,8 @@ class _Open:
     lost_at_leaf: list[tuple[str, str]] = field(default_factory=list)  # (client, reason)
     targets: dict[str, str] = field(default_factory=dict)  # node -> where its updates go
     landing: dict[str, int] = field(default_factory=dict)  # node -> updates lying there
+    flushed: list[dict[str, int]] = field(default_factory=list)  # landing at each early send
+    waiting: dict[str, str] = field(default_factory=dict)  # partials asked for: key -> node
     partials: list[str] = field(default_factory=list)  # the leaves' partial blobs
     # the norm bound ([aggregation] max_update_norm): each handed update's blob and
     # weight, the distances other nodes' leaves measured, and the model's copy in node
@@ -429,33 +435,44 @@ class _Agent:
                                  "quota": _quota(opened), "updates": entries}, node=node)
         opened.to_send.clear()
 
+    def _flush_leaves(self, opened: _Open) -> None:
+        """Have each leaf holding updates of its current generation send their partial
+        up, in the call that hands it those not sent yet (a new generation takes the
+        updates handed to it after)."""
+        r = opened.rules.round
+        for node, entries in opened.at_leaf.items():
+            gen = opened.gen[node]
+            if any(entry["gen"] == gen for entry in entries.values()):
+                assert self.invoke is not None
+                event: dict[str, Any] = {"flush": r, "tag": opened.tag, "gen": gen}
+                if opened.to_send.get(node):
+                    event |= {"add": r, "quota": _quota(opened),
+                              "updates": opened.to_send.pop(node)}
+                self.invoke("leaf", event, node=node)
+                opened.waiting[partial_key(r, opened.tag, node, gen)] = node
+                opened.gen[node] = gen + 1
+
     def _collect(self, opened: _Open) -> list[tuple[str, str]]:
         """Have every leaf that was handed updates send its partial up, and add each to
-        the root's tree. Updates a leaf did not add (a leaf's worker was replaced) go to
-        it again; those on a node that is gone are returned as (client, node): lost."""
+        the root's tree (with those sent early). Updates a leaf did not add (a leaf's
+        worker was replaced) go to it again; those on a node that is gone are returned
+        as (client, node): lost."""
         assert opened.handle is not None
         lost: list[tuple[str, str]] = []
-        r, blobs = opened.rules.round, self.svc.blobs
+        r, blobs, waiting = opened.rules.round, self.svc.blobs, opened.waiting
         for _attempt in range(LEAF_ATTEMPTS):
-            if not any(opened.at_leaf.values()):
+            if not any(opened.at_leaf.values()) and not waiting:
                 break
+            self._flush_leaves(opened)
             self._send(opened)
-            waiting = {}
-            for node, entries in opened.at_leaf.items():
-                if entries:
-                    gen = opened.gen[node]
-                    assert self.invoke is not None
-                    self.invoke("leaf", {"flush": r, "tag": opened.tag, "gen": gen}, node=node)
-                    waiting[node] = partial_key(r, opened.tag, node, gen)
-                    opened.gen[node] = gen + 1
             deadline = time.monotonic() + ROUND_TIMEOUT_S
             while waiting:
                 if time.monotonic() > deadline:
-                    raise StratoError(f"round {r}: leaves on {len(waiting)} node(s) did not "
-                                      "send their partial in time")
-                for node, key in list(waiting.items()):
+                    raise StratoError(f"round {r}: leaves on {len(set(waiting.values()))} "
+                                      "node(s) did not send their partial in time")
+                for key, node in list(waiting.items()):
                     if blobs.exists(key):
-                        del waiting[node]
+                        del waiting[key]
                         try:
                             self._land_partial(opened, node, key)
                         except NotFound:
@@ -464,7 +481,7 @@ class _Agent:
                             with contextlib.suppress(StratoError):
                                 blobs.delete(key)
                     elif not blobs.alive(node):  # type: ignore[attr-defined]
-                        del waiting[node]
+                        del waiting[key]
                         lost += [(c, _lost_on(node)) for c in opened.at_leaf.pop(node, {})]
                 if waiting:
                     time.sleep(POLL_S)
@@ -479,6 +496,39 @@ class _Agent:
         lost += opened.lost_at_leaf
         opened.lost_at_leaf = []
         return lost
+
+    def _predicted(self, opened: _Open) -> dict[str, Any]:
+        """Where the round's updates landed and the bytes placement predicts its
+        aggregation moves between nodes. The leaves send a partial at each early send
+        and at the close: each wave of updates (those landed since the send before) is
+        predicted on its own."""
+        landing = {n: c for n, c in opened.landing.items() if c > 0}
+        waves: list[dict[str, int]] = []
+        before: dict[str, int] = {}
+        for upto in [*opened.flushed, landing]:
+            waves.append({n: c - before.get(n, 0) for n, c in upto.items()})
+            before = upto
+        nbytes, root = self.layout.nbytes, opened.decision["nodes"]["root"]
+        return {"landing": landing,
+                "landing_after_early_send": waves[-1] if opened.flushed else None,
+                "predicted_cross_node_bytes": sum(
+                    leaf_per_node_cross_bytes(wave, opened.targets, root, nbytes, nbytes)
+                    for wave in waves)}
+
+    def send_partials_early(self) -> None:
+        """When the open round waits for its last updates (``EARLY_SEND_LEFT`` or fewer),
+        its leaves send their partials up now, while it waits (the backend may move them
+        to the root's node meanwhile): at the close only the nodes the last updates land
+        on send one more (those that are a leaf's), instead of every leaf's node then."""
+        opened = self.open
+        if (opened is None or opened.handle is None
+                or not 0 < opened.rules.quorum - len(opened.rules.admitted) <= EARLY_SEND_LEFT
+                or not any(entry["gen"] == opened.gen[node]
+                           for node, entries in opened.at_leaf.items()
+                           for entry in entries.values())):
+            return
+        opened.flushed.append({n: c for n, c in opened.landing.items() if c > 0})
+        self._flush_leaves(opened)  # added to the root's tree at the close
 
     def _land_partial(self, opened: _Open, node: str, key: str) -> None:
         """A leaf's partial (its updates' weighted mean and their total weight): one more
@@ -673,7 +723,7 @@ class _Agent:
                 counts["accepted"] += 1
             elif isinstance(action, rules.Close):
                 # an update found bad now does not count towards the quorum
-                refused = self.settle()
+                refused = self.settle(hand_over=False)
                 counts["accepted"] -= refused
                 counts["rejected"] += refused
                 if len(opened.rules.admitted) >= opened.rules.quorum:
@@ -722,7 +772,7 @@ class _Agent:
             opened.bases[act.client] = (int(entry["base"]), act.weight)
         return ""
 
-    def settle(self, *, wait: bool = True) -> int:
+    def settle(self, *, wait: bool = True, hand_over: bool = True) -> int:
         """Have the updates handed over added, and refuse those the leaves found
         non-finite (their clients may send again); returns how many were refused.
 
@@ -733,11 +783,13 @@ class _Agent:
         environment is frozen between invocations, done). In the round's last tenth
         each update is added as it comes: at the close no batch is left waiting. An
         update found bad is refused by the invocation that added it: before the round
-        can close, and before the same client's next update is judged."""
+        can close, and before the same client's next update is judged. Without
+        ``hand_over``, updates for leaves on other nodes are kept for the close, which
+        sends each leaf its last ones with the call for its partial."""
         opened = self.open
         if opened is None or opened.handle is None:
             return 0
-        if opened.to_send:
+        if opened.to_send and hand_over:
             self._send(opened)
         opened.added = [done for done in opened.added if not done.is_set()]
         every = wait or _near_quorum(opened)
@@ -778,12 +830,7 @@ class _Agent:
             opened = self.round(r)
             assert opened is not None
         if opened.targets:
-            landing = {n: c for n, c in opened.landing.items() if c > 0}
-            nbytes = self.layout.nbytes
-            opened.decision["nodes"] = {
-                **opened.decision["nodes"], "landing": landing,
-                "predicted_cross_node_bytes": leaf_per_node_cross_bytes(
-                    landing, opened.targets, opened.decision["nodes"]["root"], nbytes, nbytes)}
+            opened.decision["nodes"] = {**opened.decision["nodes"], **self._predicted(opened)}
         parts: dict[str, float] = {}  # where the close's time went, for the records
         if any(opened.at_leaf.values()):
             started = time.perf_counter()
@@ -1163,6 +1210,7 @@ def admit_batch(svc: Services, records: list[dict[str, Any]],
         refused = agent.settle(wait=False)
     counts["accepted"] -= refused
     counts["rejected"] += refused
+    agent.send_partials_early()
     return counts
 
 
@@ -1337,11 +1385,14 @@ class _Leaf:
 
 def leaf(svc: Services, event: dict[str, Any]) -> dict[str, Any]:
     """A node's leaf: ``{"add": r, "tag", "gen", "quota", "updates": [...]}`` adds
-    updates lying on this node; ``{"flush": r, "tag", "gen"}`` writes the partial."""
+    updates lying on this node; ``{"flush": r, "tag", "gen"}`` writes the partial; an
+    event with both adds, then writes."""
     agent: _Leaf = _warm_one(svc, "leaf", _Leaf)
     tag, gen = str(event["tag"]), int(event["gen"])
+    out: dict[str, Any] = {}
+    if "add" in event:
+        out["added"] = agent.add(int(event["add"]), tag, gen, int(event.get("quota", 1)),
+                                 list(event.get("updates", [])))
     if "flush" in event:
-        return agent.flush(int(event["flush"]), tag, gen)
-    added = agent.add(int(event["add"]), tag, gen, int(event.get("quota", 1)),
-                      list(event.get("updates", [])))
-    return {"added": added}
+        out |= agent.flush(int(event["flush"]), tag, gen)
+    return out

@@ -110,10 +110,15 @@ def test_the_example_runs_unchanged_on_three_nodes(cluster: LocalCluster, tmp_pa
     predicted = sum(r["nodes"]["predicted_cross_node_bytes"] for r in on_ray["per_round"])
     assert sum(reads.values()) == pytest.approx(predicted, rel=0.02)
     assert placement["head_node"] in placement["state_bytes_by_node"]
-    # each round's record says how long the leaves' partials took to reach the root
+    # each round's record says how long the close waited for the leaves' partials to
+    # reach the root (those sent early, when the round waited for its last updates, are
+    # added at the close too)
     for r in on_ray["per_round"]:
-        assert set(r["close_parts_s"]) == {"partials_s", "result_s", "model_write_s"}, r
-        assert r["close_parts_s"]["partials_s"] > 0
+        leaves = any(count > 0 for node, count in r["nodes"]["landing"].items()
+                     if node != head)
+        parts = {"partials_s", "result_s", "model_write_s"} if leaves else {
+            "result_s", "model_write_s"}
+        assert set(r["close_parts_s"]) == parts, r
 
 
 def test_a_large_blob_read_on_a_worker_node_comes_whole_and_from_its_cache(

@@ -22,6 +22,9 @@ from strato.services.table import Change, Item
 
 __all__ = ["StateHost", "serve", "wire_bytes"]
 
+TABLE_FILE = "table.sqlite"  # the run's table, under its root (its doorbell is named after it)
+FETCH_TIMEOUT_S = 120.0  # a handed-off object's copy to this node, ahead of its reader
+
 
 _METHODS = {
     "table": {"create_table", "put", "get", "query", "delete", "read_stream", "trim_stream"},
@@ -89,7 +92,7 @@ class StateHost:
         base = Path(root)
         base.mkdir(parents=True, exist_ok=True)
         self.parts: dict[str, Any] = {
-            "table": SqliteTable(base / "table.sqlite"),
+            "table": SqliteTable(base / TABLE_FILE),
             "bus": SqliteBus(base / "bus.sqlite"),
             "blobs": LocalBlobStore(base / "blobs"),
         }
@@ -104,6 +107,7 @@ class StateHost:
         # handed-off blobs (``RayBlobStore``): key -> ([its object's ref], writer's node,
         # length). Holding the ref keeps the object alive while its writer lives.
         self.handed: dict[str, tuple[list[Any], str, int]] = {}
+        self.node_id = ""  # this host's node (asked once)
 
     def ping(self) -> int:
         return os.getpid()
@@ -127,9 +131,21 @@ class StateHost:
             self.by_function[key] = self.by_function.get(key, 0) + nbytes
 
     def hand(self, key: str, ref: list[Any], node: str, nbytes: int) -> None:
-        """Keep the ref (in a list: Ray passes it unresolved) of a handed-off blob."""
+        """Keep the ref (in a list: Ray passes it unresolved) of a handed-off blob, and
+        have Ray bring the object to this node meanwhile: it is read here soon (a
+        leaf's partial, by the root, which runs next to this host)."""
         with self._counting:
             self.handed[key] = (ref, node, nbytes)
+        if node != self._node():
+            threading.Thread(target=_fetch, args=(ref,), name=f"fetch {key}",
+                             daemon=True).start()
+
+    def _node(self) -> str:
+        if not self.node_id:
+            import ray
+
+            self.node_id = str(ray.get_runtime_context().get_node_id())
+        return self.node_id
 
     def handed_off(self, key: str) -> tuple[list[Any], str, int] | None:
         with self._counting:
@@ -158,3 +174,14 @@ class StateHost:
         return {"node": ray.get_runtime_context().get_node_id(),
                 "bytes_by_caller_node": traffic, "remote_read_bytes_by_node": reads,
                 "bytes_by_node_function": by_function}
+
+
+def _fetch(refs: list[Any]) -> None:
+    """Copy objects of other nodes into this node's object store (a reader here then
+    maps them in place); one that cannot come is left to the reader, who says why."""
+    import ray
+
+    try:
+        ray.wait(refs, num_returns=len(refs), timeout=FETCH_TIMEOUT_S, fetch_local=True)
+    except Exception:  # (the reader's own pull reports it)
+        return
