@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 from other_process import PRELUDE
@@ -313,3 +315,29 @@ def test_conditional_put_race_between_two_processes(services: Services) -> None:
         assert change.kind == "MODIFY"
         assert change.old is not None and change.new is not None
         assert change.new["n"] == change.old["n"] + 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="the doorbell is a Linux abstract socket")
+def test_a_stream_listener_on_this_machine_is_woken_by_each_commit(
+        local_services: Services) -> None:
+    """A stream trigger here sleeps until a commit rings (on Ray, the state host's)."""
+    table = local_services.table
+    table.create_table("rung")
+    listener = table.listen_stream("rung")  # type: ignore[attr-defined]
+    assert listener is not None
+    try:
+        for n in range(2):
+            timer = threading.Timer(0.2, table.put, ("rung", f"k{n}", {"n": n}))
+            started = time.monotonic()
+            timer.start()
+            listener.wait(60.0)  # returns at once on a ring, else after a minute
+            woke = time.monotonic() - started
+            timer.join()
+            assert woke < 10.0, f"commit {n} did not ring (woke after {woke:.1f} s)"
+        listener.wait(0.0)  # (drains any ring left)
+        started = time.monotonic()
+        listener.wait(0.3)  # no commit: it sleeps the whole timeout
+        assert time.monotonic() - started >= 0.25
+    finally:
+        listener.close()

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from strato.backends.ray._cluster import StateClient, ensure_ray
-from strato.backends.ray._host import wire_bytes
+from strato.backends.ray._host import TABLE_FILE, wire_bytes
 from strato.errors import NotFound, StratoError
 from strato.services._blobs_local import LocalBlobStore, checksum_tag
+from strato.services._doorbell import Doorbell, Listener
 from strato.services.bus import Filter, Message, TopicSchema
 from strato.services.table import Change, Item
 
@@ -68,6 +69,15 @@ class RayTable(_Proxy):
 
     def trim_stream(self, table: str, upto: str) -> None:
         self._call("trim_stream", table, upto)
+
+    def listen_stream(self, table: str) -> Listener | None:
+        """Be woken when ``table``'s stream may have news: on the state host's machine,
+        its table rings this process after each commit (``services._doorbell``), so a
+        trigger here sleeps instead of asking the host every few milliseconds; None
+        elsewhere (the trigger polls)."""
+        if not self._client.on_host_node():
+            return None
+        return Doorbell(str(Path(self._client.root) / TABLE_FILE)).listen(table)
 
 
 class RayBus(_Proxy):
