@@ -117,6 +117,16 @@ def test_max_concurrency_makes_extra_invocations_wait(runtime: Runtime) -> None:
     assert runtime.stats("nap").live_workers <= 2
 
 
+def test_calls_of_a_function_that_runs_one_at_a_time_start_in_the_order_made(
+        local_runtime: Runtime) -> None:
+    """(A node's leaf aggregator relies on it: its calls add updates, then write.)"""
+    local_runtime.register(spec("one-by-one", "nap", max_concurrency=1))
+    futures = [local_runtime.invoke_async("one-by-one", {"seconds": 0.01, "n": n})
+               for n in range(16)]
+    starts = [f.result(timeout=120)["start"] for f in futures]
+    assert starts == sorted(starts), "calls started out of the order they were made in"
+
+
 def test_retry_after_the_worker_kills_itself(runtime: Runtime, tmp_path: Path) -> None:
     runtime.register(spec("die-once", "die_once", retries=2))
     out = runtime.invoke("die-once", {"marker": str(tmp_path / "marker")})

@@ -129,22 +129,26 @@ def test_a_partial_lost_every_time_makes_its_clients_train_again() -> None:
     assert arrived == [] and len(blobs.deleted) == agg.LEAF_ATTEMPTS
 
 
+def _waiting_for(opened: Any, quorum: int) -> None:
+    opened.rules = SimpleNamespace(round=2, selected=["c1", "c2", "c3", "c4"], quorum=quorum,
+                                   admitted={"c1": "k1", "c2": "k2"})
+
+
 def test_a_round_waiting_for_its_last_update_has_its_leaves_send_their_partials_then() -> None:
     agent, opened, blobs, leaf, arrived = _round(lose=0)
     head = "a" * 40
-    opened.rules = SimpleNamespace(round=2, selected=["c1", "c2", "c3"], quorum=3,  # type: ignore[assignment]
-                                   admitted={"c1": "k1", "c2": "k2"})
+    _waiting_for(opened, quorum=3)
     opened.targets = {NODE: NODE, head: head}
     opened.decision = {"nodes": {"root": head}}
     agent.open = opened
-    agent.send_partials_early()  # two of three in: the leaf sends what it has
+    agent.after_batch()  # two of three in: the leaf sends what it has
     early = agg.partial_key(2, opened.tag, NODE, 0)
     assert leaf.calls == [("add", 0, ["c1", "c2"]), ("flush", 0, ["c1", "c2"])]
     assert leaf.invocations == 1  # the updates go with the call for their partial
     assert early in blobs.partials and opened.waiting == {early: NODE}
     assert arrived == []  # (the root adds it at the close: it does not wait for it now)
-    agent.send_partials_early()  # nothing new at the leaf: nothing sent
-    assert len(leaf.calls) == 2
+    agent.after_batch()  # nothing new at the leaf: nothing sent
+    assert leaf.invocations == 1
     nbytes = MODEL.layout.nbytes
     # had the last update landed on the head, no partial more would cross
     opened.landing[head] = 1
@@ -165,10 +169,9 @@ def test_a_round_waiting_for_its_last_update_has_its_leaves_send_their_partials_
 
 def test_a_partial_sent_early_and_lost_sends_its_updates_to_the_leaf_again() -> None:
     agent, opened, blobs, leaf, arrived = _round(lose=1)
-    opened.rules = SimpleNamespace(round=2, selected=["c1", "c2", "c3"], quorum=3,  # type: ignore[assignment]
-                                   admitted={"c1": "k1", "c2": "k2"})
+    _waiting_for(opened, quorum=4)  # two to come: the early send is due
     agent.open = opened
-    agent.send_partials_early()
+    agent.after_batch()
     blobs.only = agg.partial_key(2, opened.tag, NODE, 0)  # the early one is lost
     assert agent._forward(opened, "c3", "updates/c3", 1.0, NODE, NODE) == ""
     assert agent._collect(opened) == []
@@ -181,10 +184,26 @@ def test_a_partial_sent_early_and_lost_sends_its_updates_to_the_leaf_again() -> 
     assert opened.waiting == {} and not any(opened.at_leaf.values())
 
 
-def test_a_round_not_waiting_for_exactly_one_update_sends_nothing_early() -> None:
+def test_a_partial_whose_updates_were_written_off_meanwhile_is_not_added() -> None:
+    agent, opened, _blobs, leaf, arrived = _round(lose=0)
+    _waiting_for(opened, quorum=3)
+    agent.open = opened
+    agent.after_batch()
+    del opened.at_leaf[NODE]["c1"]  # (as when written off as lost: its client trains again)
+    assert agent._collect(opened) == []
+    # the early partial held c1 as well: not added; c2 went to the leaf again, alone
+    assert [c for c in leaf.calls if c[0] == "flush"] == [
+        ("flush", 0, ["c1", "c2"]), ("flush", 1, ["c2"])]
+    assert [a[1] for a in arrived] == [1.0]
+    assert agg.partial_key(2, opened.tag, NODE, 0) in opened.partials  # (let go later)
+
+
+def test_a_round_waiting_for_more_than_two_updates_or_none_sends_nothing_early() -> None:
     agent, opened, _blobs, leaf, arrived = _round(lose=0)
     agent.open = opened
     for quorum in (2, 5):  # all in (the close sends), or three still to come
-        opened.rules = SimpleNamespace(round=2, quorum=quorum, admitted={"c1": "k1", "c2": "k2"})  # type: ignore[assignment]
-        agent.send_partials_early()
-    assert leaf.calls == [] and arrived == [] and opened.flushed == []
+        _waiting_for(opened, quorum)
+        agent.after_batch()
+    # the updates were handed over (in one call), no partial was asked for
+    assert leaf.calls == [("add", 0, ["c1", "c2"])] and leaf.invocations == 1
+    assert arrived == [] and opened.flushed == [] and opened.waiting == {}

@@ -515,6 +515,14 @@ class _Agent:
                     leaf_per_node_cross_bytes(wave, opened.targets, root, nbytes, nbytes)
                     for wave in waves)}
 
+    def after_batch(self) -> None:
+        """An invocation's batch is in: the leaves send their partials early when the
+        round waits for its last updates (each leaf's call carrying the updates handed
+        to it in this batch), and the updates for leaves are handed over."""
+        self.send_partials_early()
+        if self.open is not None and self.open.to_send:
+            self._send(self.open)
+
     def send_partials_early(self) -> None:
         """When the open round waits for its last updates (``EARLY_SEND_LEFT`` or fewer),
         its leaves send their partials up now, while it waits (the backend may move them
@@ -545,6 +553,13 @@ class _Agent:
         covered = json.loads(meta.get("clients", "[]"))
         bad = json.loads(meta.get("bad", "{}"))
         entries = opened.at_leaf.get(node, {})
+        if any(client not in entries for client in [*covered, *bad]):
+            # some of its updates are in the round another way (written off as lost
+            # with their node, their clients training again): it is not added
+            opened.partials.append(key)
+            if ref is not None:
+                release_input(ref)
+            return
         for client in json.loads(meta.get("lost", "[]")):  # its file is gone
             if entries.pop(client, None) is not None:
                 opened.lost_at_leaf.append((client, _lost_on(node)))
@@ -1207,10 +1222,10 @@ def admit_batch(svc: Services, records: list[dict[str, Any]],
         for rec in records:
             agent.admit(rec, counts)
     finally:
-        refused = agent.settle(wait=False)
+        refused = agent.settle(wait=False, hand_over=False)
     counts["accepted"] -= refused
     counts["rejected"] += refused
-    agent.send_partials_early()
+    agent.after_batch()
     return counts
 
 

@@ -224,18 +224,32 @@ class RayRuntime:
 
     def invoke(self, name: str, event: Mapping[str, Any], node: str | None = None) -> Any:
         """``node``: where a function of ``locality="node"`` runs (default: the head)."""
-        return self._run(name, self._encode(name, event), node)
+        body = self._encode(name, event)
+        return self._run(name, body, self._await_turn(*self._queue(name, node)))
 
     def invoke_async(self, name: str, event: Mapping[str, Any],
                      node: str | None = None) -> Future[Any]:
+        """Calls take their place in line here, in the order they are made: calls of a
+        function that runs one at a time (a node's leaf) start in that order."""
         body = self._encode(name, event)
         future: Future[Any] = Future()
+        try:
+            place = self._queue(name, node)
+        except BaseException as exc:  # delivered through the future
+            future.set_exception(exc)
+            return future
 
         def run() -> None:
+            try:
+                fn = self._await_turn(*place)
+            except BaseException as exc:
+                future.set_exception(exc)
+                return
             if not future.set_running_or_notify_cancel():
+                self._leave(fn)
                 return
             try:
-                future.set_result(self._run(name, body, node))
+                future.set_result(self._run(name, body, fn))
             except BaseException as exc:  # delivered through the future
                 future.set_exception(exc)
 
@@ -391,8 +405,8 @@ class RayRuntime:
             )
         return body
 
-    def _run(self, name: str, body: str, node: str | None = None) -> Any:
-        fn = self._take_slot(name, node)
+    def _run(self, name: str, body: str, fn: _Function) -> Any:
+        """One invocation, in the slot of ``fn`` it holds (given back at the end)."""
         invocation_id = uuid.uuid4().hex
         attempt = 0
         try:
@@ -414,11 +428,16 @@ class RayRuntime:
                 fn.stats.errors += 1
             raise
         finally:
-            with self._lock:
-                fn.running -= 1
-                self._grant(fn)
+            self._leave(fn)
 
-    def _take_slot(self, name: str, node: str | None) -> _Function:
+    def _leave(self, fn: _Function) -> None:
+        with self._lock:
+            fn.running -= 1
+            self._grant(fn)
+
+    def _queue(self, name: str, node: str | None) -> tuple[_Function, threading.Event | None]:
+        """A slot of ``name``'s pool (of ``node``'s, for ``locality="node"``), or a place
+        in its line: the event is set when the slot is this caller's."""
         if node is None and self._function_spec(name).locality == "node":
             node = self._state.host_node()
         with self._lock:
@@ -433,9 +452,14 @@ class RayRuntime:
             if fn.running < fn.spec.max_concurrency and not fn.waiters:
                 fn.running += 1
                 fn.stats.invocations += 1
-                return fn
+                return fn, None
             turn = threading.Event()
             fn.waiters.append(turn)
+            return fn, turn
+
+    def _await_turn(self, fn: _Function, turn: threading.Event | None) -> _Function:
+        if turn is None:
+            return fn
         turn.wait()
         with self._lock:
             self._open()
