@@ -492,7 +492,7 @@ def ray_accuracy() -> str:
     lines.append("")
     lines.append(f"Accuracy gap {gap:.2f} points (≤ 0.5: {met}); "
                  f"{d['cross_node_bytes'] / 1e6:.1f} MB crossed nodes (models down to the "
-                 "clients of other nodes, a partial per node and round up to the root).")
+                 "clients of other nodes, the leaves' partials up to the root).")
     return "\n".join(lines)
 
 
