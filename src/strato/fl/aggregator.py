@@ -159,6 +159,10 @@ class _Open:
     # base - 1) and its staleness-weighted weight
     bases: dict[str, tuple[int, float]] = field(default_factory=dict)
 
+    def landed(self) -> dict[str, int]:
+        """The nodes updates of this round lie on, and how many on each."""
+        return {n: c for n, c in self.landing.items() if c > 0}
+
 
 class _Landed:
     """An update that lies in memory the engine's leaves can map: a blob file
@@ -428,29 +432,27 @@ class _Agent:
     def _send(self, opened: _Open) -> None:
         """The updates handed to leaves in this invocation, one call per node."""
         assert self.invoke is not None
-        r = opened.rules.round
         for node, entries in opened.to_send.items():
-            gen = opened.gen[node]
-            self.invoke("leaf", {"add": r, "tag": opened.tag, "gen": gen,
-                                 "quota": _quota(opened), "updates": entries}, node=node)
+            self.invoke("leaf", _leaf_event(opened, node, entries), node=node)
         opened.to_send.clear()
 
-    def _flush_leaves(self, opened: _Open) -> None:
+    def _flush_leaves(self, opened: _Open) -> bool:
         """Have each leaf holding updates of its current generation send their partial
         up, in the call that hands it those not sent yet (a new generation takes the
-        updates handed to it after)."""
-        r = opened.rules.round
+        updates handed to it after); whether any was asked."""
+        r, asked = opened.rules.round, False
         for node, entries in opened.at_leaf.items():
             gen = opened.gen[node]
             if any(entry["gen"] == gen for entry in entries.values()):
                 assert self.invoke is not None
-                event: dict[str, Any] = {"flush": r, "tag": opened.tag, "gen": gen}
-                if opened.to_send.get(node):
-                    event |= {"add": r, "quota": _quota(opened),
-                              "updates": opened.to_send.pop(node)}
-                self.invoke("leaf", event, node=node)
+                updates = opened.to_send.pop(node, [])
+                event = (_leaf_event(opened, node, updates) if updates
+                         else {"tag": opened.tag, "gen": gen})
+                self.invoke("leaf", {**event, "flush": r}, node=node)
                 opened.waiting[partial_key(r, opened.tag, node, gen)] = node
                 opened.gen[node] = gen + 1
+                asked = True
+        return asked
 
     def _collect(self, opened: _Open) -> list[tuple[str, str]]:
         """Have every leaf that was handed updates send its partial up, and add each to
@@ -502,7 +504,7 @@ class _Agent:
         aggregation moves between nodes. The leaves send a partial at each early send
         and at the close: each wave of updates (those landed since the send before) is
         predicted on its own."""
-        landing = {n: c for n, c in opened.landing.items() if c > 0}
+        landing = opened.landed()
         waves: list[dict[str, int]] = []
         before: dict[str, int] = {}
         for upto in [*opened.flushed, landing]:
@@ -519,24 +521,21 @@ class _Agent:
         """An invocation's batch is in: the leaves send their partials early when the
         round waits for its last updates (each leaf's call carrying the updates handed
         to it in this batch), and the updates for leaves are handed over."""
-        self.send_partials_early()
+        self._send_partials_early()
         if self.open is not None and self.open.to_send:
             self._send(self.open)
 
-    def send_partials_early(self) -> None:
+    def _send_partials_early(self) -> None:
         """When the open round waits for its last updates (``EARLY_SEND_LEFT`` or fewer),
         its leaves send their partials up now, while it waits (the backend may move them
         to the root's node meanwhile): at the close only the nodes the last updates land
-        on send one more (those that are a leaf's), instead of every leaf's node then."""
+        on send one more (those that are a leaf's), instead of every leaf's node then.
+        The root adds them at the close."""
         opened = self.open
-        if (opened is None or opened.handle is None
-                or not 0 < opened.rules.quorum - len(opened.rules.admitted) <= EARLY_SEND_LEFT
-                or not any(entry["gen"] == opened.gen[node]
-                           for node, entries in opened.at_leaf.items()
-                           for entry in entries.values())):
-            return
-        opened.flushed.append({n: c for n, c in opened.landing.items() if c > 0})
-        self._flush_leaves(opened)  # added to the root's tree at the close
+        if (opened is not None and opened.handle is not None
+                and 0 < opened.rules.quorum - len(opened.rules.admitted) <= EARLY_SEND_LEFT
+                and self._flush_leaves(opened)):
+            opened.flushed.append(opened.landed())
 
     def _land_partial(self, opened: _Open, node: str, key: str) -> None:
         """A leaf's partial (its updates' weighted mean and their total weight): one more
@@ -1153,6 +1152,12 @@ def _near_quorum(opened: _Open) -> bool:
     """The round's last tenth (at least a batch) of the updates it waits for."""
     quorum = opened.rules.quorum
     return len(opened.rules.admitted) >= quorum - max(BATCH, quorum // 10)
+
+
+def _leaf_event(opened: _Open, node: str, updates: list[dict[str, Any]]) -> dict[str, Any]:
+    """The call that hands ``node``'s leaf ``updates`` (in its current generation)."""
+    return {"add": opened.rules.round, "tag": opened.tag, "gen": opened.gen[node],
+            "quota": _quota(opened), "updates": updates}
 
 
 def _quota(opened: _Open) -> int:
