@@ -20,11 +20,25 @@ BACKENDS: dict[str, Callable[[Path], Services]] = {
     "aws": lambda tmp: __import__("aws_moto").services(tmp),  # moto, see aws_moto.py
     "ray": lambda tmp: __import__("ray_local").services(tmp),  # a local Ray, see ray_local.py
 }
+# The table, bus and blob suites also run on Ray through the state host, as a worker
+# node's process reaches them (on the host's machine the table and blobs are in place).
+PARTS_BACKENDS = {**BACKENDS,
+                  "ray-via-host": lambda tmp: __import__("ray_local").services(tmp, in_place=False)}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def services(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Services]:
     svc = BACKENDS[request.param](tmp_path)
+    try:
+        yield svc
+    finally:
+        svc.close()
+
+
+@pytest.fixture(params=sorted(PARTS_BACKENDS))
+def part_services(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Services]:
+    """``services``, and Ray's parts through the state host."""
+    svc = PARTS_BACKENDS[request.param](tmp_path)
     try:
         yield svc
     finally:

@@ -18,6 +18,12 @@ from strato.errors import CorruptBlob, NotFound
 from strato.services import Services, connect
 
 
+@pytest.fixture
+def services(part_services: Services) -> Services:
+    """Every backend, and Ray's parts through the state host (conftest)."""
+    return part_services
+
+
 def test_put_get_list_delete(services: Services) -> None:
     blobs = services.blobs
     assert blobs.put("models/r1/global", b"abc") == "models/r1/global"

@@ -14,6 +14,13 @@ from other_process import PRELUDE
 from strato.errors import NotFound, PayloadTooLarge, SchemaError
 from strato.services import Services, TopicSchema, connect
 
+
+@pytest.fixture
+def services(part_services: Services) -> Services:
+    """Every backend, and Ray's parts through the state host (conftest)."""
+    return part_services
+
+
 # A long-poll that "returns early" must return well before this; generous on purpose
 # because the test machine is shared.
 LONG_WAIT_S = 20.0

@@ -21,7 +21,8 @@ from strato.backends.ray._cluster import StateClient, ensure_ray
 from strato.backends.ray._host import TABLE_FILE, wire_bytes
 from strato.errors import NotFound, StratoError
 from strato.services._blobs_local import LocalBlobStore, checksum_tag
-from strato.services._doorbell import Doorbell, Listener
+from strato.services._doorbell import Listener
+from strato.services._table_sqlite import SqliteTable
 from strato.services.bus import Filter, Message, TopicSchema
 from strato.services.table import Change, Item
 
@@ -30,9 +31,10 @@ __all__ = ["HOMES", "RayBlobStore", "RayBus", "RayTable", "node_dir"]
 class _Proxy:
     kind = ""
 
-    def __init__(self, client: StateClient) -> None:
+    def __init__(self, client: StateClient, *, user: bool = True) -> None:
         self._client = client
         self._closed = False
+        self._user = user  # one of the client's users (released on close)
 
     def _call(self, method: str, *args: Any, data: Any = None, **kwargs: Any) -> Any:
         return self._client.call(self.kind, method, *args, data=data, **kwargs)[0]
@@ -40,44 +42,74 @@ class _Proxy:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._client.release()
+            if self._user:
+                self._client.release()
 
 
 class RayTable(_Proxy):
+    """The state host's table. On the host's machine a process opens the very same
+    SQLite file in place (the embedded table is safe for processes, and its commits
+    ring this machine's doorbell), as the blob store reads the host's blob directory:
+    a call there costs a transaction, not a round trip through the host's actor.
+    Elsewhere every call goes through the host."""
+
     kind = "table"
 
+    def __init__(self, client: StateClient, *, user: bool = True) -> None:
+        super().__init__(client, user=user)
+        self._here = SqliteTable(Path(client.root) / TABLE_FILE) if client.on_host_node() \
+            else None
+
     def create_table(self, table: str, *, stream: bool = True) -> None:
+        if self._here is not None:
+            return self._here.create_table(table, stream=stream)
         self._call("create_table", table, stream=stream)
 
     def put(self, table: str, key: str, value: Mapping[str, Any], *, if_absent: bool = False,
             if_version: int | None = None) -> int:
+        if self._here is not None:
+            return self._here.put(table, key, value, if_absent=if_absent,
+                                  if_version=if_version)
         return int(self._call("put", table, key, dict(value), if_absent=if_absent,
                               if_version=if_version))
 
     def get(self, table: str, key: str, *, consistent: bool = True) -> Item | None:
+        if self._here is not None:
+            return self._here.get(table, key, consistent=consistent)
         got = self._call("get", table, key, consistent=consistent)
         return None if got is None else Item(**got)
 
     def query(self, table: str, prefix: str = "") -> list[Item]:
+        if self._here is not None:
+            return self._here.query(table, prefix)
         return [Item(**x) for x in self._call("query", table, prefix)]
 
     def delete(self, table: str, key: str, *, if_version: int | None = None) -> None:
+        if self._here is not None:
+            return self._here.delete(table, key, if_version=if_version)
         self._call("delete", table, key, if_version=if_version)
 
     def read_stream(self, table: str, after: str | None = None, limit: int = 100) -> list[Change]:
+        if self._here is not None:
+            return self._here.read_stream(table, after, limit)
         return [Change(**x) for x in self._call("read_stream", table, after, limit)]
 
     def trim_stream(self, table: str, upto: str) -> None:
+        if self._here is not None:
+            return self._here.trim_stream(table, upto)
         self._call("trim_stream", table, upto)
 
     def listen_stream(self, table: str) -> Listener | None:
         """Be woken when ``table``'s stream may have news: on the state host's machine,
-        its table rings this process after each commit (``services._doorbell``), so a
-        trigger here sleeps instead of asking the host every few milliseconds; None
-        elsewhere (the trigger polls)."""
-        if not self._client.on_host_node():
-            return None
-        return Doorbell(str(Path(self._client.root) / TABLE_FILE)).listen(table)
+        the table rings this process after each commit, whichever process made it
+        (``services._doorbell``), so a trigger here sleeps instead of asking the host
+        every few milliseconds; None elsewhere (the trigger polls)."""
+        return None if self._here is None else self._here.listen_stream(table)
+
+    def close(self) -> None:
+        if self._here is not None and not self._closed:
+            self._here.close()
+        super().close()
 
 
 class RayBus(_Proxy):
@@ -139,6 +171,7 @@ class RayBlobStore(_Proxy):
         self._root = str(config["root"])
         self.node_id = client.node_id()
         self._on_head = client.on_host_node()
+        self._table: RayTable | None = None  # the homes of node-local blobs, once needed
         # on the state host's machine, its blob directory is read and written in place
         # (the same atomic files); elsewhere through the host
         self._shared = LocalBlobStore(Path(self._root) / "blobs") if self._on_head else None
@@ -171,10 +204,10 @@ class RayBlobStore(_Proxy):
         known = self._homes_known.get(key)
         if known is not None:  # a blob does not move: its node, once known, stays
             return known
-        got = self._client.call("table", "get", HOMES, key)[0] if self._homes() else None
+        got = self._homes().get(HOMES, key)
         if got is None:
             return None
-        node = self._homes_known[key] = str(got["value"]["node"])
+        node = self._homes_known[key] = str(got.value["node"])
         return node
 
     def alive(self, node: str) -> bool:
@@ -193,11 +226,14 @@ class RayBlobStore(_Proxy):
                  for n in ray.nodes() if n.get("Alive")]
         return sorted(alive, key=lambda n: (n[0] != self.node_id, n[0]))
 
-    def _homes(self) -> bool:
+    def _homes(self) -> RayTable:
+        """The table of node-local blobs' homes (made on first use)."""
+        if self._table is None:
+            self._table = RayTable(self._client, user=False)
         if not self._homes_made:
-            self._client.call("table", "create_table", HOMES, stream=False)
+            self._table.create_table(HOMES, stream=False)
             self._homes_made = True
-        return True
+        return self._table
 
     def _here(self) -> LocalBlobStore:
         if self._local is None:
@@ -230,8 +266,7 @@ class RayBlobStore(_Proxy):
             return key
         if self._node_local(key) and not self._on_head:
             stored = self._here().put(key, data)
-            self._homes()
-            self._client.call("table", "put", HOMES, key, {"node": self.node_id})
+            self._homes().put(HOMES, key, {"node": self.node_id})
             return stored
         if self._shared is not None:
             return self._shared.put(key, data)
@@ -341,8 +376,8 @@ class RayBlobStore(_Proxy):
         keys = {str(k) for k in shared}
         if any(p.startswith(prefix) or prefix.startswith(p) for p in self._handoffs):
             keys |= set(self._ask_host("handed_keys", prefix))
-        if self._prefixes and self._homes():
-            keys |= {str(i["key"]) for i in self._client.call("table", "query", HOMES, prefix)[0]}
+        if self._prefixes:
+            keys |= {item.key for item in self._homes().query(HOMES, prefix)}
         return sorted(keys)
 
     def delete(self, key: str) -> None:
@@ -361,7 +396,12 @@ class RayBlobStore(_Proxy):
             self._here().delete(key)
         elif self.alive(node):
             self._on_node(node, "delete", key)
-        self._client.call("table", "delete", HOMES, key)
+        self._homes().delete(HOMES, key)
+
+    def close(self) -> None:
+        if not self._closed and self._table is not None:
+            self._table.close()
+        super().close()
 
 
 HOMES = "strato_blob_homes"  # node-local blob -> {"node": the Ray node it lies on}
