@@ -116,17 +116,19 @@ def add_checked(acc: Any, xs: Any, w: Any, count: int, fresh: bool, scale: float
     - one input (what a leaf sees when updates come one at a time): the accumulator's
       old block is kept in ``scratch`` while the new sum is written, and the input's
       finiteness (``v - v != 0`` only for NaN/±Inf) is tested in that same loop;
-    - several: their sum goes to ``scratch`` (inputs four, two or one at a time, each
-      a branch-free loop), whose finiteness stands for theirs (a NaN or ±Inf input
-      makes the sum non-finite), and is copied into the block only if clean.
+    - several: added into the block in place (inputs four, two or one at a time, each
+      a branch-free loop), the first loop keeping the old block in ``scratch``; the
+      sum's finiteness stands for the inputs' (a NaN or ±Inf input makes it
+      non-finite).
 
     A block found bad (rare: an attacker's or a broken client's update) is restored and
     each input is tested on its own; the clean ones are added one by one. Measured at
-    10M values, one thread: one input 2.3 ms against 2.0 ms for BLAS ``saxpy`` and
-    2.3 ms for an unchecked fused add; four inputs 1.9 ms each (float32 accumulator).
-    Into float64, per input as a multiple of that run's ``saxpy``: one 2.4-2.6, two
-    2.0, four 1.55, eight 1.3 (``aggregation.accumulate`` on 10M values, one thread,
-    median of 9; a loop testing ``count`` per value gave 3.9, 1.9 and 1.2).
+    10M values, one thread, per input as a multiple of a single-threaded BLAS ``saxpy``
+    in the same process (``aggregation.accumulate``, median of 9): into float64, one
+    input 2.1, two 1.3, four 0.9, eight 0.75; into float32, one 1.3, four 0.7. (Summing
+    into ``scratch`` and copying it into the block when clean cost 2.0, 1.1 and 1.3 for
+    two, four and eight inputs into float64; a loop testing ``count`` per value, 3.9,
+    1.9 and 1.2.)
     ``contract`` lets LLVM fuse multiply-adds; there is no ``nnan``/``ninf``, so the
     ``v - v`` test is not folded away.
     """
@@ -165,49 +167,50 @@ def add_checked(acc: Any, xs: Any, w: Any, count: int, fresh: bool, scale: float
             # loop is branch-free, so LLVM vectorises it whatever ``count`` is (a loop
             # testing ``count`` per value vectorised only at eight inputs: two inputs
             # cost 3.9 saxpys each, now 1.9). Per value the same operations in the
-            # same order as one input after another.
-            if fresh:
-                for i in range(m):
-                    sk[i] = zero
-            else:
-                for i in range(m):
-                    sk[i] = a[i]
+            # same order as one input after another. The first group's loop also
+            # keeps the block's old values in ``scratch`` (the careful path below
+            # starts again from them), so a clean block costs that loop, one per
+            # further group and the test: no copy in and out of ``scratch``.
             j = 0
             while j < count:
                 if count - j >= 4:
                     y0, y1 = xs[j][start : start + m], xs[j + 1][start : start + m]
                     y2, y3 = xs[j + 2][start : start + m], xs[j + 3][start : start + m]
                     v0, v1, v2, v3 = t(w[j]), t(w[j + 1]), t(w[j + 2]), t(w[j + 3])
-                    for i in range(m):
-                        s = sk[i]
-                        s += v0 * y0[i]
-                        s += v1 * y1[i]
-                        s += v2 * y2[i]
-                        s += v3 * y3[i]
-                        sk[i] = s
+                    if j > 0:
+                        for i in range(m):
+                            a[i] = a[i] + v0 * y0[i] + v1 * y1[i] + v2 * y2[i] + v3 * y3[i]
+                    elif fresh:
+                        for i in range(m):
+                            a[i] = zero + v0 * y0[i] + v1 * y1[i] + v2 * y2[i] + v3 * y3[i]
+                    else:
+                        for i in range(m):
+                            old = a[i]
+                            sk[i] = old
+                            a[i] = old + v0 * y0[i] + v1 * y1[i] + v2 * y2[i] + v3 * y3[i]
                     j += 4
                 elif count - j >= 2:
                     y0, y1 = xs[j][start : start + m], xs[j + 1][start : start + m]
                     v0, v1 = t(w[j]), t(w[j + 1])
-                    for i in range(m):
-                        s = sk[i]
-                        s += v0 * y0[i]
-                        s += v1 * y1[i]
-                        sk[i] = s
+                    if j > 0:
+                        for i in range(m):
+                            a[i] = a[i] + v0 * y0[i] + v1 * y1[i]
+                    elif fresh:
+                        for i in range(m):
+                            a[i] = zero + v0 * y0[i] + v1 * y1[i]
+                    else:
+                        for i in range(m):
+                            old = a[i]
+                            sk[i] = old
+                            a[i] = old + v0 * y0[i] + v1 * y1[i]
                     j += 2
-                else:
+                else:  # (j > 0: one input alone takes the branch above)
                     y0, v0 = xs[j][start : start + m], t(w[j])
                     for i in range(m):
-                        sk[i] += v0 * y0[i]
+                        a[i] = a[i] + v0 * y0[i]
                     j += 1
             for i in range(m):
-                bad |= (sk[i] - sk[i]) != 0
-            if not bad:
-                for i in range(m):
-                    a[i] = sk[i]
-            else:
-                for i in range(m):
-                    sk[i] = a[i]
+                bad |= (a[i] - a[i]) != 0
         else:  # an input was bad in an earlier block: take the careful path to the end
             bad = True
             for i in range(m):
