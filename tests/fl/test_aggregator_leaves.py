@@ -2,7 +2,9 @@
 a leaf's partial that cannot be read because its leaf's worker lost it (a handed-off
 blob on Ray) sends that leaf's updates to it again, in a new generation; one lost every
 time makes its clients train again. The leaves and the blob store are stand-ins here;
-tests/backends/ray runs the same code on a real cluster."""
+tests/backends/ray runs the same code on a real cluster. At the end, a node's leaf
+itself, on the embedded services: a late update alone in its generation is its own
+partial."""
 
 from __future__ import annotations
 
@@ -207,3 +209,81 @@ def test_a_round_waiting_for_more_than_two_updates_or_none_sends_nothing_early()
     # the updates were handed over (in one call), no partial was asked for
     assert leaf.calls == [("add", 0, ["c1", "c2"])] and leaf.invocations == 1
     assert arrived == [] and opened.flushed == [] and opened.waiting == {}
+
+
+# ---- a node's leaf, on the embedded services (its blobs are files it maps) ----------
+
+
+def _leaf_with_updates(tmp_path: Any, values: dict[str, np.ndarray],
+                       norm_bound: float = 0.0) -> tuple[Any, Any]:
+    from strato.services import embedded
+
+    svc = embedded(tmp_path / "services")
+    layout = Params.from_arrays({"w": next(iter(values.values()))}).layout
+    for client, array in values.items():
+        svc.blobs.put(f"updates/{client}", encode(Params.from_arrays({"w": array})).payload)
+    job = {"layout": layout.to_json(),
+           "config": {"accumulator": "float64", "max_update_norm": norm_bound}}
+    return svc, agg._Leaf(svc, job)
+
+
+def _partial(svc: Any, key: str) -> tuple[np.ndarray, dict[str, str]]:
+    from strato.codec import read_header
+
+    view = svc.blobs.get(key)
+    layout, meta, start = read_header(view)
+    return np.frombuffer(view, np.float32, count=layout.numel, offset=start).copy(), meta
+
+
+def _one_update(client: str, weight: float) -> list[dict[str, Any]]:
+    return [{"client": client, "blob": f"updates/{client}", "weight": weight}]
+
+
+def test_a_late_update_alone_in_its_generation_is_its_own_partial(tmp_path: Any) -> None:
+    """Asked for its partial with the one update it adds, a leaf writes that update's
+    own values and weight, as the general path (add, then flush) does."""
+    rng = np.random.default_rng(7)
+    values = {c: rng.standard_normal(3000).astype(np.float32) for c in ("c1", "c2")}
+    svc, leaf = _leaf_with_updates(tmp_path, values)
+    try:
+        out = leaf.alone(3, "t", 1, _one_update("c1", 7.0))
+        assert out is not None and out["updates"] == 1
+        got, meta = _partial(svc, out["partial"])
+        assert np.array_equal(got, values["c1"])
+        assert float(meta["weight"]) == 7.0 and json.loads(meta["clients"]) == ["c1"]
+        assert json.loads(meta["bad"]) == {} and leaf.current is None
+        # the general path gives the same partial (to float32 rounding of w·x / w)
+        leaf.add(3, "t", 2, 1, _one_update("c2", 7.0))
+        general, general_meta = _partial(svc, leaf.flush(3, "t", 2)["partial"])
+        np.testing.assert_allclose(general, values["c2"], rtol=1e-7)
+        assert set(general_meta) == set(meta)
+    finally:
+        leaf.shutdown()
+        svc.close()
+
+
+def test_an_update_the_general_path_must_judge_is_not_taken_alone(tmp_path: Any) -> None:
+    broken = np.ones(3000, dtype=np.float32)
+    broken[2999] = np.nan
+    values = {"bad": broken, "ok": np.ones(3000, dtype=np.float32)}
+    svc, leaf = _leaf_with_updates(tmp_path, values)
+    try:
+        assert leaf.alone(1, "t", 1, _one_update("bad", 1.0)) is None  # non-finite
+        assert leaf.alone(1, "t", 1, _one_update("gone", 1.0)) is None  # no such blob
+        assert leaf.alone(1, "t", 1, _one_update("ok", 1.0) * 2) is None  # two updates
+        leaf.add(1, "t", 2, 2, _one_update("ok", 1.0))
+        assert leaf.alone(1, "t", 2, _one_update("ok", 1.0)) is None  # generation begun
+        # the general path judges it: the partial names it bad and leaves it out
+        leaf.add(1, "t", 3, 1, _one_update("bad", 1.0))
+        _values, meta = _partial(svc, leaf.flush(1, "t", 3)["partial"])
+        assert list(json.loads(meta["bad"])) == ["bad"] and json.loads(meta["clients"]) == []
+    finally:
+        leaf.shutdown()
+        svc.close()
+    svc, leaf = _leaf_with_updates(tmp_path / "bound", {"ok": np.ones(3000, np.float32)},
+                                   norm_bound=10.0)
+    try:  # a norm bound: the add measures the distance
+        assert leaf.alone(1, "t", 1, _one_update("ok", 1.0)) is None
+    finally:
+        leaf.shutdown()
+        svc.close()

@@ -89,6 +89,7 @@ from strato.fl import buffered, state
 from strato.fl.strategies import RoundAggregator, download_key
 from strato.params import Layout, Params
 from strato.services import Services
+from strato.strategy import all_finite
 
 __all__ = ["admit_batch", "close_round", "leaf", "warm_up"]
 
@@ -1285,6 +1286,7 @@ class _Leaf:
         self.done: list[threading.Event] = []
         self.ref_lease: Any = None  # the round's model in node memory (a norm bound)
         self.out: npt.NDArray[np.uint8] | None = None  # the partial's encoding, reused
+        all_finite(np.zeros(1, dtype=np.float32))  # its kernel loaded now, not in a close
 
     def add(self, r: int, tag: str, gen: int, quota: int, updates: list[dict[str, Any]]) -> int:
         if self.current != (r, tag, gen):
@@ -1375,6 +1377,43 @@ class _Leaf:
             self._release_ref()
         return {"partial": key, "updates": int(result.updates)}
 
+    def alone(self, r: int, tag: str, gen: int,
+              updates: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """A generation of one update whose partial is asked for at once (a round's late
+        update on this node, sent with the call for its partial): the weighted mean of
+        one update is the update itself, so its partial is its own bytes and its weight,
+        written from its mapped file with one finiteness scan and no pass through an
+        accumulator. None when the general path must take it: more updates, a
+        generation begun already, a norm bound (whose distance the add measures), or an
+        update that is not a clean, readable update of the round's layout (the general
+        path says why)."""
+        if (len(updates) != 1 or self.current == (r, tag, gen)
+                or float(self.job["config"].get("max_update_norm", 0.0)) > 0):
+            return None
+        update = updates[0]
+        try:
+            landed = self._landed(str(update["blob"]))
+        except (StratoError, CodecError):
+            return None
+        if isinstance(landed, str):
+            return None
+        flat: npt.NDArray[np.float32] | None = None
+        try:
+            flat = np.frombuffer(landed.buffer, dtype=np.float32, count=self.layout.numel)
+            if not all_finite(flat):
+                return None
+            self._drop()
+            key = partial_key(r, tag, str(getattr(self.svc.blobs, "node_id", "")), gen)
+            meta = {"round": str(r), "weight": repr(float(update["weight"])),
+                    "clients": json.dumps([str(update["client"])]), "bad": "{}",
+                    "lost": "[]", "corrupt": "[]", "dist": "{}"}
+            self.svc.blobs.put(key, self._encoded(Params(self.layout, flat.view(np.uint8)),
+                                                  meta))
+        finally:
+            flat = None  # (no view of the mapping left when it is let go)
+            landed.release()
+        return {"partial": key, "updates": 1}
+
     def _encoded(self, params: Params, meta: dict[str, str]) -> memoryview:
         """The partial's encoding, in this leaf's own buffer: one pass over warm memory
         (fresh memory is slow to touch the first time). ``put`` copies it, so the
@@ -1410,6 +1449,10 @@ def leaf(svc: Services, event: dict[str, Any]) -> dict[str, Any]:
     agent: _Leaf = _warm_one(svc, "leaf", _Leaf)
     tag, gen = str(event["tag"]), int(event["gen"])
     out: dict[str, Any] = {}
+    if "add" in event and "flush" in event and int(event["add"]) == int(event["flush"]):
+        alone = agent.alone(int(event["add"]), tag, gen, list(event.get("updates", [])))
+        if alone is not None:
+            return {"added": 1, **alone}
     if "add" in event:
         out["added"] = agent.add(int(event["add"]), tag, gen, int(event.get("quota", 1)),
                                  list(event.get("updates", [])))
