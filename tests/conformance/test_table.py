@@ -7,6 +7,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from other_process import PRELUDE
@@ -328,14 +330,22 @@ def test_conditional_put_race_between_two_processes(services: Services) -> None:
                     reason="the doorbell is a Linux abstract socket")
 def test_a_stream_listener_on_this_machine_is_woken_by_each_commit(
         local_services: Services) -> None:
-    """A stream trigger here sleeps until a commit rings (on Ray, the state host's)."""
+    """A stream trigger here sleeps until a commit rings: one made here, and on Ray one
+    the state host makes for a process of another node."""
     table = local_services.table
     table.create_table("rung")
     listener = table.listen_stream("rung")  # type: ignore[attr-defined]
     assert listener is not None
+    writers: list[Callable[..., Any]] = [table.put, table.put]
+    client = None
+    if local_services.config.get("backend") == "ray":
+        from strato.backends.ray._cluster import state_client
+
+        client = state_client(local_services.config)
+        writers[1] = lambda *args: client.call("table", "put", *args)
     try:
-        for n in range(2):
-            timer = threading.Timer(0.2, table.put, ("rung", f"k{n}", {"n": n}))
+        for n, write in enumerate(writers):
+            timer = threading.Timer(0.2, write, ("rung", f"k{n}", {"n": n}))
             started = time.monotonic()
             timer.start()
             listener.wait(60.0)  # returns at once on a ring, else after a minute
@@ -348,3 +358,5 @@ def test_a_stream_listener_on_this_machine_is_woken_by_each_commit(
         assert time.monotonic() - started >= 0.25
     finally:
         listener.close()
+        if client is not None:
+            client.release()

@@ -271,6 +271,7 @@ def test_an_update_the_general_path_must_judge_is_not_taken_alone(tmp_path: Any)
         assert leaf.alone(1, "t", 1, _one_update("bad", 1.0)) is None  # non-finite
         assert leaf.alone(1, "t", 1, _one_update("gone", 1.0)) is None  # no such blob
         assert leaf.alone(1, "t", 1, _one_update("ok", 1.0) * 2) is None  # two updates
+        assert leaf.alone(1, "t", 1, _one_update("ok", 0.0)) is None  # (the engine's to refuse)
         leaf.add(1, "t", 2, 2, _one_update("ok", 1.0))
         assert leaf.alone(1, "t", 2, _one_update("ok", 1.0)) is None  # generation begun
         # the general path judges it: the partial names it bad and leaves it out
@@ -286,4 +287,46 @@ def test_an_update_the_general_path_must_judge_is_not_taken_alone(tmp_path: Any)
         assert leaf.alone(1, "t", 1, _one_update("ok", 1.0)) is None
     finally:
         leaf.shutdown()
+        svc.close()
+
+
+def test_a_leafs_event_with_one_update_and_its_flush_answers_with_its_partial(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``leaf`` (the function a node's leaf serves): an event that adds one update of a
+    new generation and asks for its partial gets that update as its partial; one the
+    general path must judge gets the general path's (the bad update named)."""
+    from strato.fl import state
+
+    broken = np.ones(3000, dtype=np.float32)
+    broken[5] = np.inf
+    values = {"c1": np.arange(3000, dtype=np.float32), "bad": broken}
+    svc, made = _leaf_with_updates(tmp_path, values)
+    made.shutdown()
+    svc.table.create_table(state.JOB, stream=False)
+    svc.table.put(state.JOB, "config", made.job)
+    alone = agg._Leaf.alone
+    answers: list[Any] = []
+
+    def spy(leaf: Any, *args: Any) -> Any:
+        answers.append(alone(leaf, *args))
+        return answers[-1]
+
+    monkeypatch.setattr(agg._Leaf, "alone", spy)
+    try:
+        event = {"add": 2, "flush": 2, "tag": "t", "gen": 1, "updates": _one_update("c1", 3.0)}
+        out = agg.leaf(svc, event)
+        assert out["added"] == 1 and out["updates"] == 1
+        got, meta = _partial(svc, out["partial"])
+        assert np.array_equal(got, values["c1"]) and float(meta["weight"]) == 3.0
+        assert answers == [{"partial": out["partial"], "updates": 1}]  # (its own partial)
+        out = agg.leaf(svc, {**event, "gen": 2, "updates": _one_update("bad", 1.0)})
+        assert out["added"] == 1 and out["updates"] == 0 and answers[1:] == [None]
+        _values, meta = _partial(svc, out["partial"])
+        assert list(json.loads(meta["bad"])) == ["bad"]
+        agg.leaf(svc, {**event, "gen": 3, "flush": 1})  # another round's flush: not alone
+        assert len(answers) == 2
+    finally:
+        warm = agg._warm.pop("leaf", None)
+        if warm is not None:
+            warm.shutdown()
         svc.close()

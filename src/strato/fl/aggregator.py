@@ -1391,6 +1391,8 @@ class _Leaf:
                 or float(self.job["config"].get("max_update_norm", 0.0)) > 0):
             return None
         update = updates[0]
+        if not 0.0 < float(update["weight"]) < float("inf"):  # (the engine refuses it)
+            return None
         try:
             landed = self._landed(str(update["blob"]))
         except (StratoError, CodecError):

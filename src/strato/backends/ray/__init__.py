@@ -47,9 +47,14 @@ def open_part(name: str, services: Services) -> Any:
     if name in ("table", "bus", "blobs"):
         from strato.backends.ray._parts import RayBlobStore, RayBus, RayTable
 
-        if name == "blobs":
-            return RayBlobStore(state_client(config), config)
-        return {"table": RayTable, "bus": RayBus}[name](state_client(config))
+        client = state_client(config)  # one user more, let go when the part closes
+        try:
+            if name == "blobs":
+                return RayBlobStore(client, config)
+            return {"table": RayTable, "bus": RayBus}[name](client)
+        except BaseException:  # (no part to close: its user goes now)
+            client.release()
+            raise
     if name == "runtime":
         from strato.backends.ray._runtime import RayRuntime
 

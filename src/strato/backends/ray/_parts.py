@@ -12,6 +12,7 @@ import base64
 import hashlib
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -172,6 +173,7 @@ class RayBlobStore(_Proxy):
         self.node_id = client.node_id()
         self._on_head = client.on_host_node()
         self._table: RayTable | None = None  # the homes of node-local blobs, once needed
+        self._making = threading.Lock()
         # on the state host's machine, its blob directory is read and written in place
         # (the same atomic files); elsewhere through the host
         self._shared = LocalBlobStore(Path(self._root) / "blobs") if self._on_head else None
@@ -227,13 +229,14 @@ class RayBlobStore(_Proxy):
         return sorted(alive, key=lambda n: (n[0] != self.node_id, n[0]))
 
     def _homes(self) -> RayTable:
-        """The table of node-local blobs' homes (made on first use)."""
-        if self._table is None:
-            self._table = RayTable(self._client, user=False)
-        if not self._homes_made:
-            self._table.create_table(HOMES, stream=False)
-            self._homes_made = True
-        return self._table
+        """The table of node-local blobs' homes (made on first use, by one thread)."""
+        with self._making:
+            if self._table is None:
+                self._table = RayTable(self._client, user=False)
+            if not self._homes_made:
+                self._table.create_table(HOMES, stream=False)
+                self._homes_made = True
+            return self._table
 
     def _here(self) -> LocalBlobStore:
         if self._local is None:
