@@ -10,10 +10,10 @@ With numba (the normal case), float32 inputs go through one kernel,
 ``strategy._numba_kernels.add_checked``, whatever the accumulator's precision: one
 pass over memory per batch of up to eight inputs (each input read once, the
 accumulator read and written once), NaN/±Inf inputs found (and, with ``check``,
-left out) in that same pass. Measured at 10M values, one thread, as a multiple of a BLAS
-``saxpy``: one input costs 1.3× into a float32 accumulator, 2.1× into float64 (twice
-the accumulator traffic); four inputs at once 0.7× per input into float32, 0.9× into
-float64 (the accumulator's traffic shared by the four).
+left out) in that same pass. Into a float64 accumulator, per update as a multiple of one
+single-threaded BLAS ``saxpy`` over it (10M values; ``benchmarks/accumulator_memory.py``):
+one update per pass 1.8×, four at once 0.7× each (the accumulator's traffic shared by
+the four).
 
 - ``float32`` accumulator: the fastest; its rounding error grows like ``n · eps32``
   of the magnitude of the terms, which is what float32 FedAvg implementations

@@ -122,13 +122,12 @@ def add_checked(acc: Any, xs: Any, w: Any, count: int, fresh: bool, scale: float
       non-finite).
 
     A block found bad (rare: an attacker's or a broken client's update) is restored and
-    each input is tested on its own; the clean ones are added one by one. Measured at
-    10M values, one thread, per input as a multiple of a single-threaded BLAS ``saxpy``
-    in the same process (``aggregation.accumulate``, median of 9): into float64, one
-    input 2.1, two 1.3, four 0.9, eight 0.75; into float32, one 1.3, four 0.7. (Summing
-    into ``scratch`` and copying it into the block when clean cost 2.0, 1.1 and 1.3 for
-    two, four and eight inputs into float64; a loop testing ``count`` per value, 3.9,
-    1.9 and 1.2.)
+    each input is tested on its own; the clean ones are added one by one. Into
+    float64, per input as a multiple of a single-threaded BLAS ``saxpy``
+    (``benchmarks/accumulator_memory.py``, 10M values): one 1.79, two 1.05, four 0.70;
+    summing into ``scratch`` and copying it into the block when clean, as this kernel
+    did before, two cost 2.00 and four 1.50 (a loop testing ``count`` per value,
+    before that: 3.9 for two).
     ``contract`` lets LLVM fuse multiply-adds; there is no ``nnan``/``ninf``, so the
     ``v - v`` test is not folded away.
     """
@@ -166,7 +165,7 @@ def add_checked(acc: Any, xs: Any, w: Any, count: int, fresh: bool, scale: float
             # Inputs four, two or one at a time over the block (in L1): each inner
             # loop is branch-free, so LLVM vectorises it whatever ``count`` is (a loop
             # testing ``count`` per value vectorised only at eight inputs: two inputs
-            # cost 3.9 saxpys each, now 1.9). Per value the same operations in the
+            # cost 3.9 saxpys each, now 1.05). Per value the same operations in the
             # same order as one input after another. The first group's loop also
             # keeps the block's old values in ``scratch`` (the careful path below
             # starts again from them), so a clean block costs that loop, one per
