@@ -26,23 +26,24 @@ PARTS_BACKENDS = {**BACKENDS,
                   "ray-via-host": lambda tmp: __import__("ray_local").services(tmp, in_place=False)}
 
 
-@pytest.fixture(params=sorted(BACKENDS))
-def services(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Services]:
-    svc = BACKENDS[request.param](tmp_path)
+def _opened(name: str, tmp_path: Path) -> Iterator[Services]:
+    """Backend ``name``'s services for one test, closed after it."""
+    svc = PARTS_BACKENDS[name](tmp_path)
     try:
         yield svc
     finally:
         svc.close()
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def services(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Services]:
+    yield from _opened(request.param, tmp_path)
 
 
 @pytest.fixture(params=sorted(PARTS_BACKENDS))
 def part_services(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Services]:
     """``services``, and Ray's parts through the state host."""
-    svc = PARTS_BACKENDS[request.param](tmp_path)
-    try:
-        yield svc
-    finally:
-        svc.close()
+    yield from _opened(request.param, tmp_path)
 
 
 # Backends whose runtime workers are processes this client starts and can see (live
@@ -53,8 +54,4 @@ LOCAL_WORKER_BACKENDS = ("embedded", "ray")  # ray: a local Ray, its actors on t
 
 @pytest.fixture(params=LOCAL_WORKER_BACKENDS)
 def local_services(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Services]:
-    svc = BACKENDS[request.param](tmp_path)
-    try:
-        yield svc
-    finally:
-        svc.close()
+    yield from _opened(request.param, tmp_path)

@@ -1352,10 +1352,23 @@ class _Leaf:
         np.copyto(np.frombuffer(lease.buffer, dtype=np.float32), params.flat(), casting="unsafe")
         return _Landed({**lease.ref.to_dict()}, lease.buffer, threading.Event(), lease)
 
+    def _partial_key(self, r: int, tag: str, gen: int) -> str:
+        return partial_key(r, tag, str(getattr(self.svc.blobs, "node_id", "")), gen)
+
+    def _put_partial(self, key: str, r: int, flat: npt.NDArray[np.float32], weight: str,
+                     clients: list[str], *, bad: dict[str, str] | None = None,
+                     lost: list[str] | None = None, corrupt: list[str] | None = None,
+                     dist: dict[str, float] | None = None) -> None:
+        """Write a partial: ``flat`` (the weighted mean) and what the root reads of it."""
+        meta = {"round": str(r), "weight": weight, "clients": json.dumps(clients),
+                "bad": json.dumps(bad or {}), "lost": json.dumps(lost or []),
+                "corrupt": json.dumps(corrupt or []), "dist": json.dumps(dist or {})}
+        self.svc.blobs.put(key, self._encoded(Params(self.layout, flat.view(np.uint8)), meta))
+
     def flush(self, r: int, tag: str, gen: int) -> dict[str, Any]:
-        key = partial_key(r, tag, str(getattr(self.svc.blobs, "node_id", "")), gen)
-        meta: dict[str, str] = {"round": str(r), "weight": "0", "clients": "[]", "bad": "{}"}
-        if self.current != (r, tag, gen) or self.handle is None:
+        key = self._partial_key(r, tag, gen)
+        if self.current != (r, tag, gen) or self.handle is None:  # an empty partial
+            meta = {"round": str(r), "weight": "0", "clients": "[]", "bad": "{}"}
             self.svc.blobs.put(key, encode(Params(self.layout), meta).payload)
             return {"partial": key, "updates": 0}
         handle, self.handle, self.current = self.handle, None, None
@@ -1363,15 +1376,11 @@ class _Leaf:
         result = handle.result(timeout=ROUND_TIMEOUT_S)
         try:
             bad = {c: NONFINITE for c in result.bad} | self.unreadable
-            meta |= {"weight": repr(float(result.weight)) if result.updates else "0",
-                     "clients": json.dumps([c for c in self.clients if c not in bad]),
-                     "bad": json.dumps(bad), "lost": json.dumps(self.lost),
-                     "corrupt": json.dumps(self.corrupt),
-                     "dist": json.dumps(handle.distances())}
             flat = (np.ascontiguousarray(result.array, dtype=np.float32) if result.updates
                     else np.zeros(self.layout.numel, dtype=np.float32))
-            self.svc.blobs.put(key, self._encoded(Params(self.layout, flat.view(np.uint8)),
-                                                  meta))
+            self._put_partial(key, r, flat, repr(float(result.weight)) if result.updates
+                              else "0", [c for c in self.clients if c not in bad], bad=bad,
+                              lost=self.lost, corrupt=self.corrupt, dist=handle.distances())
         finally:
             result.release()
             self._release_ref()
@@ -1405,12 +1414,9 @@ class _Leaf:
             if not all_finite(flat):
                 return None
             self._drop()
-            key = partial_key(r, tag, str(getattr(self.svc.blobs, "node_id", "")), gen)
-            meta = {"round": str(r), "weight": repr(float(update["weight"])),
-                    "clients": json.dumps([str(update["client"])]), "bad": "{}",
-                    "lost": "[]", "corrupt": "[]", "dist": "{}"}
-            self.svc.blobs.put(key, self._encoded(Params(self.layout, flat.view(np.uint8)),
-                                                  meta))
+            key = self._partial_key(r, tag, gen)
+            self._put_partial(key, r, flat, repr(float(update["weight"])),
+                              [str(update["client"])])
         finally:
             flat = None  # (no view of the mapping left when it is let go)
             landed.release()

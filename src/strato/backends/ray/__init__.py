@@ -45,13 +45,13 @@ def open_part(name: str, services: Services) -> Any:
     if not config.get("address"):  # a Ray started here: other processes join this one
         config["address"] = ensure_ray(config).get_runtime_context().gcs_address
     if name in ("table", "bus", "blobs"):
-        from strato.backends.ray._parts import RayBlobStore, RayBus, RayTable
+        from strato.backends.ray._parts import RayBlobStore, RayBus, table_for
 
         client = state_client(config)  # one user more, let go when the part closes
         try:
             if name == "blobs":
                 return RayBlobStore(client, config)
-            return {"table": RayTable, "bus": RayBus}[name](client)
+            return table_for(client) if name == "table" else RayBus(client)
         except BaseException:  # (no part to close: its user goes now)
             client.release()
             raise

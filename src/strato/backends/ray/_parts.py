@@ -27,7 +27,7 @@ from strato.services._table_sqlite import SqliteTable
 from strato.services.bus import Filter, Message, TopicSchema
 from strato.services.table import Change, Item
 
-__all__ = ["HOMES", "RayBlobStore", "RayBus", "RayTable", "node_dir"]
+__all__ = ["HOMES", "HostTable", "RayBlobStore", "RayBus", "RayTable", "node_dir", "table_for"]
 
 class _Proxy:
     kind = ""
@@ -48,69 +48,64 @@ class _Proxy:
 
 
 class RayTable(_Proxy):
-    """The state host's table. On the host's machine a process opens the very same
-    SQLite file in place (the embedded table is safe for processes, and its commits
-    ring this machine's doorbell), as the blob store reads the host's blob directory:
-    a call there costs a transaction, not a round trip through the host's actor.
-    Elsewhere every call goes through the host."""
+    """The state host's table, through the host (a process on another node than the
+    host's; ``table_for`` gives the one to use)."""
 
     kind = "table"
 
-    def __init__(self, client: StateClient, *, user: bool = True) -> None:
-        super().__init__(client, user=user)
-        self._here = SqliteTable(Path(client.root) / TABLE_FILE) if client.on_host_node() \
-            else None
-
     def create_table(self, table: str, *, stream: bool = True) -> None:
-        if self._here is not None:
-            return self._here.create_table(table, stream=stream)
         self._call("create_table", table, stream=stream)
 
     def put(self, table: str, key: str, value: Mapping[str, Any], *, if_absent: bool = False,
             if_version: int | None = None) -> int:
-        if self._here is not None:
-            return self._here.put(table, key, value, if_absent=if_absent,
-                                  if_version=if_version)
         return int(self._call("put", table, key, dict(value), if_absent=if_absent,
                               if_version=if_version))
 
     def get(self, table: str, key: str, *, consistent: bool = True) -> Item | None:
-        if self._here is not None:
-            return self._here.get(table, key, consistent=consistent)
         got = self._call("get", table, key, consistent=consistent)
         return None if got is None else Item(**got)
 
     def query(self, table: str, prefix: str = "") -> list[Item]:
-        if self._here is not None:
-            return self._here.query(table, prefix)
         return [Item(**x) for x in self._call("query", table, prefix)]
 
     def delete(self, table: str, key: str, *, if_version: int | None = None) -> None:
-        if self._here is not None:
-            return self._here.delete(table, key, if_version=if_version)
         self._call("delete", table, key, if_version=if_version)
 
     def read_stream(self, table: str, after: str | None = None, limit: int = 100) -> list[Change]:
-        if self._here is not None:
-            return self._here.read_stream(table, after, limit)
         return [Change(**x) for x in self._call("read_stream", table, after, limit)]
 
     def trim_stream(self, table: str, upto: str) -> None:
-        if self._here is not None:
-            return self._here.trim_stream(table, upto)
         self._call("trim_stream", table, upto)
 
     def listen_stream(self, table: str) -> Listener | None:
-        """Be woken when ``table``'s stream may have news: on the state host's machine,
-        the table rings this process after each commit, whichever process made it
-        (``services._doorbell``), so a trigger here sleeps instead of asking the host
-        every few milliseconds; None elsewhere (the trigger polls)."""
-        return None if self._here is None else self._here.listen_stream(table)
+        """None: no commit of the host's rings a process of another machine (its stream
+        trigger polls)."""
+        return None
+
+
+class HostTable(SqliteTable):
+    """The state host's table on the host's machine: its very SQLite file, opened in
+    place, as the blob store reads the host's blob directory. The embedded table is
+    safe for processes, and its commits ring this machine's doorbell whichever process
+    makes them, so a stream trigger here sleeps until one rings; a call costs a
+    transaction, not a round trip through the host's actor."""
+
+    def __init__(self, client: StateClient, *, user: bool = True) -> None:
+        super().__init__(Path(client.root) / TABLE_FILE)
+        self._client, self._user = client, user  # (a user of the client: released on close)
 
     def close(self) -> None:
-        if self._here is not None and not self._closed:
-            self._here.close()
         super().close()
+        if self._user:
+            self._user = False
+            self._client.release()
+
+
+def table_for(client: StateClient, *, user: bool = True) -> RayTable | HostTable:
+    """The run's table as this process reaches it: in place on the state host's
+    machine, through the host elsewhere."""
+    kind = HostTable if client.on_host_node() else RayTable
+    return kind(client, user=user)
 
 
 class RayBus(_Proxy):
@@ -172,7 +167,7 @@ class RayBlobStore(_Proxy):
         self._root = str(config["root"])
         self.node_id = client.node_id()
         self._on_head = client.on_host_node()
-        self._table: RayTable | None = None  # the homes of node-local blobs, once needed
+        self._table: RayTable | HostTable | None = None  # node-local blobs' homes, once needed
         self._making = threading.Lock()
         # on the state host's machine, its blob directory is read and written in place
         # (the same atomic files); elsewhere through the host
@@ -228,11 +223,11 @@ class RayBlobStore(_Proxy):
                  for n in ray.nodes() if n.get("Alive")]
         return sorted(alive, key=lambda n: (n[0] != self.node_id, n[0]))
 
-    def _homes(self) -> RayTable:
+    def _homes(self) -> RayTable | HostTable:
         """The table of node-local blobs' homes (made on first use, by one thread)."""
         with self._making:
             if self._table is None:
-                self._table = RayTable(self._client, user=False)
+                self._table = table_for(self._client, user=False)
             if not self._homes_made:
                 self._table.create_table(HOMES, stream=False)
                 self._homes_made = True
