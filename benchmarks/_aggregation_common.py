@@ -285,6 +285,17 @@ def process_cpu_s(pid: int) -> float | None:
     return cpu_s(f"/proc/{pid}/stat")
 
 
+def thread_cpu_s(tid: int) -> float | None:
+    """CPU seconds of one of this process's threads, to the nanosecond (its scheduler
+    run time, ``/proc/self/task/T/schedstat``); the clock-tick count of its stat file
+    where that is not readable. None if the thread is gone."""
+    try:
+        with open(f"/proc/self/task/{tid}/schedstat", "rb") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return cpu_s(f"/proc/self/task/{tid}/stat")
+
+
 def tree_cpu_s() -> float:
     """CPU seconds (user + system) of this process (every thread) and of every live
     process descended from it (e.g. Runtime workers): what a round costs us when

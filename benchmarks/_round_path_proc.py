@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from _aggregation_common import cpu_s, stat_tail
+from _aggregation_common import process_cpu_s, stat_tail, thread_cpu_s
 
 WORKER_MODULE = b"strato.services._worker"
 AGG_FUNCTIONS = ("aggregate", "close_round")
@@ -182,7 +182,7 @@ class PathMonitor:
             except (OSError, IndexError):
                 continue
             name, on_path, worker = label(pid)
-            e = self._update(("process", pid, start), name, on_path, f"/proc/{pid}/stat",
+            e = self._update(("process", pid, start), name, on_path, process_cpu_s(pid),
                              worker)
             if e is not None and on_path:  # memory: only the path's processes
                 mem = memory_kb(pid)
@@ -194,14 +194,15 @@ class PathMonitor:
             tid = t.native_id
             if tid is None or not t.name.startswith(THREAD_PREFIXES):
                 continue
-            self._update(("thread", tid, t.name), t.name, True, f"/proc/self/task/{tid}/stat")
+            self._update(("thread", tid, t.name), t.name, True, thread_cpu_s(tid))
         path = [e for e in self.entities.values() if e.on_path]
         self.samples.append((now, sum(e.cpu_s for e in path if e.kind == "process"),
                              sum(e.cpu_s for e in path if e.kind == "thread")))
 
     def _update(self, key: tuple[str, int, str], label: str, on_path: bool,
-                stat: str, worker: bool = False) -> Entity | None:
-        value = cpu_s(stat)
+                value: float | None, worker: bool = False) -> Entity | None:
+        """Record ``value``, the entity's cumulative CPU seconds now (read to the
+        nanosecond: 10 ms clock ticks would read a small round's CPU as nothing)."""
         if value is None:
             return None
         e = self.entities.get(key)
