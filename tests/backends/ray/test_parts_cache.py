@@ -5,6 +5,7 @@ blob store behind the client's ``call``): no Ray cluster needed."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 
 pytest.importorskip("ray", reason="the ray backend needs ray: pip install 'strato[ray]'")
 
-from strato.backends.ray._parts import RayBlobStore
+from strato.backends.ray._parts import RayBlobStore, node_dir
 from strato.errors import CorruptBlob
 from strato.services._blobs_local import LocalBlobStore
 
@@ -28,6 +29,7 @@ class FakeHost:
         self.gets = 0
         self.damage = False
         self.rewrite: tuple[str, bytes] | None = None  # put between the stat and the get
+        self.homes: list[tuple[str, tuple[Any, ...]]] = []
 
     def node_id(self) -> str:
         return "worker-node-0000000000"
@@ -35,8 +37,14 @@ class FakeHost:
     def on_host_node(self) -> bool:
         return False
 
+    def use(self) -> None:  # (the homes table's client: nothing to count here)
+        pass
+
     def call(self, part: str, method: str, *args: Any, data: Any = None,
              **kwargs: Any) -> Any:
+        if part == "table":  # where node-local blobs lie: recorded, not asked here
+            self.homes.append((method, args))
+            return (1 if method == "put" else None), None
         assert part == "blobs"
         if method == "stat":
             result = self.blobs.stat(args[0])
@@ -61,9 +69,9 @@ def _node_dirs_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     (tmp_path / "tmp").mkdir()
 
 
-def _store(tmp_path: Path) -> tuple[FakeHost, RayBlobStore]:
+def _store(tmp_path: Path, **config: Any) -> tuple[FakeHost, RayBlobStore]:
     host = FakeHost(tmp_path)
-    return host, RayBlobStore(host, host.config)  # type: ignore[arg-type]
+    return host, RayBlobStore(host, {**host.config, **config})  # type: ignore[arg-type]
 
 
 MODEL = bytes(range(256)) * 8192  # 2 MiB: large enough to be cached
@@ -109,3 +117,30 @@ def test_a_damaged_host_blob_is_refused_on_a_checked_read(tmp_path: Path) -> Non
     path.write_bytes(bytes(raw))
     with pytest.raises(CorruptBlob):
         store.get("models/round-00004")
+
+
+def test_a_node_local_blob_is_synced_and_a_cached_copy_is_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker node's own blobs (an update) are synced before ``put`` returns, as the
+    state host's are, so no backlog of unsynced gigabytes builds up on a node's disk;
+    its copies of the host's blobs are a cache, not synced."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    host, store = _store(tmp_path, node_local_blobs=["updates/"])
+    store.put("updates/round-00001/c1", b"an update")
+    here = node_dir(host.config["root"], store.node_id)  # (the file, renamed into place)
+    assert len(synced) == 1 and synced[0].startswith(str(here / "blobs" / "updates")), synced
+    assert (here / "blobs" / "updates" / "round-00001" / "c1").is_file()
+    assert ("put", ("strato_blob_homes", "updates/round-00001/c1", {"node": store.node_id})
+            ) in host.homes
+    host.blobs.put("models/round-00001", MODEL)
+    synced.clear()
+    assert bytes(store.get("models/round-00001")) == MODEL  # copied into the node's cache
+    assert synced == []
