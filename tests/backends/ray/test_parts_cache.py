@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("ray", reason="the ray backend needs ray: pip install 'strato[ray]'")
 
 from strato.backends.ray._parts import RayBlobStore, node_dir
-from strato.errors import CorruptBlob
+from strato.errors import CorruptBlob, StratoError
 from strato.services._blobs_local import LocalBlobStore
 
 
@@ -144,3 +144,19 @@ def test_a_node_local_blob_is_synced_and_a_cached_copy_is_not(
     synced.clear()
     assert bytes(store.get("models/round-00001")) == MODEL  # copied into the node's cache
     assert synced == []
+
+
+def test_a_node_local_blob_of_this_node_is_located_without_asking_the_host(
+    tmp_path: Path,
+) -> None:
+    """A leaf maps an update lying on its node with one stat there: the state host's
+    table of homes is asked only for a blob this node does not hold."""
+    host, store = _store(tmp_path, node_local_blobs=["updates/"])
+    store.put("updates/round-00001/c1", b"an update")
+    host.homes.clear()
+    path, offset, length = store.locate("updates/round-00001/c1")
+    assert Path(path).read_bytes()[offset : offset + length] == b"an update"
+    assert host.homes == []
+    with pytest.raises(StratoError):  # not here: its home asked (the stand-in knows none)
+        store.locate("updates/round-00001/c2")
+    assert [method for method, _args in host.homes] == ["get"]

@@ -9,6 +9,7 @@ message bodies base64 in the JSON of a batch.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -259,6 +260,11 @@ class RayBlobStore(_Proxy):
         if self._in_shared(key):
             assert self._shared is not None
             return self._shared.locate(key)
+        if self._node_local(key) and self._shared is None:
+            # one stat here first: a blob in this node's directory lies on this node
+            # (its home need not be asked of the state host)
+            with contextlib.suppress(NotFound):
+                return self._here().locate(key)
         node = self.home(key)
         if node == self.node_id:
             return self._here().locate(key)
