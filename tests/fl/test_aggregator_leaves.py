@@ -3,8 +3,8 @@ a leaf's partial that cannot be read because its leaf's worker lost it (a handed
 blob on Ray) sends that leaf's updates to it again, in a new generation; one lost every
 time makes its clients train again. The leaves and the blob store are stand-ins here;
 tests/backends/ray runs the same code on a real cluster. At the end, a node's leaf
-itself, on the embedded services: a late update alone in its generation is its own
-partial."""
+itself, on the embedded services: a late update alone in its generation is sent up as
+it is."""
 
 from __future__ import annotations
 
@@ -63,11 +63,17 @@ class Leaf:
         self.calls: list[tuple[str, int, list[str]]] = []
         self.added: dict[int, list[str]] = {}
         self.invocations = 0
+        # when set, a lone update asked for as it is goes up so: these bytes
+        self.sends_up: bytes | None = None
 
     def __call__(self, name: str, event: dict[str, Any], node: str) -> None:
         assert name == "leaf" and node == NODE
         gen = int(event["gen"])
         self.invocations += 1
+        if "forward" in event and self.sends_up is not None:
+            self.calls.append(("forward", gen, [u["client"] for u in event["updates"]]))
+            self.blobs.partials[str(event["forward"])] = self.sends_up
+            return
         if "add" in event:
             clients = [u["client"] for u in event["updates"]]
             self.added.setdefault(gen, []).extend(clients)
@@ -90,6 +96,7 @@ def _round(lose: int) -> tuple[Any, Any, Blobs, Leaf, list[tuple[str, float, Any
     agent.svc = SimpleNamespace(blobs=blobs)  # type: ignore[assignment]
     agent.invoke = leaf
     agent.layout = MODEL.layout
+    agent.job = {"config": {}}
     handle = SimpleNamespace(
         arrive=lambda node, landed, client, weight: arrived.append((client, weight, landed)))
     opened = agg._Open(rules=SimpleNamespace(round=2, selected=["c1", "c2"], quorum=2),  # type: ignore[arg-type]
@@ -169,6 +176,70 @@ def test_a_round_waiting_for_its_last_update_has_its_leaves_send_their_partials_
     assert predicted["predicted_cross_node_bytes"] == 2 * nbytes
 
 
+UPDATE = np.array([0.5, -1.0, 2.0, 4.0], dtype=np.float32)
+
+
+def _late_update_after_the_early_send(sends_up: bytes) -> tuple[Any, Any, Blobs, Leaf,
+                                                                 list[tuple[str, float, Any]]]:
+    """c1 and c2 sent up early; c3 (weight 3) lands on the leaf's node after."""
+    agent, opened, blobs, leaf, arrived = _round(lose=0)
+    leaf.sends_up = sends_up
+    _waiting_for(opened, quorum=3)
+    agent.open = opened
+    agent.after_batch()
+    assert agent._forward(opened, "c3", "updates/c3", 3.0, NODE, NODE) == ""
+    return agent, opened, blobs, leaf, arrived
+
+
+def test_a_late_update_alone_at_its_leaf_goes_up_as_it_is_and_is_added_as_its_clients() -> None:
+    """At the close, the leaf holding only the round's late update sends it up as it is;
+    the root adds it under its client's name and weight (checked as the root checks the
+    updates of its own node), and waits for no partial of it."""
+    update = bytes(encode(Params.from_arrays({"w": UPDATE}), {"clients": '["c9"]'}).payload)
+    agent, opened, blobs, leaf, arrived = _late_update_after_the_early_send(update)
+    assert agent._collect(opened) == []
+    gen1 = agg.partial_key(2, opened.tag, NODE, 1)
+    assert leaf.calls[2:] == [("forward", 1, ["c3"])]
+    assert [a[:2] for a in arrived] == [
+        (f"leaf:{agg.partial_key(2, opened.tag, NODE, 0)}", 2.0), ("c3", 3.0)]
+    view = attach_input(arrived[1][2].ref.to_dict())
+    assert np.array_equal(np.frombuffer(view, dtype=np.float32), UPDATE)
+    del view
+    assert opened.waiting == {} and opened.forwarded == {} and opened.at_leaf == {}
+    assert agg.forward_key(gen1) in opened.partials and gen1 not in blobs.partials
+    assert opened.leaf_bad == {}  # (what its header's metadata says is not read)
+
+
+def test_a_late_update_sent_up_with_another_layout_is_left_out() -> None:
+    other = bytes(encode(Params.from_arrays({"w": np.ones(5, dtype=np.float32)})).payload)
+    agent, opened, _blobs, _leaf, arrived = _late_update_after_the_early_send(other)
+    assert agent._collect(opened) == []
+    assert [a[0] for a in arrived] == [f"leaf:{agg.partial_key(2, opened.tag, NODE, 0)}"]
+    assert opened.leaf_bad["c3"].startswith("wrong layout")
+    assert opened.waiting == {} and opened.at_leaf == {}
+
+
+def test_a_late_update_lost_on_its_way_up_goes_to_the_leaf_again() -> None:
+    update = bytes(encode(Params.from_arrays({"w": UPDATE})).payload)
+    agent, opened, blobs, leaf, arrived = _late_update_after_the_early_send(update)
+    blobs.lose = 1
+    blobs.only = agg.forward_key(agg.partial_key(2, opened.tag, NODE, 1))
+    assert agent._collect(opened) == []
+    assert leaf.calls[2:] == [("forward", 1, ["c3"]), ("forward", 2, ["c3"])]
+    assert [a[:2] for a in arrived][1:] == [("c3", 3.0)]
+    assert blobs.deleted == [blobs.only]
+    assert opened.waiting == {} and opened.forwarded == {}
+
+
+def test_a_leaf_that_cannot_send_the_update_up_sends_its_partial_and_that_is_added() -> None:
+    agent, opened, _blobs, leaf, arrived = _late_update_after_the_early_send(b"")
+    leaf.sends_up = None  # (it writes the general path's partial instead)
+    assert agent._collect(opened) == []
+    assert leaf.calls[2:] == [("add", 1, ["c3"]), ("flush", 1, ["c3"])]
+    assert [a[0] for a in arrived][1:] == [f"leaf:{agg.partial_key(2, opened.tag, NODE, 1)}"]
+    assert opened.waiting == {} and opened.forwarded == {}
+
+
 def test_a_partial_sent_early_and_lost_sends_its_updates_to_the_leaf_again() -> None:
     agent, opened, blobs, leaf, arrived = _round(lose=1)
     _waiting_for(opened, quorum=4)  # two to come: the early send is due
@@ -239,92 +310,82 @@ def _one_update(client: str, weight: float) -> list[dict[str, Any]]:
     return [{"client": client, "blob": f"updates/{client}", "weight": weight}]
 
 
-def test_a_late_update_alone_in_its_generation_is_its_own_partial(tmp_path: Any) -> None:
-    """Asked for its partial with the one update it adds, a leaf writes that update's
-    own values and weight, as the general path (add, then flush) does."""
+def _stored(svc: Any, key: str) -> bytes:
+    return bytes(svc.blobs.get(key))
+
+
+def test_a_late_update_alone_in_its_generation_is_sent_up_as_it_is(tmp_path: Any) -> None:
+    """Asked to send a generation's one update up as it is, a leaf copies the update's
+    blob, byte for byte, under the key it was given: no pass over its values (the root
+    checks them as it adds them), so a non-finite one goes up too."""
     rng = np.random.default_rng(7)
-    values = {c: rng.standard_normal(3000).astype(np.float32) for c in ("c1", "c2")}
+    broken = rng.standard_normal(3000).astype(np.float32)
+    broken[17] = np.nan
+    values = {"c1": rng.standard_normal(3000).astype(np.float32), "bad": broken}
     svc, leaf = _leaf_with_updates(tmp_path, values)
     try:
-        out = leaf.alone(3, "t", 1, _one_update("c1", 7.0))
-        assert out is not None and out["updates"] == 1
-        got, meta = _partial(svc, out["partial"])
-        assert np.array_equal(got, values["c1"])
-        assert float(meta["weight"]) == 7.0 and json.loads(meta["clients"]) == ["c1"]
-        assert json.loads(meta["bad"]) == {} and leaf.current is None
-        # the general path gives the same partial (to float32 rounding of w·x / w)
-        leaf.add(3, "t", 2, 1, _one_update("c2", 7.0))
-        general, general_meta = _partial(svc, leaf.flush(3, "t", 2)["partial"])
-        np.testing.assert_allclose(general, values["c2"], rtol=1e-7)
-        assert set(general_meta) == set(meta)
+        for gen, client in enumerate(("c1", "bad"), start=1):
+            key = agg.forward_key(agg.partial_key(3, "t", "n", gen))
+            out = leaf.forward(3, "t", gen, key, _one_update(client, 7.0))
+            assert out == {"forwarded": key, "updates": 1}
+            assert _stored(svc, key) == _stored(svc, f"updates/{client}")
+            assert leaf.current is None
     finally:
         leaf.shutdown()
         svc.close()
 
 
-def test_an_update_the_general_path_must_judge_is_not_taken_alone(tmp_path: Any) -> None:
-    broken = np.ones(3000, dtype=np.float32)
-    broken[2999] = np.nan
-    values = {"bad": broken, "ok": np.ones(3000, dtype=np.float32)}
+def test_an_update_that_cannot_go_up_as_it_is_is_left_to_the_general_path(
+        tmp_path: Any) -> None:
+    values = {"ok": np.ones(3000, dtype=np.float32)}
     svc, leaf = _leaf_with_updates(tmp_path, values)
+    key = agg.forward_key(agg.partial_key(1, "t", "n", 1))
     try:
-        assert leaf.alone(1, "t", 1, _one_update("bad", 1.0)) is None  # non-finite
-        assert leaf.alone(1, "t", 1, _one_update("gone", 1.0)) is None  # no such blob
-        assert leaf.alone(1, "t", 1, _one_update("ok", 1.0) * 2) is None  # two updates
-        assert leaf.alone(1, "t", 1, _one_update("ok", 0.0)) is None  # (the engine's to refuse)
+        assert leaf.forward(1, "t", 1, key, _one_update("gone", 1.0)) is None  # no such blob
+        assert leaf.forward(1, "t", 1, key, _one_update("ok", 1.0) * 2) is None  # two updates
         leaf.add(1, "t", 2, 2, _one_update("ok", 1.0))
-        assert leaf.alone(1, "t", 2, _one_update("ok", 1.0)) is None  # generation begun
-        # the general path judges it: the partial names it bad and leaves it out
-        leaf.add(1, "t", 3, 1, _one_update("bad", 1.0))
-        _values, meta = _partial(svc, leaf.flush(1, "t", 3)["partial"])
-        assert list(json.loads(meta["bad"])) == ["bad"] and json.loads(meta["clients"]) == []
-    finally:
-        leaf.shutdown()
-        svc.close()
-    svc, leaf = _leaf_with_updates(tmp_path / "bound", {"ok": np.ones(3000, np.float32)},
-                                   norm_bound=10.0)
-    try:  # a norm bound: the add measures the distance
-        assert leaf.alone(1, "t", 1, _one_update("ok", 1.0)) is None
+        assert leaf.forward(1, "t", 2, key, _one_update("ok", 1.0)) is None  # generation begun
+        assert not svc.blobs.exists(key)
     finally:
         leaf.shutdown()
         svc.close()
 
 
-def test_a_leafs_event_with_one_update_and_its_flush_answers_with_its_partial(
+def test_a_leafs_event_to_send_one_update_up_sends_it_or_its_partial(
         tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``leaf`` (the function a node's leaf serves): an event that adds one update of a
-    new generation and asks for its partial gets that update as its partial; one the
-    general path must judge gets the general path's (the bad update named)."""
+    """``leaf`` (the function a node's leaf serves): an event that hands one update of a
+    new generation with ``forward`` sends that update up as it is; one whose blob is gone
+    gets the general path's partial instead, which says so."""
     from strato.fl import state
 
-    broken = np.ones(3000, dtype=np.float32)
-    broken[5] = np.inf
-    values = {"c1": np.arange(3000, dtype=np.float32), "bad": broken}
+    values = {"c1": np.arange(3000, dtype=np.float32)}
     svc, made = _leaf_with_updates(tmp_path, values)
     made.shutdown()
     svc.table.create_table(state.JOB, stream=False)
     svc.table.put(state.JOB, "config", made.job)
-    alone = agg._Leaf.alone
+    forward = agg._Leaf.forward
     answers: list[Any] = []
 
     def spy(leaf: Any, *args: Any) -> Any:
-        answers.append(alone(leaf, *args))
+        answers.append(forward(leaf, *args))
         return answers[-1]
 
-    monkeypatch.setattr(agg._Leaf, "alone", spy)
+    monkeypatch.setattr(agg._Leaf, "forward", spy)
     try:
-        event = {"add": 2, "flush": 2, "tag": "t", "gen": 1, "updates": _one_update("c1", 3.0)}
+        key = agg.partial_key(2, "t", "n", 1)
+        event = {"add": 2, "flush": 2, "tag": "t", "gen": 1, "forward": agg.forward_key(key),
+                 "updates": _one_update("c1", 3.0)}
         out = agg.leaf(svc, event)
-        assert out["added"] == 1 and out["updates"] == 1
-        got, meta = _partial(svc, out["partial"])
-        assert np.array_equal(got, values["c1"]) and float(meta["weight"]) == 3.0
-        assert answers == [{"partial": out["partial"], "updates": 1}]  # (its own partial)
-        out = agg.leaf(svc, {**event, "gen": 2, "updates": _one_update("bad", 1.0)})
-        assert out["added"] == 1 and out["updates"] == 0 and answers[1:] == [None]
+        assert out == {"added": 1, "forwarded": agg.forward_key(key), "updates": 1}
+        assert _stored(svc, agg.forward_key(key)) == _stored(svc, "updates/c1")
+        assert not svc.blobs.exists(key)
+        key = agg.partial_key(2, "t", "n", 2)
+        out = agg.leaf(svc, {**event, "gen": 2, "forward": agg.forward_key(key),
+                             "updates": _one_update("gone", 1.0)})
+        assert answers[1:] == [None] and out["updates"] == 0  # the general path's partial
         _values, meta = _partial(svc, out["partial"])
-        assert list(json.loads(meta["bad"])) == ["bad"]
-        agg.leaf(svc, {**event, "gen": 3, "flush": 1})  # another round's flush: not alone
-        assert len(answers) == 2
+        assert json.loads(meta["lost"]) == ["gone"] and json.loads(meta["clients"]) == []
+        assert not svc.blobs.exists(agg.forward_key(key))
     finally:
         warm = agg._warm.pop("leaf", None)
         if warm is not None:

@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import threading
 import time
@@ -149,6 +150,9 @@ class _Open:
     landing: dict[str, int] = field(default_factory=dict)  # node -> updates lying there
     flushed: list[dict[str, int]] = field(default_factory=list)  # landing at each early send
     waiting: dict[str, str] = field(default_factory=dict)  # partials asked for: key -> node
+    # a lone update a leaf was asked to send up as it is: its blob's key -> (the client,
+    # the key of the partial the leaf writes instead when it cannot)
+    forwarded: dict[str, tuple[str, str]] = field(default_factory=dict)
     partials: list[str] = field(default_factory=list)  # the leaves' partial blobs
     # the norm bound ([aggregation] max_update_norm): each handed update's blob and
     # weight, the distances other nodes' leaves measured, and the model's copy in node
@@ -444,16 +448,34 @@ class _Agent:
         r, asked = opened.rules.round, False
         for node, entries in opened.at_leaf.items():
             gen = opened.gen[node]
-            if any(entry["gen"] == gen for entry in entries.values()):
+            current = [entry for entry in entries.values() if entry["gen"] == gen]
+            if current:
                 assert self.invoke is not None
                 updates = opened.to_send.pop(node, [])
                 event = (_leaf_event(opened, node, updates) if updates
                          else {"tag": opened.tag, "gen": gen})
+                key = partial_key(r, opened.tag, node, gen)
+                if self._forwards(current, updates):
+                    # a generation of one update not sent yet: its leaf sends the update
+                    # up as it is, with no pass over it (the root adds it as it adds
+                    # those of its own node); a leaf that cannot writes the partial
+                    alone = forward_key(key)
+                    opened.forwarded[alone] = (str(updates[0]["client"]), key)
+                    opened.waiting[alone] = node
+                    event["forward"] = alone
                 self.invoke("leaf", {**event, "flush": r}, node=node)
-                opened.waiting[partial_key(r, opened.tag, node, gen)] = node
+                opened.waiting[key] = node
                 opened.gen[node] = gen + 1
                 asked = True
         return asked
+
+    def _forwards(self, current: list[dict[str, Any]], updates: list[dict[str, Any]]) -> bool:
+        """Whether a leaf sends its generation's update up as it is: the only one, not
+        handed to it before, of a positive weight (the engine refuses others, the leaf's
+        add says why), and no norm bound (whose distance the leaf's add measures)."""
+        return (len(current) == 1 and len(updates) == 1 and updates[0] is current[0]
+                and 0.0 < float(updates[0]["weight"]) < math.inf
+                and float(self.job["config"].get("max_update_norm", 0.0)) <= 0)
 
     def _collect(self, opened: _Open) -> list[tuple[str, str]]:
         """Have every leaf that was handed updates send its partial up, and add each to
@@ -474,10 +496,12 @@ class _Agent:
                     raise StratoError(f"round {r}: leaves on {len(set(waiting.values()))} "
                                       "node(s) did not send their partial in time")
                 for key, node in list(waiting.items()):
+                    if key not in waiting:  # (the other of a pair, one of which came)
+                        continue
                     if blobs.exists(key):
                         del waiting[key]
                         try:
-                            self._land_partial(opened, node, key)
+                            self._land_partial_or_update(opened, node, key)
                         except NotFound:
                             # lost with the leaf's worker (a handed-off blob): let go,
                             # and its updates go to a leaf again (below)
@@ -538,17 +562,76 @@ class _Agent:
                 and self._flush_leaves(opened)):
             opened.flushed.append(opened.landed())
 
+    def _land_partial_or_update(self, opened: _Open, node: str, key: str) -> None:
+        """What a leaf sent up: a partial, or the lone update it was asked to send as it
+        is (then the partial it would have written instead is not waited for)."""
+        forwarded = opened.forwarded.pop(key, None)
+        if forwarded is None:
+            for alone, (_client, instead) in list(opened.forwarded.items()):
+                if instead == key:  # the leaf could not send the update: its partial
+                    del opened.forwarded[alone]
+                    opened.waiting.pop(alone, None)
+            self._land_partial(opened, node, key)
+            return
+        client, instead = forwarded
+        opened.waiting.pop(instead, None)
+        self._land_update_sent_up(opened, node, key, client)
+
+    def _partial_view(self, key: str) -> tuple[dict[str, Any] | None, memoryview]:
+        """A blob a leaf sent up: (its file's reference, when it lies on this node and is
+        mapped in place, or None) and its bytes."""
+        try:  # on this node: mapped in place
+            path, offset, length = self.svc.blobs.locate(key)  # type: ignore[attr-defined]
+            mapped = file_ref(path, offset, length)
+            return mapped, attach_input(mapped)
+        except StratoError:  # on the leaf's node: its bytes come over once
+            return None, memoryview(self.svc.blobs.get(key))
+
+    def _land_update_sent_up(self, opened: _Open, node: str, key: str, client: str) -> None:
+        """A lone update a leaf sent up as it is: one more input of the root's tree, as an
+        update of this node is (its values checked as they are added)."""
+        assert opened.handle is not None
+        opened.partials.append(key)  # deleted once the round's model is out
+        entries = opened.at_leaf.get(node, {})
+        if client not in entries:  # in the round another way (written off as lost)
+            return
+        ref, view = self._partial_view(key)  # (NotFound: lost, the update goes again)
+        entry = entries.pop(client)
+        try:
+            layout, _meta, start = read_header(view)
+        except CodecError as exc:
+            opened.leaf_bad[client] = f"not decodable: {exc}"
+            layout, start = None, 0
+        if layout is not None and layout != self.layout:
+            opened.leaf_bad[client] = f"wrong layout: {self.layout.describe_mismatch(layout)}"
+        if client in opened.leaf_bad:
+            if ref is not None:
+                release_input(ref)
+            return
+        if not _take_slot(opened):
+            raise StratoError(f"round {opened.rules.round} has taken all the inputs it can")
+        opened.added.append(self._arrive(opened, ref, view, start, client,
+                                         float(entry["weight"])))
+
+    def _arrive(self, opened: _Open, ref: dict[str, Any] | None, view: memoryview,
+                start: int, client: str, weight: float) -> threading.Event:
+        """Hand the root's tree an input a leaf sent up (its data from ``start``)."""
+        assert opened.handle is not None
+        done = threading.Event()
+        if ref is not None:
+            landed = _Landed(file_ref(ref["path"], ref["offset"] + start, self.layout.nbytes),
+                             view[start:], done)
+        else:  # added where it came (the root's aggregators are threads of this process)
+            data = view[start : start + self.layout.nbytes]
+            landed = _Landed(local_ref(data), data, done)
+        opened.handle.arrive("n0", landed, client=client, weight=weight)  # type: ignore[arg-type]
+        return done
+
     def _land_partial(self, opened: _Open, node: str, key: str) -> None:
         """A leaf's partial (its updates' weighted mean and their total weight): one more
         input of the root's tree, mapped in place."""
         assert opened.handle is not None
-        try:  # on this node: mapped in place
-            path, offset, length = self.svc.blobs.locate(key)  # type: ignore[attr-defined]
-            mapped = file_ref(path, offset, length)
-            ref: dict[str, Any] | None = mapped
-            view = attach_input(mapped)
-        except StratoError:  # on the leaf's node: its bytes come over once
-            ref, view = None, memoryview(self.svc.blobs.get(key))
+        ref, view = self._partial_view(key)
         layout, meta, start = read_header(view)
         covered = json.loads(meta.get("clients", "[]"))
         bad = json.loads(meta.get("bad", "{}"))
@@ -581,15 +664,7 @@ class _Agent:
                               f"{self.layout.describe_mismatch(layout)}")
         if not _take_slot(opened):
             raise StratoError(f"round {opened.rules.round} has taken all the inputs it can")
-        done = threading.Event()
-        if ref is not None:
-            landed = _Landed(file_ref(path, offset + start, self.layout.nbytes), view[start:],
-                             done)
-        else:  # added where it came (the root's aggregators are threads of this process)
-            data = view[start : start + self.layout.nbytes]
-            landed = _Landed(local_ref(data), data, done)
-        opened.added.append(done)
-        opened.handle.arrive("n0", landed, client=f"leaf:{key}", weight=weight)  # type: ignore[arg-type]
+        opened.added.append(self._arrive(opened, ref, view, start, f"leaf:{key}", weight))
 
     def _lose(self, opened: _Open, lost: list[tuple[str, str]]) -> None:
         """Updates that lay on a node now gone, or whose file was found damaged: no
@@ -1265,6 +1340,11 @@ def partial_key(r: int, tag: str, node: str, gen: int) -> str:
     return f"partials/{state.round_key(r)}/{tag}/{node[:16]}-{gen}"
 
 
+def forward_key(partial: str) -> str:
+    """The blob of a lone update a leaf sends up as it is, in place of partial ``partial``."""
+    return f"{partial}-update"
+
+
 class _Leaf:
     """The engine on one node for updates that lie there: it adds what the root hands
     it (mapping each update's file in place) and, when asked, writes its partial (the
@@ -1371,6 +1451,11 @@ class _Leaf:
             meta = {"round": str(r), "weight": "0", "clients": "[]", "bad": "{}"}
             self.svc.blobs.put(key, encode(Params(self.layout), meta).payload)
             return {"partial": key, "updates": 0}
+        if not self.clients:  # none reached the engine (each gone, damaged or unreadable)
+            self._drop()
+            self._put_partial(key, r, np.zeros(self.layout.numel, dtype=np.float32), "0", [],
+                              bad=self.unreadable, lost=self.lost, corrupt=self.corrupt)
+            return {"partial": key, "updates": 0}
         handle, self.handle, self.current = self.handle, None, None
         handle.close()
         result = handle.result(timeout=ROUND_TIMEOUT_S)
@@ -1386,41 +1471,29 @@ class _Leaf:
             self._release_ref()
         return {"partial": key, "updates": int(result.updates)}
 
-    def alone(self, r: int, tag: str, gen: int,
-              updates: list[dict[str, Any]]) -> dict[str, Any] | None:
-        """A generation of one update whose partial is asked for at once (a round's late
-        update on this node, sent with the call for its partial): the weighted mean of
-        one update is the update itself, so its partial is its own bytes and its weight,
-        written from its mapped file with one finiteness scan and no pass through an
-        accumulator. None when the general path must take it: more updates, a
-        generation begun already, a norm bound (whose distance the add measures), or an
-        update that is not a clean, readable update of the round's layout (the general
-        path says why)."""
-        if (len(updates) != 1 or self.current == (r, tag, gen)
-                or float(self.job["config"].get("max_update_norm", 0.0)) > 0):
-            return None
-        update = updates[0]
-        if not 0.0 < float(update["weight"]) < float("inf"):  # (the engine refuses it)
+    def forward(self, r: int, tag: str, gen: int, key: str,
+                updates: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """A generation of one update that the root asks to have sent up as it is (a
+        round's late update on this node): its blob, copied once from its file to where
+        the root reads it, under ``key``; no pass over it here (the root checks its
+        values as it adds them). None when the general path must take it: more updates,
+        a generation begun already, or an update whose file is not a blob of this node
+        (the general path says what became of it)."""
+        if len(updates) != 1 or self.current == (r, tag, gen):
             return None
         try:
-            landed = self._landed(str(update["blob"]))
-        except (StratoError, CodecError):
+            path, offset, length = self.svc.blobs.locate(str(updates[0]["blob"]))  # type: ignore[attr-defined]
+            mapped = file_ref(path, offset, length)
+            view: memoryview | None = attach_input(mapped)
+        except (StratoError, LayoutError):
             return None
-        if isinstance(landed, str):
-            return None
-        flat: npt.NDArray[np.float32] | None = None
         try:
-            flat = np.frombuffer(landed.buffer, dtype=np.float32, count=self.layout.numel)
-            if not all_finite(flat):
-                return None
             self._drop()
-            key = self._partial_key(r, tag, gen)
-            self._put_partial(key, r, flat, repr(float(update["weight"])),
-                              [str(update["client"])])
+            self.svc.blobs.put(key, view)
         finally:
-            flat = None  # (no view of the mapping left when it is let go)
-            landed.release()
-        return {"partial": key, "updates": 1}
+            view = None  # (no view of the mapping left when it is let go)
+            release_input(mapped)
+        return {"forwarded": key, "updates": 1}
 
     def _encoded(self, params: Params, meta: dict[str, str]) -> memoryview:
         """The partial's encoding, in this leaf's own buffer: one pass over warm memory
@@ -1453,14 +1526,16 @@ class _Leaf:
 def leaf(svc: Services, event: dict[str, Any]) -> dict[str, Any]:
     """A node's leaf: ``{"add": r, "tag", "gen", "quota", "updates": [...]}`` adds
     updates lying on this node; ``{"flush": r, "tag", "gen"}`` writes the partial; an
-    event with both adds, then writes."""
+    event with both adds, then writes. With ``"forward": key`` too (a generation of one
+    update), the update is sent up as it is under ``key`` instead, when it can be."""
     agent: _Leaf = _warm_one(svc, "leaf", _Leaf)
     tag, gen = str(event["tag"]), int(event["gen"])
     out: dict[str, Any] = {}
-    if "add" in event and "flush" in event and int(event["add"]) == int(event["flush"]):
-        alone = agent.alone(int(event["add"]), tag, gen, list(event.get("updates", [])))
-        if alone is not None:
-            return {"added": 1, **alone}
+    if "forward" in event and "add" in event:
+        sent = agent.forward(int(event["add"]), tag, gen, str(event["forward"]),
+                             list(event.get("updates", [])))
+        if sent is not None:
+            return {"added": 1, **sent}
     if "add" in event:
         out["added"] = agent.add(int(event["add"]), tag, gen, int(event.get("quota", 1)),
                                  list(event.get("updates", [])))
