@@ -2,7 +2,7 @@
 backend, on the same updates, in one run.
 
     python benchmarks/ray_scale.py --quick     # 100 clients × 10M float32, 3 rounds per run
-    python benchmarks/ray_scale.py             # 5 rounds per run
+    python benchmarks/ray_scale.py             # 9 rounds per run
 
 Three runs of ``strato run`` (``strato.fl.run.run_job``; the embedded one in a child
 process, the two Ray ones in another, on one local cluster) on the app of
@@ -18,7 +18,9 @@ round, quorum all, float64 sums):
 3. **ray, round robin**: the same, with ``[aggregation] placement = "round-robin"``:
    each node's updates go to a leaf dealt to another node, which reads them across.
 
-Round 1 of each run is a warm-up (cold starts); medians are over the rounds after it.
+Round 1 of each run is a warm-up (cold starts); medians are over the rounds after it
+(eight: with four, the overhead ratio of two runs of the same code spread from 1.5 to
+2.8, since where each round's last updates land decides much of its time).
 ``completion_s``: the run's own ``aggregation_latency_s`` per round (last accepted
 update's upload → the new model written). Cross-node bytes of the aggregation path
 are what the state host counted for the ``aggregate`` and ``leaf`` functions on nodes
@@ -165,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="3 rounds per run instead of 5")
-    ap.add_argument("--rounds", type=int, help="rounds per run (default: 5, --quick 3)")
+    ap.add_argument("--quick", action="store_true", help="3 rounds per run instead of 9")
+    ap.add_argument("--rounds", type=int, help="rounds per run (default: 9, --quick 3)")
     ap.add_argument("--smoke", action="store_true",
                     help="the test suite's: 10k parameters, 3 clients, 2 rounds")
     ap.add_argument("--address", help="run the Ray part on this running cluster (HOST:PORT) "
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         cfg: dict[str, Any] = {"params": 10_000, "clients": 3, "rounds": 2}
     else:
-        cfg = {"params": 10 * M, "clients": 100, "rounds": 3 if args.quick else 5}
+        cfg = {"params": 10 * M, "clients": 100, "rounds": 3 if args.quick else 9}
     if args.rounds:
         cfg["rounds"] = args.rounds
     cfg |= {"nodes": 3, "concurrency": 3, "address": args.address}
