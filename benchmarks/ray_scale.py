@@ -57,7 +57,7 @@ TARGETS = {  # key: (comparison, bound)
     "cross_node_prediction_error": ("<=", 0.10),
     "best_fit_vs_round_robin_cross_node_ratio": (">=", 2.0),
 }
-AGGREGATION = ("aggregate", "leaf")
+AGGREGATION = ("aggregate", "leaf", "send_up")
 
 
 # ---- one run, in a child process ----------------------------------------------------------

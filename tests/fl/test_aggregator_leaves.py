@@ -3,8 +3,8 @@ a leaf's partial that cannot be read because its leaf's worker lost it (a handed
 blob on Ray) sends that leaf's updates to it again, in a new generation; one lost every
 time makes its clients train again. The leaves and the blob store are stand-ins here;
 tests/backends/ray runs the same code on a real cluster. At the end, a node's leaf
-itself, on the embedded services: a late update alone in its generation is sent up as
-it is."""
+itself and its sender, on the embedded services: a late update alone in its generation
+is sent up as it is."""
 
 from __future__ import annotations
 
@@ -67,13 +67,15 @@ class Leaf:
         self.sends_up: bytes | None = None
 
     def __call__(self, name: str, event: dict[str, Any], node: str) -> None:
-        assert name == "leaf" and node == NODE
+        assert node == NODE and name == ("send_up" if "forward" in event else "leaf")
         gen = int(event["gen"])
         self.invocations += 1
-        if "forward" in event and self.sends_up is not None:
-            self.calls.append(("forward", gen, [u["client"] for u in event["updates"]]))
-            self.blobs.partials[str(event["forward"])] = self.sends_up
-            return
+        if "forward" in event:  # the node's sender
+            if self.sends_up is not None:
+                self.calls.append(("forward", gen, [u["client"] for u in event["updates"]]))
+                self.blobs.partials[str(event["forward"])] = self.sends_up
+                return
+            event = {k: v for k, v in event.items() if k != "forward"}  # to the leaf
         if "add" in event:
             clients = [u["client"] for u in event["updates"]]
             self.added.setdefault(gen, []).extend(clients)
@@ -315,79 +317,60 @@ def _stored(svc: Any, key: str) -> bytes:
 
 
 def test_a_late_update_alone_in_its_generation_is_sent_up_as_it_is(tmp_path: Any) -> None:
-    """Asked to send a generation's one update up as it is, a leaf copies the update's
-    blob, byte for byte, under the key it was given: no pass over its values (the root
-    checks them as it adds them), so a non-finite one goes up too."""
+    """Asked to send a generation's one update up as it is, a node's sender copies the
+    update's blob, byte for byte, under the key it was given: no pass over its values
+    (the root checks them as it adds them), so a non-finite one goes up too."""
     rng = np.random.default_rng(7)
     broken = rng.standard_normal(3000).astype(np.float32)
     broken[17] = np.nan
     values = {"c1": rng.standard_normal(3000).astype(np.float32), "bad": broken}
     svc, leaf = _leaf_with_updates(tmp_path, values)
+    leaf.shutdown()
+    to_leaf: list[Any] = []
     try:
         for gen, client in enumerate(("c1", "bad"), start=1):
             key = agg.forward_key(agg.partial_key(3, "t", "n", gen))
-            out = leaf.forward(3, "t", gen, key, _one_update(client, 7.0))
-            assert out == {"forwarded": key, "updates": 1}
+            event = {"forward": key, "add": 3, "flush": 3, "tag": "t", "gen": gen,
+                     "updates": _one_update(client, 7.0)}
+            assert agg.send_up(svc, event, lambda *a, **k: to_leaf.append((a, k))) == {
+                "forwarded": key}
             assert _stored(svc, key) == _stored(svc, f"updates/{client}")
-            assert leaf.current is None
+        assert to_leaf == []
     finally:
-        leaf.shutdown()
         svc.close()
 
 
-def test_an_update_that_cannot_go_up_as_it_is_is_left_to_the_general_path(
-        tmp_path: Any) -> None:
-    values = {"ok": np.ones(3000, dtype=np.float32)}
-    svc, leaf = _leaf_with_updates(tmp_path, values)
+def test_an_update_that_cannot_go_up_as_it_is_goes_to_the_leaf(tmp_path: Any) -> None:
+    """Its blob gone (or more than one update): the rest of the event goes to the node's
+    leaf, whose partial says what became of it; nothing is written under the key."""
+    svc, leaf = _leaf_with_updates(tmp_path, {"ok": np.ones(3000, dtype=np.float32)})
+    leaf.shutdown()
     key = agg.forward_key(agg.partial_key(1, "t", "n", 1))
+    to_leaf: list[Any] = []
     try:
-        assert leaf.forward(1, "t", 1, key, _one_update("gone", 1.0)) is None  # no such blob
-        assert leaf.forward(1, "t", 1, key, _one_update("ok", 1.0) * 2) is None  # two updates
-        leaf.add(1, "t", 2, 2, _one_update("ok", 1.0))
-        assert leaf.forward(1, "t", 2, key, _one_update("ok", 1.0)) is None  # generation begun
+        for updates in (_one_update("gone", 1.0), _one_update("ok", 1.0) * 2):
+            event = {"forward": key, "add": 1, "flush": 1, "tag": "t", "gen": 1,
+                     "updates": updates}
+            assert agg.send_up(svc, event, lambda *a, **k: to_leaf.append((a, k))) == {
+                "to_leaf": True}
+            name, rest = to_leaf.pop()[0]
+            assert name == "leaf" and rest == {k: v for k, v in event.items() if k != "forward"}
         assert not svc.blobs.exists(key)
     finally:
-        leaf.shutdown()
         svc.close()
 
 
-def test_a_leafs_event_to_send_one_update_up_sends_it_or_its_partial(
-        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``leaf`` (the function a node's leaf serves): an event that hands one update of a
-    new generation with ``forward`` sends that update up as it is; one whose blob is gone
-    gets the general path's partial instead, which says so."""
-    from strato.fl import state
-
-    values = {"c1": np.arange(3000, dtype=np.float32)}
-    svc, made = _leaf_with_updates(tmp_path, values)
-    made.shutdown()
-    svc.table.create_table(state.JOB, stream=False)
-    svc.table.put(state.JOB, "config", made.job)
-    forward = agg._Leaf.forward
-    answers: list[Any] = []
-
-    def spy(leaf: Any, *args: Any) -> Any:
-        answers.append(forward(leaf, *args))
-        return answers[-1]
-
-    monkeypatch.setattr(agg._Leaf, "forward", spy)
+def test_a_leaf_whose_updates_all_failed_to_land_writes_a_partial_saying_so(
+        tmp_path: Any) -> None:
+    """(What the leaf does with the update its sender could not send up.)"""
+    svc, leaf = _leaf_with_updates(tmp_path, {"ok": np.ones(3000, dtype=np.float32)})
     try:
-        key = agg.partial_key(2, "t", "n", 1)
-        event = {"add": 2, "flush": 2, "tag": "t", "gen": 1, "forward": agg.forward_key(key),
-                 "updates": _one_update("c1", 3.0)}
-        out = agg.leaf(svc, event)
-        assert out == {"added": 1, "forwarded": agg.forward_key(key), "updates": 1}
-        assert _stored(svc, agg.forward_key(key)) == _stored(svc, "updates/c1")
-        assert not svc.blobs.exists(key)
-        key = agg.partial_key(2, "t", "n", 2)
-        out = agg.leaf(svc, {**event, "gen": 2, "forward": agg.forward_key(key),
-                             "updates": _one_update("gone", 1.0)})
-        assert answers[1:] == [None] and out["updates"] == 0  # the general path's partial
+        leaf.add(2, "t", 1, 1, _one_update("gone", 1.0))
+        out = leaf.flush(2, "t", 1)
+        assert out["updates"] == 0
         _values, meta = _partial(svc, out["partial"])
         assert json.loads(meta["lost"]) == ["gone"] and json.loads(meta["clients"]) == []
-        assert not svc.blobs.exists(agg.forward_key(key))
+        assert float(meta["weight"]) == 0.0 and leaf.current is None
     finally:
-        warm = agg._warm.pop("leaf", None)
-        if warm is not None:
-            warm.shutdown()
+        leaf.shutdown()
         svc.close()

@@ -92,7 +92,7 @@ from strato.params import Layout, Params
 from strato.services import Services
 from strato.strategy import all_finite
 
-__all__ = ["admit_batch", "close_round", "leaf", "warm_up"]
+__all__ = ["admit_batch", "close_round", "leaf", "send_up", "warm_up"]
 
 # ctx.invoke_async of the invocation at hand: (function, event, node)
 Invoke = Callable[..., None]
@@ -455,15 +455,17 @@ class _Agent:
                 event = (_leaf_event(opened, node, updates) if updates
                          else {"tag": opened.tag, "gen": gen})
                 key = partial_key(r, opened.tag, node, gen)
+                function = "leaf"
                 if self._forwards(current, updates):
-                    # a generation of one update not sent yet: its leaf sends the update
-                    # up as it is, with no pass over it (the root adds it as it adds
-                    # those of its own node); a leaf that cannot writes the partial
+                    # a generation of one update not sent yet: the node's sender sends
+                    # the update up as it is, with no pass over it (the root adds it as
+                    # it adds those of its own node); when it cannot, the leaf writes
+                    # the partial
                     alone = forward_key(key)
                     opened.forwarded[alone] = (str(updates[0]["client"]), key)
                     opened.waiting[alone] = node
-                    event["forward"] = alone
-                self.invoke("leaf", {**event, "flush": r}, node=node)
+                    event["forward"], function = alone, "send_up"
+                self.invoke(function, {**event, "flush": r}, node=node)
                 opened.waiting[key] = node
                 opened.gen[node] = gen + 1
                 asked = True
@@ -1341,8 +1343,35 @@ def partial_key(r: int, tag: str, node: str, gen: int) -> str:
 
 
 def forward_key(partial: str) -> str:
-    """The blob of a lone update a leaf sends up as it is, in place of partial ``partial``."""
+    """The blob of a lone update sent up as it is, in place of partial ``partial``."""
     return f"{partial}-update"
+
+
+def send_up(svc: Services, event: dict[str, Any], invoke: Invoke) -> dict[str, Any]:
+    """A node's sender, beside its leaf: ``{"forward": key, "updates": [one], ...}`` (a
+    generation of one update, a round's late update on this node) sends that update up
+    as it is: its blob, copied once from its file to where the root reads it, under
+    ``key``, with no pass over it here (the root checks its values as it adds them). Its
+    own function, so that it never waits behind the leaf's partial of the updates
+    before. When the update's file is not a blob of this node (gone, damaged), the rest
+    of the event goes to this node's leaf, whose partial says what became of it."""
+    key, updates = str(event["forward"]), list(event.get("updates", []))
+    try:
+        if len(updates) != 1:
+            raise StratoError("sent up as it is: one update at a time")
+        path, offset, length = svc.blobs.locate(str(updates[0]["blob"]))  # type: ignore[attr-defined]
+        mapped = file_ref(path, offset, length)
+        view: memoryview | None = attach_input(mapped)
+    except (StratoError, LayoutError):
+        invoke("leaf", {k: v for k, v in event.items() if k != "forward"},
+               node=str(getattr(svc.blobs, "node_id", "")) or None)
+        return {"to_leaf": True}
+    try:
+        svc.blobs.put(key, view)
+    finally:
+        view = None  # (no view of the mapping left when it is let go)
+        release_input(mapped)
+    return {"forwarded": key}
 
 
 class _Leaf:
@@ -1471,30 +1500,6 @@ class _Leaf:
             self._release_ref()
         return {"partial": key, "updates": int(result.updates)}
 
-    def forward(self, r: int, tag: str, gen: int, key: str,
-                updates: list[dict[str, Any]]) -> dict[str, Any] | None:
-        """A generation of one update that the root asks to have sent up as it is (a
-        round's late update on this node): its blob, copied once from its file to where
-        the root reads it, under ``key``; no pass over it here (the root checks its
-        values as it adds them). None when the general path must take it: more updates,
-        a generation begun already, or an update whose file is not a blob of this node
-        (the general path says what became of it)."""
-        if len(updates) != 1 or self.current == (r, tag, gen):
-            return None
-        try:
-            path, offset, length = self.svc.blobs.locate(str(updates[0]["blob"]))  # type: ignore[attr-defined]
-            mapped = file_ref(path, offset, length)
-            view: memoryview | None = attach_input(mapped)
-        except (StratoError, LayoutError):
-            return None
-        try:
-            self._drop()
-            self.svc.blobs.put(key, view)
-        finally:
-            view = None  # (no view of the mapping left when it is let go)
-            release_input(mapped)
-        return {"forwarded": key, "updates": 1}
-
     def _encoded(self, params: Params, meta: dict[str, str]) -> memoryview:
         """The partial's encoding, in this leaf's own buffer: one pass over warm memory
         (fresh memory is slow to touch the first time). ``put`` copies it, so the
@@ -1526,16 +1531,10 @@ class _Leaf:
 def leaf(svc: Services, event: dict[str, Any]) -> dict[str, Any]:
     """A node's leaf: ``{"add": r, "tag", "gen", "quota", "updates": [...]}`` adds
     updates lying on this node; ``{"flush": r, "tag", "gen"}`` writes the partial; an
-    event with both adds, then writes. With ``"forward": key`` too (a generation of one
-    update), the update is sent up as it is under ``key`` instead, when it can be."""
+    event with both adds, then writes."""
     agent: _Leaf = _warm_one(svc, "leaf", _Leaf)
     tag, gen = str(event["tag"]), int(event["gen"])
     out: dict[str, Any] = {}
-    if "forward" in event and "add" in event:
-        sent = agent.forward(int(event["add"]), tag, gen, str(event["forward"]),
-                             list(event.get("updates", [])))
-        if sent is not None:
-            return {"added": 1, **sent}
     if "add" in event:
         out["added"] = agent.add(int(event["add"]), tag, gen, int(event.get("quota", 1)),
                                  list(event.get("updates", [])))

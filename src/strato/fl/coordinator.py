@@ -128,6 +128,11 @@ def function_specs(cfg: JobConfig) -> list[FunctionSpec]:
         dataclasses.replace(aggregate, name="leaf", handler=handlers + "leaf",
                             env={**aggregate.env, "STRATO_FUNCTION": "leaf"},
                             locality="node"),
+        # Beside each node's leaf: a round's late update sent up as it is (its own
+        # function, so it never waits behind the leaf's partial of the updates before).
+        dataclasses.replace(aggregate, name="send_up", handler=handlers + "send_up",
+                            env={**aggregate.env, "STRATO_FUNCTION": "send_up"},
+                            locality="node"),
         FunctionSpec(
             "close_round",
             handlers + "close_round",

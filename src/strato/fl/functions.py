@@ -20,7 +20,7 @@ from strato.fl.client import SimClient
 from strato.fl.data import load_job_data
 from strato.services import Context, Services, worker_services
 
-__all__ = ["aggregate", "client", "close_round", "evaluate", "leaf", "start_round"]
+__all__ = ["aggregate", "client", "close_round", "evaluate", "leaf", "send_up", "start_round"]
 
 _warm: dict[str, Any] = {}
 
@@ -172,6 +172,12 @@ def leaf(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """The aggregation engine on one node, for the updates that lie there (a backend
     with several nodes): the root ("aggregate") hands them over and collects partials."""
     return aggregator.leaf(worker_services(), event)
+
+
+def send_up(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """Beside a node's leaf: sends a round's late update lying on this node up to the
+    root as it is (or hands it to the leaf when it cannot)."""
+    return aggregator.send_up(worker_services(), event, ctx.invoke_async)
 
 
 def close_round(event: dict[str, Any], ctx: Context) -> dict[str, Any]:

@@ -82,7 +82,7 @@ def app_resources(cfg: JobConfig) -> AppResources:
         },
         triggers=(_AGGREGATE_SOURCE,),
         queues=(state.client_queue("*"),),  # simulated clients read their own queue
-        invoked=("client", "aggregate", "leaf"),
+        invoked=("client", "aggregate", "leaf", "send_up"),
         # a simulated client's update: it can train again if the node holding it goes
         node_local_blobs=("updates/",),
         # a leaf's partial of such updates, read once by the root: its updates go to a
