@@ -63,10 +63,14 @@ class Leaf:
         self.calls: list[tuple[str, int, list[str]]] = []
         self.added: dict[int, list[str]] = {}
         self.invocations = 0
+        self.woken: list[int] = []  # the sender's calls with nothing to do (per round)
         # when set, a lone update asked for as it is goes up so: these bytes
         self.sends_up: bytes | None = None
 
     def __call__(self, name: str, event: dict[str, Any], node: str) -> None:
+        if name == "send_up" and "warm" in event:
+            self.woken.append(int(event["warm"]))
+            return
         assert node == NODE and name == ("send_up" if "forward" in event else "leaf")
         gen = int(event["gen"])
         self.invocations += 1
@@ -202,6 +206,7 @@ def test_a_late_update_alone_at_its_leaf_goes_up_as_it_is_and_is_added_as_its_cl
     assert agent._collect(opened) == []
     gen1 = agg.partial_key(2, opened.tag, NODE, 1)
     assert leaf.calls[2:] == [("forward", 1, ["c3"])]
+    assert leaf.woken == [2]  # its sender woken once this round, with the first updates
     assert [a[:2] for a in arrived] == [
         (f"leaf:{agg.partial_key(2, opened.tag, NODE, 0)}", 2.0), ("c3", 3.0)]
     view = attach_input(arrived[1][2].ref.to_dict())
@@ -373,4 +378,15 @@ def test_a_leaf_whose_updates_all_failed_to_land_writes_a_partial_saying_so(
         assert float(meta["weight"]) == 0.0 and leaf.current is None
     finally:
         leaf.shutdown()
+        svc.close()
+
+
+def test_a_sender_called_to_stay_warm_does_nothing(tmp_path: Any) -> None:
+    svc, leaf = _leaf_with_updates(tmp_path, {"ok": np.ones(3000, dtype=np.float32)})
+    leaf.shutdown()
+    try:
+        assert agg.send_up(svc, {"warm": 3}, lambda *a, **k: pytest.fail("nothing to hand on")
+                           ) == {"warm": True}
+        assert svc.blobs.list("partials/") == []
+    finally:
         svc.close()

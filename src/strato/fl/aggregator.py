@@ -153,6 +153,7 @@ class _Open:
     # a lone update a leaf was asked to send up as it is: its blob's key -> (the client,
     # the key of the partial the leaf writes instead when it cannot)
     forwarded: dict[str, tuple[str, str]] = field(default_factory=dict)
+    senders: set[str] = field(default_factory=set)  # nodes whose sender was woken
     partials: list[str] = field(default_factory=list)  # the leaves' partial blobs
     # the norm bound ([aggregation] max_update_norm): each handed update's blob and
     # weight, the distances other nodes' leaves measured, and the model's copy in node
@@ -439,7 +440,17 @@ class _Agent:
         assert self.invoke is not None
         for node, entries in opened.to_send.items():
             self.invoke("leaf", _leaf_event(opened, node, entries), node=node)
+            self._wake_sender(opened, node)
         opened.to_send.clear()
+
+    def _wake_sender(self, opened: _Open, node: str) -> None:
+        """Once a round, the sender beside a leaf handed updates is called with nothing
+        to do: it is warm when the round's late update comes (a cold start would take
+        about a second), and it goes with its leaf once the rounds stop."""
+        if node not in opened.senders:
+            opened.senders.add(node)
+            assert self.invoke is not None
+            self.invoke("send_up", {"warm": opened.rules.round}, node=node)
 
     def _flush_leaves(self, opened: _Open) -> bool:
         """Have each leaf holding updates of its current generation send their partial
@@ -466,6 +477,7 @@ class _Agent:
                     opened.waiting[alone] = node
                     event["forward"], function = alone, "send_up"
                 self.invoke(function, {**event, "flush": r}, node=node)
+                self._wake_sender(opened, node)
                 opened.waiting[key] = node
                 opened.gen[node] = gen + 1
                 asked = True
@@ -1355,6 +1367,8 @@ def send_up(svc: Services, event: dict[str, Any], invoke: Invoke) -> dict[str, A
     own function, so that it never waits behind the leaf's partial of the updates
     before. When the update's file is not a blob of this node (gone, damaged), the rest
     of the event goes to this node's leaf, whose partial says what became of it."""
+    if "warm" in event:  # (the root keeps it warm: nothing to send)
+        return {"warm": True}
     key, updates = str(event["forward"]), list(event.get("updates", []))
     try:
         if len(updates) != 1:
