@@ -613,12 +613,12 @@ class _Agent:
         entry = entries.pop(client)
         try:
             layout, _meta, start = read_header(view)
+            why = ("" if layout == self.layout
+                   else f"wrong layout: {self.layout.describe_mismatch(layout)}")
         except CodecError as exc:
-            opened.leaf_bad[client] = f"not decodable: {exc}"
-            layout, start = None, 0
-        if layout is not None and layout != self.layout:
-            opened.leaf_bad[client] = f"wrong layout: {self.layout.describe_mismatch(layout)}"
-        if client in opened.leaf_bad:
+            why = f"not decodable: {exc}"
+        if why:  # left out at the close, as a leaf's bad update is
+            opened.leaf_bad[client] = why
             if ref is not None:
                 release_input(ref)
             return
