@@ -311,7 +311,8 @@ def test_a_handed_off_blob_is_pulled_once_and_lost_with_its_writer(cluster: Loca
                                                                     tmp_path: Path) -> None:
     """A leaf's partial is handed off: an object in its writer's node's object store
     (no file, no copy on the head) that the reader pulls once, counted as crossing; one
-    whose writer has gone is ``NotFound`` (the root hands its updates over again)."""
+    whose writer has gone is ``NotFound`` (the root hands its updates over again). A
+    reader waiting for several is told as one is handed."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from strato.errors import NotFound, StratoError
@@ -335,7 +336,12 @@ def test_a_handed_off_blob_is_pulled_once_and_lost_with_its_writer(cluster: Loca
         writer = ray.remote(Writer).options(
             num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(worker, soft=False)
         ).remote()
-        assert ray.get(writer.put.remote(config, "hand/a", data), timeout=120) == worker
+        assert svc.blobs.await_any(["hand/a", "hand/c"], 0.1) == []  # nothing handed yet
+        put = writer.put.remote(config, "hand/a", data)
+        started = time.monotonic()  # the reader waiting for either is told as one comes
+        assert svc.blobs.await_any(["hand/a", "hand/c"], 600) == ["hand/a"]
+        assert time.monotonic() - started < 300
+        assert ray.get(put, timeout=120) == worker
         ray.get(writer.put.remote(config, "hand/b", b"hi"), timeout=120)
         assert svc.blobs.exists("hand/a") and not svc.blobs.exists("hand/c")
         assert svc.blobs.list("hand/") == ["hand/a", "hand/b"]

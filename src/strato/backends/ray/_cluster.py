@@ -82,6 +82,7 @@ class StateClient:
         self._actor: Any = None
         self._making = threading.Lock()
         self._host_node: str | None = None
+        self._counts: list[Any] = []  # counts told the host, not yet known to be counted
 
     def actor(self) -> Any:
         with self._making:  # one handle per process: a second one made at once dies
@@ -107,6 +108,7 @@ class StateClient:
     def call(self, part: str, method: str, *args: Any, data: Any = None, **kwargs: Any) -> Any:
         """Call ``method`` of the host's ``part``; returns ``(result, bytes | None)``."""
         ray = ensure_ray(self.config)
+        self.counted()
         payload = None if data is None else wire_bytes(data)
         request = json.dumps({"args": list(args), "kwargs": kwargs})
         try:
@@ -140,16 +142,37 @@ class StateClient:
         """The Ray node this process runs on."""
         return node_id(ensure_ray(self.config))
 
-    def count_remote(self, nbytes: int) -> None:
-        """Tell the host that ``nbytes`` of a node-local blob crossed to this node, and
-        wait until it has counted them: the host serves calls on many threads, so a
-        reading of the counts made right after would otherwise race the count."""
+    def count_remote(self, nbytes: int, *, wait: bool = True) -> None:
+        """Tell the host that ``nbytes`` of a blob of another node crossed to this node.
+        The host serves calls on many threads, so a reading of the counts made right
+        after could race the count: it is waited for here, or (``wait=False``, a read
+        on a round's critical path) before this process's next call to the host."""
         ray = ensure_ray(self.config)
         try:
-            ray.get(self.actor().moved.remote(self.node_id(), int(nbytes), _function()))
+            told = self.actor().moved.remote(self.node_id(), int(nbytes), _function())
         except ray.exceptions.RayActorError:  # the host went: the read itself stands
-            with self._making:
-                self._actor, self._host_node = None, None
+            self._lost_host()
+            return
+        with self._making:
+            self._counts.append(told)
+        if wait:
+            self.counted()
+
+    def counted(self) -> None:
+        """Wait until the host has counted what this process told it crossed."""
+        with self._making:
+            told, self._counts = self._counts, []
+        if not told:
+            return
+        ray = ensure_ray(self.config)
+        try:
+            ray.get(told)
+        except ray.exceptions.RayActorError:  # the host went: the reads themselves stand
+            self._lost_host()
+
+    def _lost_host(self) -> None:
+        with self._making:
+            self._actor, self._host_node = None, None
 
     def release(self) -> None:
         """One user fewer. The process that made the host stops it a few seconds after

@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
@@ -24,6 +25,7 @@ __all__ = ["StateHost", "serve", "wire_bytes"]
 
 TABLE_FILE = "table.sqlite"  # the run's table, under its root (its doorbell is named after it)
 FETCH_TIMEOUT_S = 120.0  # a handed-off object's copy to this node, ahead of its reader
+AWAIT_AT_MOST_S = 5.0  # a reader's wait for handed-off blobs holds one of the host's threads
 
 
 _METHODS = {
@@ -107,6 +109,7 @@ class StateHost:
         # handed-off blobs (``RayBlobStore``): key -> ([its object's ref], writer's node,
         # length). Holding the ref keeps the object alive while its writer lives.
         self.handed: dict[str, tuple[list[Any], str, int]] = {}
+        self._handed_now = threading.Condition(self._counting)  # one more was handed
         self.node_id = ""  # this host's node (asked once)
 
     def ping(self) -> int:
@@ -136,6 +139,7 @@ class StateHost:
         leaf's partial, by the root, which runs next to this host)."""
         with self._counting:
             self.handed[key] = (ref, node, nbytes)
+            self._handed_now.notify_all()
         if node != self._node():
             threading.Thread(target=_fetch, args=(ref,), name=f"fetch {key}",
                              daemon=True).start()
@@ -150,6 +154,20 @@ class StateHost:
     def handed_off(self, key: str) -> tuple[list[Any], str, int] | None:
         with self._counting:
             return self.handed.get(key)
+
+    def await_handed(self, keys: list[str], timeout_s: float
+                     ) -> dict[str, tuple[list[Any], str, int]]:
+        """Those of ``keys`` handed off so far; when none is, waits up to ``timeout_s``
+        for one (a reader waiting for several blobs learns of each as it comes, with one
+        call rather than a call per blob and per look)."""
+        deadline = time.monotonic() + min(max(0.0, timeout_s), AWAIT_AT_MOST_S)
+        with self._handed_now:
+            while True:
+                got = {k: self.handed[k] for k in keys if k in self.handed}
+                left = deadline - time.monotonic()
+                if got or left <= 0:
+                    return got
+                self._handed_now.wait(left)
 
     def handed_keys(self, prefix: str) -> list[str]:
         with self._counting:

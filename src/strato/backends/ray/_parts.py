@@ -177,6 +177,8 @@ class RayBlobStore(_Proxy):
         self._cache: LocalBlobStore | None = None
         self._homes_made = False
         self._homes_known: dict[str, str] = {}  # node-local blob -> its node, once asked
+        # handed-off blobs the host named in ``await_any``: their refs, for the read next
+        self._handed_known: dict[str, tuple[list[Any], str, int]] = {}
         self._alive: tuple[float, frozenset[str]] = (0.0, frozenset())
 
     # ---- where a blob lies --------------------------------------------------------------
@@ -189,6 +191,7 @@ class RayBlobStore(_Proxy):
 
     def _ask_host(self, method: str, *args: Any) -> Any:
         """A call of the state host's own (handed-off blobs), not of one of its parts."""
+        self._client.counted()
         ray = ensure_ray(self._client.config)
         return ray.get(getattr(self._client.actor(), method).remote(*args))
 
@@ -314,7 +317,7 @@ class RayBlobStore(_Proxy):
     def _pull(self, key: str) -> memoryview:
         """A handed-off blob: read in place from this node's object store, pulled from
         the writer's node first if it lies there."""
-        got = self._handed(key)
+        got = self._handed_known.pop(key, None) or self._handed(key)
         if got is None:
             raise NotFound(f"blob {key} not found")
         (ref,), node, nbytes = got
@@ -327,8 +330,8 @@ class RayBlobStore(_Proxy):
         except ray.exceptions.RayError as exc:  # (still there: not to be made again)
             raise StratoError(f"blob {key} could not be pulled from node {node[:12]}: "
                               f"{type(exc).__name__}: {exc}") from None
-        if node != self.node_id:
-            self._client.count_remote(nbytes)
+        if node != self.node_id:  # (counted before this process's next call to the host)
+            self._client.count_remote(nbytes, wait=False)
         return memoryview(value).cast("B")
 
     def _cached(self, key: str, digest: str, verify: bool) -> memoryview:
@@ -384,6 +387,21 @@ class RayBlobStore(_Proxy):
             return self._shared.exists(key)
         return bool(self._call("exists", key))
 
+    def await_any(self, keys: list[str], timeout_s: float) -> list[str]:
+        """Those of ``keys`` that exist; when none does yet, waits up to ``timeout_s`` for
+        a handed-off one to come (one call to the host, which answers as one is handed,
+        however many are waited for)."""
+        handed = [k for k in keys if self._handoff(k)]
+        present = [k for k in keys if not self._handoff(k) and self.exists(k)]
+        deadline = time.monotonic() + (0.0 if present else timeout_s)
+        while handed:  # (the host holds a wait a few seconds at most: asked again)
+            got = self._ask_host("await_handed", handed, deadline - time.monotonic())
+            self._handed_known.update(got)
+            present += [k for k in handed if k in got]
+            if got or time.monotonic() >= deadline:
+                break
+        return present
+
     def list(self, prefix: str = "") -> list[str]:
         shared = self._shared.list(prefix) if self._shared is not None else self._call(
             "list", prefix)
@@ -396,6 +414,7 @@ class RayBlobStore(_Proxy):
 
     def delete(self, key: str) -> None:
         if self._handoff(key):  # the host lets go of its ref: the object is freed
+            self._handed_known.pop(key, None)
             self._ask_host("drop", key)
             return
         node = self.home(key)

@@ -268,6 +268,7 @@ class RayRuntime:
         state host (on the head), and their sum over the other nodes."""
         with self._lock:
             ran = {node: dict(fns) for node, fns in self._ran.items()}
+        self._state.counted()  # (what this process read across, counted first)
         host = self._ray.get(self._state.actor().where.remote())
         by_node = host["bytes_by_caller_node"]
         reads = host.get("remote_read_bytes_by_node", {})
