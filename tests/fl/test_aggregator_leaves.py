@@ -161,9 +161,13 @@ def test_a_round_waiting_for_its_last_update_has_its_leaves_send_their_partials_
     assert leaf.calls == [("add", 0, ["c1", "c2"]), ("flush", 0, ["c1", "c2"])]
     assert leaf.invocations == 1  # the updates go with the call for their partial
     assert early in blobs.partials and opened.waiting == {early: NODE}
-    assert arrived == []  # (the root adds it at the close: it does not wait for it now)
-    agent.after_batch()  # nothing new at the leaf: nothing sent
+    assert arrived == []  # (it is not waited for now)
+    # the next batch: nothing new at the leaf, nothing sent; the partial that came is
+    # added now, before the close
+    agent.after_batch()
     assert leaf.invocations == 1
+    assert [a[:2] for a in arrived] == [(f"leaf:{early}", 2.0)] and opened.waiting == {}
+    assert opened.at_leaf[NODE] == {}
     nbytes = MODEL.layout.nbytes
     # had the last update landed on the head, no partial more would cross
     opened.landing[head] = 1
@@ -215,6 +219,30 @@ def test_a_late_update_alone_at_its_leaf_goes_up_as_it_is_and_is_added_as_its_cl
     assert opened.waiting == {} and opened.forwarded == {} and opened.at_leaf == {}
     assert agg.forward_key(gen1) in opened.partials and gen1 not in blobs.partials
     assert opened.leaf_bad == {}  # (what its header's metadata says is not read)
+
+
+def test_a_late_update_in_a_batch_before_the_close_goes_up_then_and_is_added_then() -> None:
+    """After the early send, an update landing on a leaf's node in a batch of its own
+    goes up as it is from that batch on, and what came is added in the next batch: the
+    close has nothing left to wait for."""
+    update = bytes(encode(Params.from_arrays({"w": UPDATE})).payload)
+    agent, opened, blobs, leaf, arrived = _round(lose=0)
+    leaf.sends_up = update
+    _waiting_for(opened, quorum=4)
+    agent.open = opened
+    agent.after_batch()  # two of four in: the early send
+    assert agent._forward(opened, "c3", "updates/c3", 3.0, NODE, NODE) == ""
+    opened.rules.admitted["c3"] = "k3"
+    agent.after_batch()  # c3's batch: the early partial is added, c3 goes up
+    assert leaf.calls[2:] == [("forward", 1, ["c3"])]
+    assert agg.forward_key(agg.partial_key(2, opened.tag, NODE, 1)) in blobs.partials
+    assert [a[0] for a in arrived] == [f"leaf:{agg.partial_key(2, opened.tag, NODE, 0)}"]
+    agent.after_batch()  # a batch with nothing for the leaves: c3 is added
+    assert [a[:2] for a in arrived][1:] == [("c3", 3.0)]
+    assert opened.waiting == {} and opened.forwarded == {} and opened.at_leaf[NODE] == {}
+    calls = len(leaf.calls)
+    assert agent._collect(opened) == []
+    assert len(leaf.calls) == calls and len(arrived) == 2  # (nothing more at the close)
 
 
 def test_a_late_update_sent_up_with_another_layout_is_left_out() -> None:
@@ -278,10 +306,12 @@ def test_a_partial_whose_updates_were_written_off_meanwhile_is_not_added() -> No
     assert agg.partial_key(2, opened.tag, NODE, 0) in opened.partials  # (let go later)
 
 
-def test_a_round_waiting_for_more_than_two_updates_or_none_sends_nothing_early() -> None:
+def test_a_round_waiting_for_more_updates_than_the_early_send_or_none_sends_nothing_early(
+        ) -> None:
     agent, opened, _blobs, leaf, arrived = _round(lose=0)
     agent.open = opened
-    for quorum in (2, 5):  # all in (the close sends), or three still to come
+    # all in (the close sends), or one more to come than the early send waits for
+    for quorum in (2, 2 + agg.EARLY_SEND_LEFT + 1):
         _waiting_for(opened, quorum)
         agent.after_batch()
     # the updates were handed over (in one call), no partial was asked for

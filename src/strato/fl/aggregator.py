@@ -106,8 +106,14 @@ LOST = "update lost with the node it lay on; its client trains again: node"
 # the storage's fault, not the client's, so the client trains again, as for a lost one.
 CORRUPT = "update blob damaged on disk; its client trains again"
 POLL_S = 0.005  # how often the root looks for the partials it waits for
+WAIT_S = 0.25  # the longest the root waits to be told of a partial before it looks at the nodes
 OUT_SLACK = 64 * 1024  # a leaf's partial buffer: room for a longer header next time
-EARLY_SEND_LEFT = 2  # the leaves send their partials when the round waits for this many more
+# The leaves send their partials when the round waits for this many more updates: more
+# than finish at once at the end of a round (one per node on the 3-node benchmark), so
+# that the partials (~0.15 s to write) are up before the last ones land, and each update
+# that lands after goes up as it lands (with 2, a round's last three updates often came
+# in one batch and the close waited for every leaf's partial)
+EARLY_SEND_LEFT = 5
 LEAF_ATTEMPTS = 4  # times an update goes to a leaf whose worker lost it before it is made again
 
 
@@ -483,6 +489,29 @@ class _Agent:
                 asked = True
         return asked
 
+    def _land_sent_up(self, opened: _Open, wait_s: float) -> None:
+        """Add what leaves have sent up of what the root waits for: waiting up to
+        ``wait_s`` for something when nothing has come yet."""
+        blobs, waiting = self.svc.blobs, opened.waiting
+        await_any = getattr(blobs, "await_any", None)
+        if await_any is not None:  # told as each comes (a backend with several nodes)
+            came = await_any(list(waiting), wait_s)
+        else:
+            came = [key for key in waiting if blobs.exists(key)]
+            if not came and wait_s > 0:
+                time.sleep(POLL_S)
+        for key in came:
+            node = waiting.pop(key, None)
+            if node is None:  # (the other of a pair, one of which came)
+                continue
+            try:
+                self._land_partial_or_update(opened, node, key)
+            except NotFound:
+                # lost with the leaf's worker (a handed-off blob): let go, and its
+                # updates go to a leaf again (``_collect``)
+                with contextlib.suppress(StratoError):
+                    blobs.delete(key)
+
     def _forwards(self, current: list[dict[str, Any]], updates: list[dict[str, Any]]) -> bool:
         """Whether a leaf sends its generation's update up as it is: the only one, not
         handed to it before, of a positive weight (the engine refuses others, the leaf's
@@ -509,23 +538,11 @@ class _Agent:
                 if time.monotonic() > deadline:
                     raise StratoError(f"round {r}: leaves on {len(set(waiting.values()))} "
                                       "node(s) did not send their partial in time")
+                self._land_sent_up(opened, WAIT_S)
                 for key, node in list(waiting.items()):
-                    if key not in waiting:  # (the other of a pair, one of which came)
-                        continue
-                    if blobs.exists(key):
-                        del waiting[key]
-                        try:
-                            self._land_partial_or_update(opened, node, key)
-                        except NotFound:
-                            # lost with the leaf's worker (a handed-off blob): let go,
-                            # and its updates go to a leaf again (below)
-                            with contextlib.suppress(StratoError):
-                                blobs.delete(key)
-                    elif not blobs.alive(node):  # type: ignore[attr-defined]
+                    if not blobs.alive(node):  # type: ignore[attr-defined]
                         del waiting[key]
                         lost += [(c, _lost_on(node)) for c in opened.at_leaf.pop(node, {})]
-                if waiting:
-                    time.sleep(POLL_S)
             for node, entries in opened.at_leaf.items():  # not added: hand them over again
                 for entry in entries.values():
                     entry["gen"] = opened.gen[node]
@@ -559,7 +576,11 @@ class _Agent:
     def after_batch(self) -> None:
         """An invocation's batch is in: the leaves send their partials early when the
         round waits for its last updates (each leaf's call carrying the updates handed
-        to it in this batch), and the updates for leaves are handed over."""
+        to it in this batch), and the updates for leaves are handed over. What leaves
+        sent up before is added now, as it comes, rather than all at the close."""
+        opened = self.open
+        if opened is not None and opened.handle is not None and opened.waiting:
+            self._land_sent_up(opened, 0.0)
         self._send_partials_early()
         if self.open is not None and self.open.to_send:
             self._send(self.open)
@@ -569,7 +590,7 @@ class _Agent:
         its leaves send their partials up now, while it waits (the backend may move them
         to the root's node meanwhile): at the close only the nodes the last updates land
         on send one more (those that are a leaf's), instead of every leaf's node then.
-        The root adds them at the close."""
+        The root adds each as it comes: in a later batch, or at the close."""
         opened = self.open
         if (opened is not None and opened.handle is not None
                 and 0 < opened.rules.quorum - len(opened.rules.admitted) <= EARLY_SEND_LEFT
