@@ -174,7 +174,6 @@ class RayBlobStore(_Proxy):
         # (the same atomic files); elsewhere through the host
         self._shared = LocalBlobStore(Path(self._root) / "blobs") if self._on_head else None
         self._local: LocalBlobStore | None = None
-        self._cache: LocalBlobStore | None = None
         self._homes_made = False
         self._homes_known: dict[str, str] = {}  # node-local blob -> its node, once asked
         # handed-off blobs the host named in ``await_any``: their refs, for the read next
@@ -239,19 +238,15 @@ class RayBlobStore(_Proxy):
             return self._table
 
     def _here(self) -> LocalBlobStore:
+        """This node's blobs: its own (node-local) ones and its cache of the state host's
+        large ones, synced as the state host's blobs are. Unsynced, they would stall every
+        later sync on the node's disk when written back: the model's write on the head
+        stalled 0.15-0.46 s behind 1-2 GB of updates when the nodes shared one disk, and
+        0.4-0.5 s in one round of three behind the workers' cached models (80 MB a
+        round, written back ~30 s after)."""
         if self._local is None:
-            # synced as the state host's blobs are: a node's unsynced gigabytes of them
-            # would stall every later sync on its disk (the model's write stalled
-            # 0.15-0.46 s behind 1-2 GB of them when the nodes shared one disk)
             self._local = LocalBlobStore(node_dir(self._root, self.node_id) / "blobs")
         return self._local
-
-    def _cache_store(self) -> LocalBlobStore:
-        """This node's copies of the state host's large blobs: a cache, not synced."""
-        if self._cache is None:
-            self._cache = LocalBlobStore(node_dir(self._root, self.node_id) / "blobs",
-                                         durable=False)
-        return self._cache
 
     def _in_shared(self, key: str) -> bool:
         """On the state host's machine: the blob is in its directory (one stat, no call)."""
@@ -339,7 +334,7 @@ class RayBlobStore(_Proxy):
         checksum its header records (one put again under its key has another). Only
         bytes with that very checksum are cached: not those of an unchecked read that
         came damaged, nor those of a blob put again between the two calls."""
-        local = self._cache_store()
+        local = self._here()
         cached = f"{NODE_CACHE}/{key}/{digest}"
         try:
             return local.get(cached, verify=verify)
