@@ -533,9 +533,10 @@ def ray_scale() -> str:
               "every update sent to the head."]
     late = ten.get("late_partial_bytes_per_round_at_most")
     if late is not None:
-        lines[-1] += (f" With leaves, partials of the round's last two updates add at "
-                      f"most {late / 1e6:,.0f} MB more (when they land on worker nodes and "
-                      "no update is lost or refused).")
+        last = round(late / ten["update_bytes"])
+        lines[-1] += (f" With leaves, the round's last {last} updates (sent up after the "
+                      f"leaves' early partials) add at most {late / 1e6:,.0f} MB more (when "
+                      "they land on worker nodes and no update is lost or refused).")
     return "\n".join(lines)
 
 
