@@ -239,11 +239,12 @@ class RayBlobStore(_Proxy):
 
     def _here(self) -> LocalBlobStore:
         """This node's blobs: its own (node-local) ones and its cache of the state host's
-        large ones, synced as the state host's blobs are. Unsynced, they would stall every
-        later sync on the node's disk when written back: the model's write on the head
-        stalled 0.15-0.46 s behind 1-2 GB of updates when the nodes shared one disk, and
-        0.4-0.5 s in one round of three behind the workers' cached models (80 MB a
-        round, written back ~30 s after)."""
+        large ones, synced as the state host's blobs are. Unsynced, they are written back
+        later (~30 s), and a sync on the same disk meanwhile waits behind them: the
+        model's write on the head stalled 0.15-0.46 s behind 1-2 GB of updates when the
+        nodes shared one disk. The cache (80 MB a round on the benchmark) is synced for
+        the same reason; with it unsynced, 0.38-0.48 s stalls of that write came in one
+        or two rounds of eight, and in one round of eight since (a cause not found)."""
         if self._local is None:
             self._local = LocalBlobStore(node_dir(self._root, self.node_id) / "blobs")
         return self._local
