@@ -19,6 +19,7 @@ from strato.aggregation import attach_input
 from strato.codec import encode
 from strato.errors import LayoutError, NotFound, StratoError
 from strato.fl import aggregator as agg
+from strato.fl import leaf as leaf_node
 from strato.params import Params
 
 NODE = "b" * 40
@@ -332,7 +333,7 @@ def _leaf_with_updates(tmp_path: Any, values: dict[str, np.ndarray],
         svc.blobs.put(f"updates/{client}", encode(Params.from_arrays({"w": array})).payload)
     job = {"layout": layout.to_json(),
            "config": {"accumulator": "float64", "max_update_norm": norm_bound}}
-    return svc, agg._Leaf(svc, job)
+    return svc, leaf_node._Leaf(svc, job)
 
 
 def _partial(svc: Any, key: str) -> tuple[np.ndarray, dict[str, str]]:
@@ -367,7 +368,7 @@ def test_a_late_update_alone_in_its_generation_is_sent_up_as_it_is(tmp_path: Any
             key = agg.forward_key(agg.partial_key(3, "t", "n", gen))
             event = {"forward": key, "add": 3, "flush": 3, "tag": "t", "gen": gen,
                      "updates": _one_update(client, 7.0)}
-            assert agg.send_up(svc, event, lambda *a, **k: to_leaf.append((a, k))) == {
+            assert leaf_node.send_up(svc, event, lambda *a, **k: to_leaf.append((a, k))) == {
                 "forwarded": key}
             assert _stored(svc, key) == _stored(svc, f"updates/{client}")
         assert to_leaf == []
@@ -386,7 +387,7 @@ def test_an_update_that_cannot_go_up_as_it_is_goes_to_the_leaf(tmp_path: Any) ->
         for updates in (_one_update("gone", 1.0), _one_update("ok", 1.0) * 2):
             event = {"forward": key, "add": 1, "flush": 1, "tag": "t", "gen": 1,
                      "updates": updates}
-            assert agg.send_up(svc, event, lambda *a, **k: to_leaf.append((a, k))) == {
+            assert leaf_node.send_up(svc, event, lambda *a, **k: to_leaf.append((a, k))) == {
                 "to_leaf": True}
             name, rest = to_leaf.pop()[0]
             assert name == "leaf" and rest == {k: v for k, v in event.items() if k != "forward"}
@@ -415,7 +416,7 @@ def test_a_sender_called_to_stay_warm_does_nothing(tmp_path: Any) -> None:
     svc, leaf = _leaf_with_updates(tmp_path, {"ok": np.ones(3000, dtype=np.float32)})
     leaf.shutdown()
     try:
-        assert agg.send_up(svc, {"warm": 3}, lambda *a, **k: pytest.fail("nothing to hand on")
+        assert leaf_node.send_up(svc, {"warm": 3}, lambda *a, **k: pytest.fail("nothing to hand on")
                            ) == {"warm": True}
         assert svc.blobs.list("partials/") == []
     finally:

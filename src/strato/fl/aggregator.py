@@ -21,13 +21,14 @@ it into the new global model, and the round's task token is called back.
 On a backend with several nodes (Ray), a simulated client's update stays on the node
 its client ran on (``BlobStore.home``). This agent is then the root, on the node of the
 durable state: it still applies the round rules to every upload, and hands each update
-lying elsewhere, as a reference, to the ``leaf`` function on the node that
-``control.placement`` chose for that node's updates (best fit: that node). A leaf adds
-them in place in the same engine. When the round waits for its last updates, each leaf
-writes one partial (weighted mean, total weight) of what it holds; at the close the
-leaves of the nodes those last updates landed on write one more, and the root adds the
-partials into its own tree. Updates lost
-with a node are taken out of the round and their clients train again.
+lying elsewhere, as a reference, to the ``leaf`` function (``strato.fl.leaf``) on the
+node that ``control.placement`` chose for that node's updates (best fit: that node). A
+leaf adds them in place in the same engine. When the round waits for its last updates
+(``EARLY_SEND_LEFT``), each leaf writes one partial (weighted mean, total weight) of
+what it holds; an update landing on a leaf's node after that goes up as it lands (on
+its own, by the node's sender, or in one more partial), and the root adds what comes
+into its own tree as it comes. Updates lost with a node are taken out of the round and
+their clients train again.
 
 Updates are added ``BATCH`` to a pass over memory: an invocation that leaves fewer
 not yet added returns without adding them, the one that completes a batch (and, in
@@ -50,7 +51,6 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,7 +61,6 @@ from strato.aggregation import (
     Cluster,
     RoundHandle,
     ShardedRound,
-    UpdateLease,
     attach_input,
     file_ref,
     local_ref,
@@ -87,27 +86,31 @@ from strato.errors import (
     StratoError,
 )
 from strato.fl import buffered, state
+from strato.fl._engine import (
+    BATCH,
+    KEEP_ALIVE_S,
+    NONFINITE,
+    ROUND_TIMEOUT_S,
+    Invoke,
+    _Landed,
+    _model_ref,
+    _warm,
+    _warm_one,
+    forward_key,
+    partial_key,
+)
 from strato.fl.strategies import RoundAggregator, download_key
 from strato.params import Layout, Params
 from strato.services import Services
-from strato.strategy import all_finite
 
-__all__ = ["admit_batch", "close_round", "leaf", "send_up", "warm_up"]
+__all__ = ["admit_batch", "close_round", "warm_up"]
 
-# ctx.invoke_async of the invocation at hand: (function, event, node)
-Invoke = Callable[..., None]
-
-BATCH = 4  # inputs a leaf adds per pass over memory (see aggregation.Cluster.begin_round)
-KEEP_ALIVE_S = 120.0  # an aggregator idle this long ends (scale to zero)
-ROUND_TIMEOUT_S = 600.0
-NONFINITE = "update holds NaN or Inf values"
 LOST = "update lost with the node it lay on; its client trains again: node"
 # A stored update found cut short or damaged when read (its upload was checked whole):
 # the storage's fault, not the client's, so the client trains again, as for a lost one.
 CORRUPT = "update blob damaged on disk; its client trains again"
 POLL_S = 0.005  # how often the root looks for the partials it waits for
 WAIT_S = 0.25  # the longest the root waits to be told of a partial before it looks at the nodes
-OUT_SLACK = 64 * 1024  # a leaf's partial buffer: room for a longer header next time
 # The leaves send their partials when the round waits for this many more updates: more
 # than finish at once at the end of a round (one per node on the 3-node benchmark), so
 # that the partials (~0.15 s to write) are up before the last ones land, and each update
@@ -119,11 +122,6 @@ LEAF_ATTEMPTS = 4  # times an update goes to a leaf whose worker lost it before 
 
 def _lost_on(node: str) -> str:
     return f"{LOST} {node[:12]}"
-
-
-# Warm state of this worker: the agent (engine, autoscaler state, the open round).
-# An optimisation only: the table and the blobs are the truth.
-_warm: dict[str, Any] = {}
 
 
 @dataclass
@@ -174,33 +172,6 @@ class _Open:
     def landed(self) -> dict[str, int]:
         """The nodes updates of this round lie on, and how many on each."""
         return {n: c for n, c in self.landing.items() if c > 0}
-
-
-class _Landed:
-    """An update that lies in memory the engine's leaves can map: a blob file
-    (read-only) or a node lease. Released once the leaf has added it. It is its own
-    ``ref`` (the engine reads ``ref.to_dict()`` and ``ref.nbytes``)."""
-
-    def __init__(self, ref: dict[str, Any], buffer: memoryview, done: threading.Event,
-                 lease: UpdateLease | None = None) -> None:
-        self._ref, self.buffer, self.nbytes = ref, buffer, len(buffer)
-        self.requested_at = time.monotonic()
-        self._done, self._lease = done, lease
-
-    @property
-    def ref(self) -> _Landed:
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return self._ref
-
-    def release(self) -> None:
-        if self._lease is not None:
-            self._lease.release()
-        else:
-            self.buffer = memoryview(b"")
-            release_input(self._ref)  # added: its pages need not stay mapped here
-        self._done.set()
 
 
 class _Agent:
@@ -1232,28 +1203,6 @@ class _Agent:
             self.shard_runtime.close()
 
 
-def _model_ref(svc: Services, cluster: Cluster, layout: Layout, r: int
-               ) -> tuple[dict[str, Any], Any]:
-    """Round r's input model for the leaves to measure distances to: its blob's file
-    mapped in place on this node (no copy), else one copy in node memory (returned
-    with it: release it when the round ends)."""
-    key = state.model_key(r - 1)
-    locate = getattr(svc.blobs, "locate", None)
-    try:
-        if locate is not None:
-            path, offset, length = locate(key)
-            _layout, _meta, start = read_header(attach_input(file_ref(path, offset, length)))
-            return file_ref(path, offset + start, layout.nbytes), None
-    except (NotFound, CorruptBlob):
-        raise
-    except StratoError:  # on another node: one copy comes over
-        pass
-    params = decode(svc.blobs.get(key), expect=layout)
-    lease = cluster.node("n0").lease_update(layout.nbytes, timeout=ROUND_TIMEOUT_S)
-    np.copyto(np.frombuffer(lease.buffer, dtype=np.float32), params.flat(), casting="unsafe")
-    return {**lease.ref.to_dict()}, lease
-
-
 def _expected(opened: _Open) -> int:
     """Updates a round expects: its selection (a sync round) or its buffer (async)."""
     return max(1, len(opened.rules.selected), opened.rules.quorum)
@@ -1288,20 +1237,6 @@ def _reject(svc: Services, meta: dict[str, Any], key: str, reason: str) -> None:
     # A ConditionFailed means this very update was rejected before (a redelivered record).
     with contextlib.suppress(ConditionFailed):
         svc.table.put(state.REJECTIONS, key, {**meta, "reason": reason}, if_absent=True)
-
-
-def _warm_one(svc: Services, key: str, kind: Any) -> Any:
-    """This worker's warm ``kind`` (an agent or a leaf) for ``svc``, made from the job
-    record when there is none yet (or it served other services)."""
-    held = _warm.get(key)
-    if not isinstance(held, kind) or held.svc is not svc:
-        if isinstance(held, kind):
-            held.shutdown()
-        item = svc.table.get(state.JOB, "config")
-        if item is None:
-            raise NotFound("the run has no job record")
-        held = _warm[key] = kind(svc, item.value)
-    return held
 
 
 def _agent(svc: Services, invoke: Invoke | None = None) -> _Agent:
@@ -1365,214 +1300,3 @@ def _load_strategy_state(svc: Services, r: int) -> dict[str, npt.NDArray[Any]]:
         return {k: np.array(v) for k, v in decode(svc.blobs.get(_strategy_key(r))).arrays().items()}
     except NotFound:
         return {}
-
-
-# ---- a node's leaf (a backend with several nodes) ------------------------------------
-
-
-def partial_key(r: int, tag: str, node: str, gen: int) -> str:
-    """The blob of a leaf's partial: round, the root's tag, the node, the generation."""
-    return f"partials/{state.round_key(r)}/{tag}/{node[:16]}-{gen}"
-
-
-def forward_key(partial: str) -> str:
-    """The blob of a lone update sent up as it is, in place of partial ``partial``."""
-    return f"{partial}-update"
-
-
-def send_up(svc: Services, event: dict[str, Any], invoke: Invoke) -> dict[str, Any]:
-    """A node's sender, beside its leaf: ``{"forward": key, "updates": [one], ...}`` (a
-    generation of one update, a round's late update on this node) sends that update up
-    as it is: its blob, copied once from its file to where the root reads it, under
-    ``key``, with no pass over it here (the root checks its values as it adds them). Its
-    own function, so that it never waits behind the leaf's partial of the updates
-    before. When the update's file is not a blob of this node (gone, damaged), the rest
-    of the event goes to this node's leaf, whose partial says what became of it."""
-    if "warm" in event:  # (the root keeps it warm: nothing to send)
-        return {"warm": True}
-    key, updates = str(event["forward"]), list(event.get("updates", []))
-    try:
-        if len(updates) != 1:
-            raise StratoError("sent up as it is: one update at a time")
-        path, offset, length = svc.blobs.locate(str(updates[0]["blob"]))  # type: ignore[attr-defined]
-        mapped = file_ref(path, offset, length)
-        view: memoryview | None = attach_input(mapped)
-    except (StratoError, LayoutError):
-        invoke("leaf", {k: v for k, v in event.items() if k != "forward"},
-               node=str(getattr(svc.blobs, "node_id", "")) or None)
-        return {"to_leaf": True}
-    try:
-        svc.blobs.put(key, view)
-    finally:
-        view = None  # (no view of the mapping left when it is let go)
-        release_input(mapped)
-    return {"forwarded": key}
-
-
-class _Leaf:
-    """The engine on one node for updates that lie there: it adds what the root hands
-    it (mapping each update's file in place) and, when asked, writes its partial (the
-    weighted mean and the total weight) for the root. One generation at a time; a
-    generation it does not hold when asked (a worker that replaced another) is an empty
-    partial, and the root hands those updates over again."""
-
-    def __init__(self, svc: Services, job: dict[str, Any]) -> None:
-        self.svc, self.job = svc, job
-        self.layout = Layout.from_json(job["layout"])
-        self.cluster = Cluster.local(1, cores=float(os.cpu_count() or 1), executor="threads",
-                                     keep_alive_s=KEEP_ALIVE_S)
-        self.current: tuple[int, str, int] | None = None
-        self.handle: RoundHandle | None = None
-        self.clients: list[str] = []
-        self.unreadable: dict[str, str] = {}
-        self.lost: list[str] = []
-        self.corrupt: list[str] = []
-        self.done: list[threading.Event] = []
-        self.ref_lease: Any = None  # the round's model in node memory (a norm bound)
-        self.out: npt.NDArray[np.uint8] | None = None  # the partial's encoding, reused
-        all_finite(np.zeros(1, dtype=np.float32))  # its kernel loaded now, not in a close
-
-    def add(self, r: int, tag: str, gen: int, quota: int, updates: list[dict[str, Any]]) -> int:
-        if self.current != (r, tag, gen):
-            self._drop()
-            acc = "F32" if self.job["config"].get("accumulator") == "float32" else "F64"
-            plan = self.cluster.plan(TreeShape.of(1), {"n0": max(1, quota)})
-            dist_ref = None
-            if float(self.job["config"].get("max_update_norm", 0.0)) > 0:
-                dist_ref, self.ref_lease = _model_ref(self.svc, self.cluster, self.layout, r)
-            self.handle = self.cluster.begin_round(r, plan, nbytes=self.layout.nbytes,
-                                                   batch=BATCH, acc_dtype=acc,
-                                                   dist_ref=dist_ref)
-            self.current, self.clients, self.unreadable = (r, tag, gen), [], {}
-            self.lost, self.corrupt = [], []
-        assert self.handle is not None
-        for u in updates:
-            client, blob = str(u["client"]), str(u["blob"])
-            try:
-                landed = self._landed(blob)
-            except NotFound:  # gone (its node's files were removed): made again
-                self.lost.append(client)
-                continue
-            except CorruptBlob:  # damaged on disk: made again too
-                self.corrupt.append(client)
-                continue
-            except (StratoError, CodecError) as exc:
-                self.unreadable[client] = f"update blob is unreadable: {exc}"
-                continue
-            if isinstance(landed, str):
-                self.unreadable[client] = landed
-                continue
-            done = landed._done
-            if self.handle.arrive("n0", landed, client=client,  # type: ignore[arg-type]
-                                  weight=float(u["weight"])):
-                self.clients.append(client)
-                self.done.append(done)
-        self.handle.flush()
-        for done in self.done:
-            if not done.wait(ROUND_TIMEOUT_S):
-                raise StratoError("the aggregation engine did not add an update in time")
-        self.done.clear()
-        return len(updates)
-
-    def _landed(self, blob: str) -> _Landed | str:
-        """An update as the engine's input: its file mapped in place when it lies on this
-        node, else read from where it lies into this node's memory (the round-robin
-        placement's leaves); a string says why it cannot be added."""
-        try:
-            path, offset, length = self.svc.blobs.locate(blob)  # type: ignore[attr-defined]
-        except (NotFound, CorruptBlob):
-            raise
-        except StratoError:  # it lies on another node
-            path = ""
-        if path:
-            view = attach_input(file_ref(path, offset, length))
-            layout, _meta, start = read_header(view)
-            if layout != self.layout:
-                return f"wrong layout: {self.layout.describe_mismatch(layout)}"
-            return _Landed(file_ref(path, offset + start, self.layout.nbytes), view[start:],
-                           threading.Event())
-        params = decode(self.svc.blobs.get(blob), expect=self.layout)
-        lease = self.cluster.node("n0").lease_update(self.layout.nbytes, timeout=ROUND_TIMEOUT_S)
-        np.copyto(np.frombuffer(lease.buffer, dtype=np.float32), params.flat(), casting="unsafe")
-        return _Landed({**lease.ref.to_dict()}, lease.buffer, threading.Event(), lease)
-
-    def _partial_key(self, r: int, tag: str, gen: int) -> str:
-        return partial_key(r, tag, str(getattr(self.svc.blobs, "node_id", "")), gen)
-
-    def _put_partial(self, key: str, r: int, flat: npt.NDArray[np.float32], weight: str,
-                     clients: list[str], *, bad: dict[str, str] | None = None,
-                     lost: list[str] | None = None, corrupt: list[str] | None = None,
-                     dist: dict[str, float] | None = None) -> None:
-        """Write a partial: ``flat`` (the weighted mean) and what the root reads of it."""
-        meta = {"round": str(r), "weight": weight, "clients": json.dumps(clients),
-                "bad": json.dumps(bad or {}), "lost": json.dumps(lost or []),
-                "corrupt": json.dumps(corrupt or []), "dist": json.dumps(dist or {})}
-        self.svc.blobs.put(key, self._encoded(Params(self.layout, flat.view(np.uint8)), meta))
-
-    def flush(self, r: int, tag: str, gen: int) -> dict[str, Any]:
-        key = self._partial_key(r, tag, gen)
-        if self.current != (r, tag, gen) or self.handle is None:  # an empty partial
-            meta = {"round": str(r), "weight": "0", "clients": "[]", "bad": "{}"}
-            self.svc.blobs.put(key, encode(Params(self.layout), meta).payload)
-            return {"partial": key, "updates": 0}
-        if not self.clients:  # none reached the engine (each gone, damaged or unreadable)
-            self._drop()
-            self._put_partial(key, r, np.zeros(self.layout.numel, dtype=np.float32), "0", [],
-                              bad=self.unreadable, lost=self.lost, corrupt=self.corrupt)
-            return {"partial": key, "updates": 0}
-        handle, self.handle, self.current = self.handle, None, None
-        handle.close()
-        result = handle.result(timeout=ROUND_TIMEOUT_S)
-        try:
-            bad = {c: NONFINITE for c in result.bad} | self.unreadable
-            flat = (np.ascontiguousarray(result.array, dtype=np.float32) if result.updates
-                    else np.zeros(self.layout.numel, dtype=np.float32))
-            self._put_partial(key, r, flat, repr(float(result.weight)) if result.updates
-                              else "0", [c for c in self.clients if c not in bad], bad=bad,
-                              lost=self.lost, corrupt=self.corrupt, dist=handle.distances())
-        finally:
-            result.release()
-            self._release_ref()
-        return {"partial": key, "updates": int(result.updates)}
-
-    def _encoded(self, params: Params, meta: dict[str, str]) -> memoryview:
-        """The partial's encoding, in this leaf's own buffer: one pass over warm memory
-        (fresh memory is slow to touch the first time). ``put`` copies it, so the
-        buffer serves the next flush."""
-        size = encoded_size(params, meta)
-        if self.out is None or self.out.nbytes < size:
-            self.out = np.empty(size + OUT_SLACK, dtype=np.uint8)  # room for more clients
-        return memoryview(self.out.data)[: encode_into(params, self.out, meta)]
-
-    def _drop(self) -> None:
-        handle, self.handle, self.current = self.handle, None, None
-        self.done.clear()
-        if handle is not None and not handle.finished:
-            handle.close()
-            with contextlib.suppress(Exception):
-                handle.result(timeout=60).release()
-        self._release_ref()
-
-    def _release_ref(self) -> None:
-        if self.ref_lease is not None:
-            self.ref_lease.release()
-            self.ref_lease = None
-
-    def shutdown(self) -> None:
-        self._drop()
-        self.cluster.close()
-
-
-def leaf(svc: Services, event: dict[str, Any]) -> dict[str, Any]:
-    """A node's leaf: ``{"add": r, "tag", "gen", "quota", "updates": [...]}`` adds
-    updates lying on this node; ``{"flush": r, "tag", "gen"}`` writes the partial; an
-    event with both adds, then writes."""
-    agent: _Leaf = _warm_one(svc, "leaf", _Leaf)
-    tag, gen = str(event["tag"]), int(event["gen"])
-    out: dict[str, Any] = {}
-    if "add" in event:
-        out["added"] = agent.add(int(event["add"]), tag, gen, int(event.get("quota", 1)),
-                                 list(event.get("updates", [])))
-    if "flush" in event:
-        out |= agent.flush(int(event["flush"]), tag, gen)
-    return out

@@ -15,6 +15,7 @@ import numpy as np
 from strato.codec import decode
 from strato.errors import ConditionFailed, InvalidToken, NotFound, StratoError
 from strato.fl import aggregator, buffered, state
+from strato.fl import leaf as leaf_node
 from strato.fl.app import App, Dataset, load_app
 from strato.fl.client import SimClient
 from strato.fl.data import load_job_data
@@ -171,13 +172,13 @@ def _round_of(event: dict[str, Any]) -> int:
 def leaf(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """The aggregation engine on one node, for the updates that lie there (a backend
     with several nodes): the root ("aggregate") hands them over and collects partials."""
-    return aggregator.leaf(worker_services(), event)
+    return leaf_node.leaf(worker_services(), event)
 
 
 def send_up(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """Beside a node's leaf: sends a round's late update lying on this node up to the
     root as it is (or hands it to the leaf when it cannot)."""
-    return aggregator.send_up(worker_services(), event, ctx.invoke_async)
+    return leaf_node.send_up(worker_services(), event, ctx.invoke_async)
 
 
 def close_round(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
