@@ -243,8 +243,8 @@ class RayBlobStore(_Proxy):
         later (~30 s), and a sync on the same disk meanwhile waits behind them: the
         model's write on the head stalled 0.15-0.46 s behind 1-2 GB of updates when the
         nodes shared one disk. The cache (80 MB a round on the benchmark) is synced for
-        the same reason; with it unsynced, 0.38-0.48 s stalls of that write came in one
-        or two rounds of eight, and in one round of eight since (a cause not found)."""
+        the same reason. (Stalls of that write of 0.3-0.5 s in one or two rounds of eight
+        remain, with a few MB dirty on the machine: not this; their cause not found.)"""
         if self._local is None:
             self._local = LocalBlobStore(node_dir(self._root, self.node_id) / "blobs")
         return self._local
