@@ -76,10 +76,16 @@ def _model_ref(svc: Services, cluster: Cluster, layout: Layout, r: int
         raise
     except StratoError:  # on another node: one copy comes over
         pass
-    params = decode(svc.blobs.get(key), expect=layout)
-    lease = cluster.node("n0").lease_update(layout.nbytes, timeout=ROUND_TIMEOUT_S)
-    np.copyto(np.frombuffer(lease.buffer, dtype=np.float32), params.flat(), casting="unsafe")
+    lease = _in_node_memory(cluster, layout, decode(svc.blobs.get(key), expect=layout).flat())
     return {**lease.ref.to_dict()}, lease
+
+
+def _in_node_memory(cluster: Cluster, layout: Layout, flat: Any) -> UpdateLease:
+    """One copy of ``flat`` (values of ``layout``) into a lease of the node's memory,
+    where the engine's aggregators read it; release the lease once it is added."""
+    lease = cluster.node("n0").lease_update(layout.nbytes, timeout=ROUND_TIMEOUT_S)
+    np.copyto(np.frombuffer(lease.buffer, dtype=np.float32), flat, casting="unsafe")
+    return lease
 
 
 def _warm_one(svc: Services, key: str, kind: Any) -> Any:

@@ -92,6 +92,7 @@ from strato.fl._engine import (
     NONFINITE,
     ROUND_TIMEOUT_S,
     Invoke,
+    _in_node_memory,
     _Landed,
     _model_ref,
     _warm,
@@ -710,9 +711,7 @@ class _Agent:
         assert opened.handle is not None
         if not _take_slot(opened):
             return f"round {opened.rules.round} has taken all the updates it can"
-        node = self.cluster.node("n0")
-        lease = node.lease_update(self.layout.nbytes, timeout=ROUND_TIMEOUT_S)
-        np.copyto(np.frombuffer(lease.buffer, dtype=np.float32), flat, casting="unsafe")
+        lease = _in_node_memory(self.cluster, self.layout, flat)
         done = threading.Event()
         landed = _Landed({**lease.ref.to_dict()}, lease.buffer, done, lease)
         opened.added.append(done)

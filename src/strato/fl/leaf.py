@@ -30,6 +30,7 @@ from strato.fl._engine import (
     OUT_SLACK,
     ROUND_TIMEOUT_S,
     Invoke,
+    _in_node_memory,
     _Landed,
     _model_ref,
     _warm_one,
@@ -154,8 +155,7 @@ class _Leaf:
             return _Landed(file_ref(path, offset + start, self.layout.nbytes), view[start:],
                            threading.Event())
         params = decode(self.svc.blobs.get(blob), expect=self.layout)
-        lease = self.cluster.node("n0").lease_update(self.layout.nbytes, timeout=ROUND_TIMEOUT_S)
-        np.copyto(np.frombuffer(lease.buffer, dtype=np.float32), params.flat(), casting="unsafe")
+        lease = _in_node_memory(self.cluster, self.layout, params.flat())
         return _Landed({**lease.ref.to_dict()}, lease.buffer, threading.Event(), lease)
 
     def _partial_key(self, r: int, tag: str, gen: int) -> str:
